@@ -1,0 +1,312 @@
+"""All of qdquant's file reading and writing.
+
+Images are read lazily (tifffile's zarr store wrapped in dask) so a whole slide
+never has to fit in memory; outputs are written atomically (to a temporary
+sibling, renamed when complete) so a failed step leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import tifffile
+import zarr
+
+from qdquant.errors import InputError
+
+#: OME length units and their size in micrometres.
+_UNIT_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+NGFF_IMAGE_PATH = "0"  # level-0 dataset of the abundance multiscale
+
+
+@dataclass(frozen=True)
+class Cube:
+    """A lazily read multispectral image.
+
+    Attributes
+    ----------
+    data : (C, Y, X) dask array
+        Level 0 of the image, in the file's dtype.
+    pixel_size_um : float or None
+        PhysicalSizeX from the OME metadata, in micrometres, if present.
+    path : Path
+        The file it was read from.
+    """
+
+    data: da.Array
+    pixel_size_um: float | None
+    path: Path
+
+
+def _ome_pixel_size_um(ome_xml: str | None) -> float | None:
+    if not ome_xml:
+        return None
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib:
+            unit = el.attrib.get("PhysicalSizeXUnit", "µm")
+            size = float(el.attrib["PhysicalSizeX"]) * _UNIT_UM.get(unit, 1.0)
+            return size if size > 0 else None
+    return None
+
+
+def read_cube_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, float | None]:
+    """Shape, dtype and pixel size of an image's level 0, reading only metadata.
+
+    Raises
+    ------
+    InputError
+        When the file is missing, not a readable TIFF, or not a (C, Y, X) cube.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype = tuple(series.levels[0].shape), np.dtype(series.dtype)
+            pixel_size = _ome_pixel_size_um(tif.ome_metadata)
+    except (tifffile.TiffFileError, ValueError, IndexError, OSError, KeyError) as exc:
+        raise InputError(f"{path}: not a readable TIFF ({exc})") from None
+    if len(shape) != 3:
+        raise InputError(f"{path}: expected a (C, Y, X) multispectral cube, got shape {shape}")
+    if dtype not in (np.uint8, np.uint16, np.float32):
+        raise InputError(f"{path}: unsupported dtype {dtype} (uint8, uint16 or float32)")
+    if min(shape) == 0:
+        raise InputError(f"{path}: the image is empty (shape {shape})")
+    return shape, dtype, pixel_size
+
+
+def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
+    """Open level 0 of an OME-TIFF/QPTIFF/TIFF cube lazily, chunked (C, chunk, chunk).
+
+    Parameters
+    ----------
+    path : path-like
+        Tiled, striped or pyramidal TIFF holding a (C, Y, X) cube.
+    chunk_size : int
+        Edge of the dask chunks in pixels, Y and X; all bands share a chunk.
+    """
+    path = Path(path)
+    _, _, pixel_size = read_cube_header(path)
+    tif = tifffile.TiffFile(path)
+    store = tif.series[0].aszarr(level=0)
+    data = da.from_zarr(zarr.open(store, mode="r"))
+    data = data.rechunk((data.shape[0], chunk_size, chunk_size))
+    return Cube(data=data, pixel_size_um=pixel_size, path=path)
+
+
+def write_ome_tiff(
+    path: str | os.PathLike,
+    cube,
+    *,
+    pixel_size_um: float,
+    channel_names: list[str] | None = None,
+    tile: int = 256,
+) -> None:
+    """Write a (C, Y, X) numpy or dask array as a tiled, zlib-compressed OME-TIFF.
+
+    A dask array is written tile by tile, so the cube never has to be in memory.
+    """
+    path = Path(path)
+    n_channels, height, width = cube.shape
+    metadata = {
+        "axes": "CYX",
+        "PhysicalSizeX": float(pixel_size_um),
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": float(pixel_size_um),
+        "PhysicalSizeYUnit": "µm",
+    }
+    if channel_names is not None:
+        metadata["Channel"] = {"Name": list(channel_names)}
+
+    def tiles():
+        for c in range(n_channels):
+            for y in range(0, height, tile):
+                band = np.asarray(cube[c, y : y + tile, :])
+                for x in range(0, width, tile):
+                    block = band[:, x : x + tile]
+                    out = np.zeros((tile, tile), dtype=cube.dtype)
+                    out[: block.shape[0], : block.shape[1]] = block
+                    yield out
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(
+            tmp,
+            tiles(),
+            shape=cube.shape,
+            dtype=cube.dtype,
+            tile=(tile, tile),
+            compression="zlib",
+            metadata=metadata,
+            ome=True,
+        )
+
+
+# ----------------------------------------------------------------------------
+# atomic outputs
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary sibling of ``path``; rename it to ``path`` on success.
+
+    On an exception the temporary file or folder is removed and ``path`` is
+    left as it was, so a failed step leaves nothing half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a table as CSV atomically (no index column)."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+# ----------------------------------------------------------------------------
+# OME-Zarr
+
+
+def write_ome_zarr(
+    path: str | os.PathLike,
+    image: da.Array,
+    channel_names: list[str],
+    *,
+    pixel_size_um: float,
+    chunk_size: int = 2048,
+    n_levels: int = 4,
+) -> None:
+    """Write a (C, Y, X) float image as an OME-NGFF 0.4 multiscale, channels named.
+
+    Written to a temporary folder and renamed when complete. The ``omero``
+    block that names the channels is written here, not by ``ome-zarr``
+    (whose ``write_image`` drops it).
+    """
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+
+    if image.shape[0] != len(channel_names):
+        raise InputError(
+            f"{path}: {image.shape[0]} channels but {len(channel_names)} channel names"
+        )
+    image = da.asarray(image).rechunk((1, chunk_size, chunk_size))
+    factors = tuple(2**i for i in range(1, n_levels) if min(image.shape[1:]) // 2**i >= 16)
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        write_image(
+            image,
+            root,
+            axes="cyx",
+            fmt=FormatV04(),
+            scale_factors=factors,
+            storage_options={"chunks": (1, chunk_size, chunk_size)},
+            scale={"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
+            axes_units={"y": "micrometer", "x": "micrometer"},
+        )
+        root.attrs["omero"] = {
+            "version": "0.4",
+            "channels": [
+                {"label": name, "active": True, "color": "FFFFFF", "window": _window(image, i)}
+                for i, name in enumerate(channel_names)
+            ],
+        }
+
+
+def _window(image: da.Array, channel: int) -> dict:
+    """Display range of a channel, from its coarsest level (cheap)."""
+    step = max(1, min(image.shape[1:]) // 256)
+    thumb = np.asarray(image[channel, ::step, ::step])
+    hi = float(np.percentile(thumb, 99.5)) if thumb.size else 1.0
+    return {"start": 0.0, "end": max(hi, 1e-6), "min": 0.0, "max": float(thumb.max(initial=1.0))}
+
+
+def _first_dataset(group: zarr.Group) -> str:
+    return group.attrs["multiscales"][0]["datasets"][0]["path"]
+
+
+def read_ome_zarr(path: str | os.PathLike) -> tuple[da.Array, list[str]]:
+    """Level 0 of an abundance OME-Zarr as a (C, Y, X) dask array, and its channel names."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: OME-Zarr not found")
+    root = zarr.open_group(str(path), mode="r")
+    names = [c["label"] for c in root.attrs["omero"]["channels"]]
+    return da.from_zarr(root[_first_dataset(root)]), names
+
+
+def write_labels(
+    zarr_path: str | os.PathLike,
+    name: str,
+    labels,
+    *,
+    chunk_size: int = 2048,
+    colors: bool = False,
+) -> None:
+    """Write a (Y, X) integer label image under ``{zarr_path}/labels/{name}``.
+
+    The image is first written beside the others under a temporary name and
+    renamed into place, so readers never see a partial label image.
+    """
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_labels as _write_labels
+
+    zarr_path = Path(zarr_path)
+    root = zarr.open_group(str(zarr_path), mode="r+")
+    factors = tuple(2**i for i in range(1, 4) if min(labels.shape) // 2**i >= 16)
+    tmp_name = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    final = zarr_path / "labels" / name
+    try:
+        _write_labels(
+            labels,
+            root,
+            name=tmp_name,
+            axes="yx",
+            fmt=FormatV04(),
+            scale_factors=factors,
+            storage_options={"chunks": (chunk_size, chunk_size)},
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(zarr_path / "labels" / tmp_name, final)
+    finally:
+        shutil.rmtree(zarr_path / "labels" / tmp_name, ignore_errors=True)
+        group = zarr.open_group(str(zarr_path / "labels"), mode="r+")
+        known = [n for n in group.attrs.get("labels", []) if n not in (tmp_name, name)]
+        if final.exists():
+            known.append(name)
+        group.attrs["labels"] = known
+
+
+def read_labels(zarr_path: str | os.PathLike, name: str) -> da.Array:
+    """Level 0 of ``{zarr_path}/labels/{name}`` as a (Y, X) dask array."""
+    path = Path(zarr_path) / "labels" / name
+    if not path.is_dir():
+        raise InputError(f"{path}: label image not found (run the segment step first)")
+    group = zarr.open_group(str(path), mode="r")
+    return da.from_zarr(group[_first_dataset(group)])
