@@ -310,3 +310,20 @@ def read_labels(zarr_path: str | os.PathLike, name: str) -> da.Array:
         raise InputError(f"{path}: label image not found (run the segment step first)")
     group = zarr.open_group(str(path), mode="r")
     return da.from_zarr(group[_first_dataset(group)])
+
+
+def read_pixel_size_um(zarr_path: str | os.PathLike) -> float:
+    """Pixel size (µm) recorded in the level-0 scale of an OME-Zarr multiscale."""
+    root = zarr.open_group(str(zarr_path), mode="r")
+    for transform in root.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]:
+        if transform["type"] == "scale":
+            return float(transform["scale"][-1])
+    raise InputError(f"{zarr_path}: no pixel size in the multiscale metadata")
+
+
+def read_csv(path: str | os.PathLike, what: str = "table") -> pd.DataFrame:
+    """Read a CSV written by an earlier step, with a clear error when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found (run the earlier steps first)")
+    return pd.read_csv(path)

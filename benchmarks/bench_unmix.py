@@ -1,0 +1,126 @@
+"""Throughput of qdquant.unmixing.unmix against a pseudo-inverse and scipy.
+
+Usage::
+
+    python benchmarks/bench_unmix.py [--size 2048] [--bands 31] [--endmembers 7]
+                                     [--scipy-px 20000] [--repeat 3]
+
+Builds a float32 cube (bands x size x size) from known sparse abundances
+(Gaussian-peak spectra, one broad autofluorescence-like endmember present
+everywhere, the others in about half of the pixels) plus Poisson-like noise,
+then prints:
+
+- NNLS throughput of ``unmix`` (abundances + residual), in Mpx/s;
+- the throughput of a plain pseudo-inverse matmul (``pinv(A) @ cube``,
+  float32, no residual, no constraint) in the same run, and the ratio;
+- the speed-up over a per-pixel ``scipy.optimize.nnls`` loop, timed on a
+  subset of pixels;
+- peak memory: the traced peak of numpy allocations during ``unmix``
+  (tracemalloc) and the process's maximum resident set size.
+
+The best of ``--repeat`` timings is reported for both ``unmix`` and pinv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+from scipy.optimize import nnls
+
+from qdquant.unmixing import unmix
+
+
+def make_problem(size, bands, endmembers, seed=0):
+    """Spectra (C, K) float64, cube (C, Y, X) float32, true abundances (K, Y, X)."""
+    rng = np.random.default_rng(seed)
+    wl = np.linspace(450.0, 750.0, bands)
+    centres = np.linspace(500.0, 720.0, endmembers - 1)
+    spectra = [np.exp(-0.5 * ((wl - c) / 12.0) ** 2) for c in centres]
+    spectra.append(np.exp(-0.5 * ((wl - 560.0) / 90.0) ** 2))  # broad AF
+    a = np.stack(spectra, axis=1)
+    a /= a.max(axis=0)
+    x = np.empty((endmembers, size, size), np.float32)
+    for k in range(endmembers - 1):
+        present = rng.random((size, size), dtype=np.float32) < 0.5
+        x[k] = rng.gamma(2.0, 40.0, (size, size)).astype(np.float32) * present
+    x[-1] = rng.gamma(4.0, 5.0, (size, size)).astype(np.float32)
+    cube = (a.astype(np.float32) @ x.reshape(endmembers, -1)).reshape(bands, size, size)
+    # Poisson-like noise, sqrt(signal + read noise^2), drawn row slab by slab
+    for y0 in range(0, size, 256):
+        sl = cube[:, y0:y0 + 256]
+        sl += rng.standard_normal(sl.shape, dtype=np.float32) * np.sqrt(sl + 4.0)
+    return a, cube, x
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=2048, help="image edge in pixels (default 2048)")
+    ap.add_argument("--bands", type=int, default=31)
+    ap.add_argument("--endmembers", type=int, default=7)
+    ap.add_argument("--scipy-px", type=int, default=20000, help="pixels for the scipy loop")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    a, cube, _ = make_problem(args.size, args.bands, args.endmembers)
+    n_px = args.size * args.size
+    print(f"problem: {args.bands} bands x {args.endmembers} endmembers x "
+          f"{args.size}x{args.size} px float32 ({cube.nbytes / 2**20:.0f} MiB), "
+          f"built in {time.perf_counter() - t0:.1f} s")
+
+    # pseudo-inverse baseline
+    pinv = np.linalg.pinv(a).astype(np.float32)
+    flat = cube.reshape(args.bands, -1)
+    t_pinv = np.inf
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        _ = pinv @ flat
+        t_pinv = min(t_pinv, time.perf_counter() - t)
+    del _
+
+    # unmix
+    t_nnls = np.inf
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        abund, resid = unmix(cube, a)
+        t_nnls = min(t_nnls, time.perf_counter() - t)
+    del abund, resid
+
+    tracemalloc.start()
+    unmix(cube, a)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+
+    # scipy loop on a subset
+    n_sub = min(args.scipy_px, n_px)
+    sub = flat[:, :n_sub].astype(np.float64)
+    t = time.perf_counter()
+    for i in range(n_sub):
+        nnls(a, sub[:, i])
+    t_scipy = (time.perf_counter() - t) / n_sub * n_px
+    t = time.perf_counter()
+    unmix(sub.reshape(args.bands, 1, n_sub).astype(np.float32), a)
+    t_sub = time.perf_counter() - t
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MiB (Linux)
+    mpx = n_px / 1e6
+    print(f"unmix (FC-NNLS + residual): {t_nnls:8.3f} s  {mpx / t_nnls:8.2f} Mpx/s")
+    print(f"pinv matmul (float32):      {t_pinv:8.3f} s  {mpx / t_pinv:8.2f} Mpx/s")
+    print(f"ratio NNLS / pinv throughput: {t_pinv / t_nnls:.3f}  (target >= 0.33)")
+    print(f"scipy.optimize.nnls loop:   {t_scipy:8.1f} s (extrapolated from {n_sub} px)  "
+          f"{mpx / t_scipy:8.4f} Mpx/s")
+    print(f"speed-up over scipy loop: {t_scipy / t_nnls:.0f}x on the whole image, "
+          f"{t_scipy / n_px * n_sub / t_sub:.0f}x on the {n_sub}-px subset  (target >= 200x)")
+    print(f"peak traced memory during unmix: {peak / 2**20:.0f} MiB "
+          f"(cube {cube.nbytes / 2**20:.0f} MiB, outputs "
+          f"{(args.endmembers + 1) * n_px * 4 / 2**20:.0f} MiB); max RSS {rss:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""One function per workflow step: read with :mod:`qdquant.io`, call the stage
+functions, write with :mod:`qdquant.io`.
+
+The Snakemake rules and the ``qdquant`` command line both call these, so a step
+run by hand is exactly the step the workflow runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from qdquant import io, quantification, scoring, segmentation, unmixing
+from qdquant.config import Config, check_image
+from qdquant.errors import InputError
+
+log = logging.getLogger("qdquant")
+
+SECTOR_SUM = "her2_sector_sum_{:02d}"
+SECTOR_NPX = "her2_sector_npx_{:02d}"
+
+
+# ----------------------------------------------------------------------------
+# paths: the one place that knows where each output lives
+
+
+def sample_dir(cfg: Config, sample_id: str) -> Path:
+    return cfg.results / sample_id
+
+
+def outputs(cfg: Config, sample_id: str) -> dict[str, Path]:
+    """Every per-sample output path, by name."""
+    d = sample_dir(cfg, sample_id)
+    return {
+        "zarr": d / "unmixed.ome.zarr",
+        "spectra_used": d / "spectra_used.csv",
+        "unmixing_qc": d / "qc" / "unmixing.png",
+        "segmentation_qc": d / "qc" / "segmentation.png",
+        "measurements": d / "measurements.csv",
+        "cells": d / "cells.csv",
+        "summary": d / "summary.csv",
+        "report": d / "report.html",
+    }
+
+
+def calibration_path(cfg: Config) -> Path:
+    return cfg.results / "calibration" / "her2_thresholds.csv"
+
+
+# ----------------------------------------------------------------------------
+# steps
+
+
+def unmix_sample(cfg: Config, sample_id: str) -> None:
+    """Unmix a sample's cube into ``unmixed.ome.zarr`` (abundances + residual)."""
+    from qdquant import report
+
+    sample = cfg.sample(sample_id)
+    out = outputs(cfg, sample_id)
+    _, pixel_size = check_image(cfg, sample)
+    cube = io.open_cube(sample.image, chunk_size=cfg.chunk_size)
+    library = cfg.library
+    log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
+             "x".join(map(str, cube.data.shape[1:])), len(library.names))
+    unmixing.check_library(library.spectra, list(library.names))
+    abundances, residual = unmixing.unmix(
+        cube.data,
+        library.spectra,
+        weights="poisson" if cfg.unmixing.poisson_weights else None,
+    )
+    image = da.concatenate([abundances, residual[None]], axis=0)
+    io.write_ome_zarr(
+        out["zarr"],
+        image,
+        [*library.names, "residual"],
+        pixel_size_um=pixel_size,
+        chunk_size=cfg.chunk_size,
+    )
+    io.write_csv(library.to_frame(), out["spectra_used"])
+    stored, _ = io.read_ome_zarr(out["zarr"])
+    report.plot_unmixing_qc(cube.data, stored, library, out["unmixing_qc"])
+
+
+def _panel_channel(cfg: Config, names: list[str], role: str) -> int | None:
+    row = cfg.panel_row(role=role)
+    return None if row is None else names.index(row.endmember)
+
+
+def segment_sample(cfg: Config, sample_id: str) -> None:
+    """Segment nuclei and cells; write ``labels/nuclei`` and ``labels/cells`` into the OME-Zarr."""
+    from qdquant import report
+
+    out = outputs(cfg, sample_id)
+    abundances, names = io.read_ome_zarr(out["zarr"])
+    pixel_size = io.read_pixel_size_um(out["zarr"])
+    seg = cfg.segmentation
+    nuclear = abundances[_panel_channel(cfg, names, "nuclear_stain")]
+    membrane_idx = _panel_channel(cfg, names, "membrane_stain")
+    membrane = None if membrane_idx is None else abundances[membrane_idx]
+    nuclei, cells = segmentation.segment_chunked(
+        nuclear,
+        membrane,
+        pixel_size_um=pixel_size,
+        nucleus_diameter_um=seg.nucleus_diameter_um,
+        cell_expansion_um=seg.cell_expansion_um,
+        chunk_size=cfg.chunk_size,
+    )
+    io.write_labels(out["zarr"], "nuclei", nuclei, chunk_size=cfg.chunk_size)
+    io.write_labels(out["zarr"], "cells", cells, chunk_size=cfg.chunk_size)
+    report.plot_segmentation_qc(
+        nuclear, io.read_labels(out["zarr"], "nuclei"), io.read_labels(out["zarr"], "cells"),
+        out["segmentation_qc"],
+    )
+
+
+def quantify_sample(cfg: Config, sample_id: str) -> None:
+    """Measure every cell (contract columns) and the HER2 membrane sectors."""
+    out = outputs(cfg, sample_id)
+    abundances, names = io.read_ome_zarr(out["zarr"])
+    pixel_size = io.read_pixel_size_um(out["zarr"])
+    cells = io.read_labels(out["zarr"], "cells")
+    nuclei = io.read_labels(out["zarr"], "nuclei")
+    flagged = _flagged(out["zarr"])
+    measured = cfg.measured
+    channels = abundances[[names.index(r.endmember) for r in measured]]
+    width = cfg.segmentation.membrane_width_px
+    table = quantification.measure_cells(
+        cells, nuclei, channels, [r.marker for r in measured], width,
+        pixel_size_um=pixel_size, flagged=flagged, block_size=cfg.chunk_size,
+    )
+    if cfg.her2 is not None:
+        her2_row = cfg.panel_row(marker=cfg.her2.marker)
+        sums, npx = quantification.membrane_sectors(
+            cells,
+            abundances[names.index(her2_row.endmember)],
+            table["CellID"].to_numpy(),
+            table[["Y_centroid", "X_centroid"]].to_numpy(),
+            width,
+            sectors=cfg.her2.sectors,
+            flagged=flagged,
+            block_size=cfg.chunk_size,
+        )
+        sectors = pd.DataFrame(
+            np.hstack([sums, npx]),
+            columns=[SECTOR_SUM.format(s) for s in range(cfg.her2.sectors)]
+            + [SECTOR_NPX.format(s) for s in range(cfg.her2.sectors)],
+        )
+        table = pd.concat([table, sectors], axis=1)
+    log.info("measured %d cells in %s", len(table), sample_id)
+    io.write_csv(table, out["measurements"])
+
+
+def _flagged(zarr_path: Path):
+    path = Path(zarr_path) / "labels" / "flagged"
+    return io.read_labels(zarr_path, "flagged").astype(bool) if path.is_dir() else None
+
+
+def _sector_arrays(table: pd.DataFrame, sectors: int) -> tuple[np.ndarray, np.ndarray]:
+    sums = table[[SECTOR_SUM.format(s) for s in range(sectors)]].to_numpy(np.float64)
+    npx = table[[SECTOR_NPX.format(s) for s in range(sectors)]].to_numpy(np.int64)
+    return sums, npx
+
+
+def calibrate(cfg: Config) -> None:
+    """Fit the HER2 thresholds so the control slides score as known; write them."""
+    from qdquant import report
+
+    her2 = cfg.her2
+    controls = []
+    for sample in cfg.controls:
+        table = io.read_csv(outputs(cfg, sample.sample_id)["measurements"], "measurements")
+        controls.append((*_sector_arrays(table, her2.sectors), sample.control_score))
+    fitted = scoring.calibrate_her2_thresholds(
+        controls, complete_fraction=her2.complete_fraction, ultralow_min_pct=her2.ultralow_min_pct
+    )
+    path = calibration_path(cfg)
+    io.write_csv(
+        pd.DataFrame([{**fitted, "n_controls": len(controls),
+                       "controls": ";".join(f"{s.sample_id}={s.control_score}" for s in cfg.controls)}]),
+        path,
+    )
+    report.plot_calibration(controls, fitted, path.with_suffix(".png"))
+
+
+def her2_thresholds(cfg: Config) -> tuple[dict, str]:
+    """The HER2 thresholds in force and where they come from.
+
+    Explicit thresholds in the config win; else those fitted on the control
+    slides when the sample sheet has any; else the contract's defaults.
+    """
+    her2 = cfg.her2
+    config_values = {"t_faint": her2.t_faint, "t_weak": her2.t_weak, "t_strong": her2.t_strong}
+    if her2.thresholds_explicit or not cfg.controls:
+        return config_values, "config" if her2.thresholds_explicit else "default"
+    fitted = io.read_csv(calibration_path(cfg), "HER2 calibration").iloc[0]
+    return {k: float(fitted[k]) for k in config_values}, "calibrated on control slides"
+
+
+def score_cells(cfg: Config, table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """From measurements to the contract's ``cells.csv`` columns and ``summary.csv`` row.
+
+    Pure: a table in, a table and a dict out (used by :func:`score_sample`).
+    """
+    measured = cfg.measured
+    markers = [r.marker for r in measured]
+    front = ["CellID", *markers, *(f"{m}_{c}_mean" for m in markers for c in quantification.COMPARTMENTS)]
+    geometry = ["X_centroid", "Y_centroid", "X_um", "Y_um", "Area", "NucleusArea", "n_flagged_px"]
+    cells = table[front + geometry].copy()
+    summary: dict = {"n_cells": len(cells)}
+
+    population = np.ones(len(cells), dtype=bool)
+    if cfg.tumour is not None:
+        gate = table[f"{cfg.tumour.marker}_membrane_mean"].to_numpy(np.float64)
+        threshold = (
+            scoring.tumour_threshold_auto(gate) if cfg.tumour.threshold == "auto" else float(cfg.tumour.threshold)
+        )
+        population = scoring.is_tumour(gate, threshold)
+        cells["is_tumour"] = population
+        summary["n_tumour_cells"] = int(population.sum())
+        summary["tumour_threshold"] = threshold
+
+    if cfg.her2 is not None:
+        t, source = her2_thresholds(cfg)
+        sums, npx = _sector_arrays(table, cfg.her2.sectors)
+        intensity, completeness, klass = scoring.her2_cell_scores(
+            sums, npx, **t, complete_fraction=cfg.her2.complete_fraction
+        )
+        cells["her2_membrane_intensity"] = intensity
+        cells["her2_completeness"] = completeness
+        cells["her2_class"] = klass
+        summary.update(
+            scoring.her2_sample_score(klass[population], ultralow_min_pct=cfg.her2.ultralow_min_pct)
+        )
+        summary.update({f"her2_{k}": v for k, v in t.items()})
+        summary["her2_thresholds_source"] = source
+
+    for row in cfg.scored:
+        column = row.marker if row.compartment == "cell" else f"{row.marker}_{row.compartment}_mean"
+        scores = scoring.marker_sample_scores(
+            table[column].to_numpy(np.float64)[population],
+            score=row.score, t1=row.t1, t2=row.t2, t3=row.t3, marker=row.marker,
+        )
+        summary.update(scores)
+        summary[f"{row.marker}_status"] = scoring.receptor_status(scores[f"{row.marker}_pct_positive"])
+
+    if cfg.subtype is not None:
+        st = cfg.subtype
+        summary["surrogate_subtype"] = scoring.surrogate_subtype(
+            summary.get("her2_score"),
+            summary[f"{st.er}_pct_positive"],
+            summary[f"{st.pr}_pct_positive"],
+            None if st.ki67 is None else summary[f"{st.ki67}_pct_positive"],
+            pr_cutoff_pct=st.pr_cutoff_pct,
+            ki67_cutoff_pct=st.ki67_cutoff_pct,
+        )
+    return cells, summary
+
+
+def score_sample(cfg: Config, sample_id: str) -> None:
+    """Write ``cells.csv`` and ``summary.csv`` from the sample's measurements."""
+    out = outputs(cfg, sample_id)
+    table = io.read_csv(out["measurements"], "measurements")
+    cells, summary = score_cells(cfg, table)
+    if summary["n_cells"] == 0:
+        warnings.warn(f"{sample_id}: no cells were found; the scores are not assessable", stacklevel=1)
+    io.write_csv(cells, out["cells"])
+    io.write_csv(pd.DataFrame([{"sample_id": sample_id, **summary}]), out["summary"])
+
+
+def report_sample(cfg: Config, sample_id: str) -> None:
+    """QC figures and the one-page ``report.html``."""
+    from qdquant import report
+
+    report.write_sample_report(cfg, sample_id, outputs(cfg, sample_id))
+
+
+def cohort(cfg: Config) -> None:
+    """``cohort_summary.csv`` (every sample's summary row) and ``cohort_report.html``."""
+    from qdquant import report
+
+    rows = [io.read_csv(outputs(cfg, s.sample_id)["summary"], "summary") for s in cfg.samples]
+    table = pd.concat(rows, ignore_index=True)
+    io.write_csv(table, cfg.results / "cohort_summary.csv")
+    report.write_cohort_report(cfg, table, cfg.results / "cohort_report.html")
+
+
+STEPS = {
+    "unmix": unmix_sample,
+    "segment": segment_sample,
+    "quantify": quantify_sample,
+    "score": score_sample,
+    "report": report_sample,
+}
+
+
+def run_sample(cfg: Config, sample_id: str) -> None:
+    """Run every per-sample step in order (for notebooks; the workflow runs them as rules)."""
+    for step in STEPS.values():
+        step(cfg, sample_id)

@@ -1,0 +1,265 @@
+"""Per-cell measurements: areas, centroids, compartment means, HER2 membrane sectors.
+
+Every reduction is a ``np.bincount`` over label images, done one block at a
+time (with a halo as wide as the membrane ring) and added up per cell, so a
+whole slide is measured in memory bounded by the block size, and a cell that
+straddles block borders gets exactly the sums it would get in one piece.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import dask
+import numpy as np
+import pandas as pd
+
+from qdquant.errors import InputError
+from qdquant.segmentation import membrane_ring
+
+COMPARTMENTS = ("nucleus", "cytoplasm", "membrane")
+
+
+def _blocks(shape: tuple[int, int], block: int, halo: int) -> Iterator[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+    """(padded slices into the image, core slices into the padded block) for each block."""
+    height, width = shape
+    for y0 in range(0, height, block):
+        for x0 in range(0, width, block):
+            y1, x1 = min(y0 + block, height), min(x0 + block, width)
+            py0, px0 = max(y0 - halo, 0), max(x0 - halo, 0)
+            py1, px1 = min(y1 + halo, height), min(x1 + halo, width)
+            yield (
+                (slice(py0, py1), slice(px0, px1)),
+                (slice(y0 - py0, y1 - py0), slice(x0 - px0, x1 - px0)),
+            )
+
+
+def _check_inputs(cells, nuclei, abundances, names) -> None:
+    if cells.ndim != 2:
+        raise InputError(f"cells must be a 2-D label image, got shape {cells.shape}")
+    if nuclei.shape != cells.shape:
+        raise InputError(f"nuclei shape {nuclei.shape} differs from cells shape {cells.shape}")
+    if abundances.ndim != 3 or abundances.shape[1:] != cells.shape:
+        raise InputError(
+            f"abundances shape {abundances.shape} does not match the labels' (K, {cells.shape[0]}, {cells.shape[1]})"
+        )
+    if len(names) != abundances.shape[0]:
+        raise InputError(f"{len(names)} marker names for {abundances.shape[0]} abundance channels")
+    if len(set(names)) != len(names):
+        raise InputError(f"duplicate marker names: {list(names)}")
+
+
+def _block_sums(cells, nuclei, abundances, flagged, core, width_px):
+    """Per-label sums over one block: ids, (count, y, x, nucleus area, flagged) and channel sums."""
+    ring = membrane_ring(cells, width_px)[core]
+    cells, nuclei = cells[core], nuclei[core]
+    inside = cells > 0
+    ids, inv = np.unique(cells[inside], return_inverse=True)
+    n = len(ids)
+    ys, xs = np.nonzero(inside)  # relative to the core's origin
+    good = ~flagged[core][inside] if flagged is not None else np.ones(len(inv), bool)
+    masks = {
+        "cell": good,
+        "nucleus": good & (nuclei[inside] > 0),
+        "membrane": good & ring[inside],
+    }
+    masks["cytoplasm"] = good & ~(nuclei[inside] > 0) & ~ring[inside]
+    geometry = np.stack(
+        [
+            np.bincount(inv, minlength=n),
+            np.bincount(inv, weights=ys, minlength=n),
+            np.bincount(inv, weights=xs, minlength=n),
+            np.bincount(inv, weights=nuclei[inside] > 0, minlength=n),
+            np.bincount(inv, weights=~good, minlength=n),
+        ],
+        axis=1,
+    ).astype(np.float64)
+    values = abundances[:, core[0], core[1]][:, inside]  # (K, n_pixels)
+    sums = {}
+    for name, mask in masks.items():
+        sub = inv[mask]
+        npx = np.bincount(sub, minlength=n).astype(np.float64)
+        channel_sums = [np.bincount(sub, weights=v[mask], minlength=n) for v in values]
+        sums[name] = np.column_stack([npx, *channel_sums])
+    return ids, geometry, sums
+
+
+def measure_cells(
+    cells,
+    nuclei,
+    abundances,
+    names,
+    membrane_width_px: float,
+    *,
+    pixel_size_um: float = 1.0,
+    flagged=None,
+    block_size: int = 2048,
+) -> pd.DataFrame:
+    """Measure every cell: geometry and per-compartment mean of each channel.
+
+    Parameters
+    ----------
+    cells, nuclei : (M, N) int arrays (numpy or dask)
+        Cell and nucleus labels; a nucleus shares its cell's id, 0 = background.
+    abundances : (K, M, N) float array (numpy or dask)
+        Unmixed abundance of each channel.
+    names : sequence of K str
+        Marker name of each channel; columns are named after them.
+    membrane_width_px : float
+        Width of the membrane ring (pixels), see :func:`qdquant.segmentation.membrane_ring`.
+    pixel_size_um : float
+        Pixel size (µm), for ``X_um``/``Y_um``.
+    flagged : (M, N) bool array, optional
+        Pixels left out of every mean (poorly fitted pixels); counted per cell.
+    block_size : int
+        Edge (pixels) of the blocks the image is reduced in.
+
+    Returns
+    -------
+    table : DataFrame, one row per cell sorted by ``CellID``
+        ``CellID, X_centroid, Y_centroid`` (pixels), ``X_um, Y_um``, ``Area``,
+        ``NucleusArea`` (pixels), ``n_flagged_px``, then per marker its
+        whole-cell mean (column named as the marker) and
+        ``{marker}_{nucleus,cytoplasm,membrane}_mean``. A compartment without
+        pixels gives NaN, not 0.
+    """
+    _check_inputs(cells, nuclei, abundances, names)
+    names = list(names)
+    halo = int(np.ceil(membrane_width_px))
+
+    def one(padded, core):
+        f = None if flagged is None else np.asarray(flagged[padded], dtype=bool)
+        ids, geometry, sums = _block_sums(
+            np.asarray(cells[padded]),
+            np.asarray(nuclei[padded]),
+            np.asarray(abundances[(slice(None), *padded)], dtype=np.float32),
+            f,
+            core,
+            membrane_width_px,
+        )
+        # block-local pixel coordinates -> image coordinates
+        n = geometry[:, 0]
+        geometry[:, 1] += n * (padded[0].start + core[0].start)
+        geometry[:, 2] += n * (padded[1].start + core[1].start)
+        return ids, geometry, sums
+
+    parts = dask.compute(
+        *[dask.delayed(one)(p, c) for p, c in _blocks(cells.shape, block_size, halo)],
+        scheduler="threads",
+    )
+    parts = [p for p in parts if len(p[0])]
+    columns = ["CellID", "X_centroid", "Y_centroid", "X_um", "Y_um", "Area", "NucleusArea", "n_flagged_px"]
+    columns += names + [f"{m}_{c}_mean" for m in names for c in COMPARTMENTS]
+    if not parts:
+        integer = {"CellID", "Area", "NucleusArea", "n_flagged_px"}
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c in integer else "float64") for c in columns})
+
+    ids, inv = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+
+    def combine(arrays):
+        stacked = np.concatenate(arrays, axis=0)
+        out = np.zeros((len(ids), stacked.shape[1]))
+        np.add.at(out, inv, stacked)
+        return out
+
+    geometry = combine([p[1] for p in parts])
+    area = geometry[:, 0]
+    table = {
+        "CellID": ids.astype(np.int64),
+        "X_centroid": geometry[:, 2] / area,
+        "Y_centroid": geometry[:, 1] / area,
+    }
+    table["X_um"] = table["X_centroid"] * pixel_size_um
+    table["Y_um"] = table["Y_centroid"] * pixel_size_um
+    table["Area"] = area.astype(np.int64)
+    table["NucleusArea"] = geometry[:, 3].astype(np.int64)
+    table["n_flagged_px"] = geometry[:, 4].astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for compartment in ("cell", *COMPARTMENTS):
+            sums = combine([p[2][compartment] for p in parts])
+            means = sums[:, 1:] / sums[:, :1]
+            means[sums[:, 0] == 0] = np.nan
+            for k, marker in enumerate(names):
+                key = marker if compartment == "cell" else f"{marker}_{compartment}_mean"
+                table[key] = means[:, k]
+    return pd.DataFrame(table)[columns]
+
+
+def membrane_sectors(
+    cells,
+    values,
+    cell_ids,
+    centroids_yx,
+    membrane_width_px: float,
+    *,
+    sectors: int = 36,
+    flagged=None,
+    block_size: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and pixel count of ``values`` over each cell's membrane ring, per angular sector.
+
+    Sector ``s`` holds the ring pixels whose angle ``atan2(y - cy, x - cx)``
+    around the cell's centroid (image rows point down, so angles turn
+    clockwise on screen) lies in ``[s, s + 1) * 360° / sectors``; sector 0
+    starts at +x.
+
+    Parameters
+    ----------
+    cells : (M, N) int array (numpy or dask)
+    values : (M, N) float array (numpy or dask)
+        The marker's abundance (e.g. HER2).
+    cell_ids : (n,) int array
+        Sorted cell ids whose sectors are wanted (e.g. ``CellID``).
+    centroids_yx : (n, 2) float array
+        Each cell's centroid (pixels).
+    membrane_width_px : float
+    sectors : int
+    flagged : (M, N) bool array, optional
+        Pixels left out (neither summed nor counted).
+
+    Returns
+    -------
+    sums : (n, sectors) float64
+    npx : (n, sectors) int64
+    """
+    if values.shape != cells.shape:
+        raise InputError(f"values shape {values.shape} differs from cells shape {cells.shape}")
+    cell_ids = np.asarray(cell_ids)
+    centroids_yx = np.asarray(centroids_yx, dtype=np.float64)
+    n = len(cell_ids)
+    if centroids_yx.shape != (n, 2):
+        raise InputError(f"centroids_yx must be ({n}, 2), got {centroids_yx.shape}")
+    halo = int(np.ceil(membrane_width_px))
+
+    def one(padded, core):
+        lab = np.asarray(cells[padded])
+        ring = membrane_ring(lab, membrane_width_px)[core]
+        lab = lab[core]
+        if flagged is not None:
+            ring &= ~np.asarray(flagged[padded], dtype=bool)[core]
+        pos = np.searchsorted(cell_ids, lab[ring])
+        known = (pos < n) & (cell_ids[np.minimum(pos, n - 1)] == lab[ring])
+        ys, xs = np.nonzero(ring)
+        ys = ys[known] + padded[0].start + core[0].start
+        xs = xs[known] + padded[1].start + core[1].start
+        pos = pos[known]
+        angle = np.arctan2(ys - centroids_yx[pos, 0], xs - centroids_yx[pos, 1]) % (2 * np.pi)
+        sector = np.minimum((angle * sectors / (2 * np.pi)).astype(np.int64), sectors - 1)
+        index = pos * sectors + sector
+        v = np.asarray(values[padded], dtype=np.float64)[core][ring][known]
+        return (
+            np.bincount(index, weights=v, minlength=n * sectors),
+            np.bincount(index, minlength=n * sectors),
+        )
+
+    sums = np.zeros(n * sectors)
+    npx = np.zeros(n * sectors, dtype=np.int64)
+    if n:
+        parts = dask.compute(
+            *[dask.delayed(one)(p, c) for p, c in _blocks(cells.shape, block_size, halo)],
+            scheduler="threads",
+        )
+        for s, c in parts:
+            sums += s
+            npx += c
+    return sums.reshape(n, sectors), npx.reshape(n, sectors)

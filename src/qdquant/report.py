@@ -1,0 +1,306 @@
+"""QC figures, the one-page sample report and the cohort report.
+
+Figures are drawn from thumbnails (strided reads of the stored images), so a
+whole slide costs no more memory than a small one. The HTML pages embed their
+images as data URIs: one file, no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from qdquant import io  # noqa: E402
+
+CLASS_COLOURS = {"0": "#4575b4", "1+": "#fee090", "2+": "#fc8d59", "3+": "#d73027"}
+#: median relative residual above which the report warns that the library misfits
+RESIDUAL_WARN = 0.10
+#: fewer tumour cells than this and the report warns (CAP asks for >= 100 invasive cells)
+MIN_TUMOUR_CELLS = 100
+
+
+def _stride(shape, target: int = 512) -> int:
+    return max(1, int(np.ceil(max(shape) / target)))
+
+
+def _save(fig, path: Path) -> None:
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _thumb(image, step: int) -> np.ndarray:
+    return np.asarray(image[..., ::step, ::step], dtype=np.float32)
+
+
+def unmixing_stats(cube, stored, spectra) -> dict:
+    """Fit statistics from a strided sample of pixels.
+
+    ``relative_residual``: median over tissue pixels of RMS residual / RMS
+    signal (offset included in the fit); ``fraction_at_bound``: pixels with at
+    least one abundance at 0 (the non-negativity bound active).
+    """
+    step = _stride(cube.shape[1:], 256)
+    raw = _thumb(cube, step).reshape(cube.shape[0], -1)
+    fit = _thumb(stored, step).reshape(stored.shape[0], -1)
+    abundances, residual = fit[:-1], fit[-1]
+    signal = np.sqrt(np.mean(raw.astype(np.float64) ** 2, axis=0))
+    tissue = signal > np.percentile(signal, 25)
+    rel = residual[tissue] / np.maximum(signal[tissue], 1e-9)
+    return {
+        "relative_residual_median": float(np.median(rel)) if rel.size else float("nan"),
+        "relative_residual_p99": float(np.percentile(rel, 99)) if rel.size else float("nan"),
+        "fraction_at_bound": float(np.mean((abundances <= 0).any(axis=0))),
+        "mean_spectrum": raw.mean(axis=1).tolist(),
+        "mean_fit": (np.asarray(spectra) @ abundances).mean(axis=1).tolist(),
+    }
+
+
+def plot_unmixing_qc(cube, stored, library, path: Path) -> dict:
+    """Library spectra, the tissue's mean spectrum and its fit, and the residual map.
+
+    Also writes the statistics next to the PNG (``unmixing.json``) and returns them.
+    """
+    stats = unmixing_stats(cube, stored, library.spectra)
+    wl = library.wavelengths_nm
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k, name in enumerate(library.names):
+        axes[0].plot(wl, library.spectra[:, k], label=name)
+    axes[0].set(title="spectral library", xlabel="wavelength (nm)", ylabel="normalised emission")
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].plot(wl, stats["mean_spectrum"], "k.-", label="tissue mean")
+    axes[1].plot(wl, stats["mean_fit"], "r-", label="fit")
+    axes[1].set(title=f"mean spectrum; {100 * stats['fraction_at_bound']:.0f}% px at a bound",
+                xlabel="wavelength (nm)", ylabel="counts")
+    axes[1].legend()
+    step = _stride(stored.shape[1:])
+    im = axes[2].imshow(_thumb(stored[-1], step), cmap="magma")
+    axes[2].set(title=f"RMS residual (median rel. {stats['relative_residual_median']:.3f})")
+    axes[2].axis("off")
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    _save(fig, path)
+    with io.atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def _outline(labels: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(labels, mode="inner")
+
+
+def plot_segmentation_qc(nuclear, nuclei, cells, path: Path, crop: int = 512) -> None:
+    """Full-resolution crop (centre of the slide) with nucleus and cell outlines."""
+    h, w = nuclear.shape
+    y0, x0 = max(0, h // 2 - crop // 2), max(0, w // 2 - crop // 2)
+    window = (slice(y0, y0 + crop), slice(x0, x0 + crop))
+    img = np.asarray(nuclear[window], dtype=np.float32)
+    nuc, cel = np.asarray(nuclei[window]), np.asarray(cells[window])
+    hi = np.percentile(img, 99.5) if img.size else 1.0
+    rgb = np.dstack([np.clip(img / max(hi, 1e-9), 0, 1)] * 3) * 0.8
+    rgb[_outline(cel)] = (0.2, 1.0, 0.2)
+    rgb[_outline(nuc)] = (1.0, 0.3, 0.3)
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.imshow(rgb)
+    ax.set_title(f"nuclei (red) and cells (green); {len(np.unique(cel)) - 1} cells in this crop")
+    ax.axis("off")
+    _save(fig, path)
+
+
+def plot_calibration(controls, fitted: dict, path: Path) -> None:
+    """Membrane intensity distribution of each control slide with the fitted thresholds."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for sums, npx, known in controls:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ring_mean = sums.sum(axis=1) / np.maximum(npx.sum(axis=1), 1)
+        ax.hist(np.log10(1 + ring_mean), bins=40, histtype="step", label=f"control {known}")
+    for name in ("t_faint", "t_weak", "t_strong"):
+        ax.axvline(np.log10(1 + fitted[name]), color="k", ls="--")
+        ax.text(np.log10(1 + fitted[name]), ax.get_ylim()[1] * 0.9, f" {name}={fitted[name]:.0f}", fontsize=8)
+    ax.set(xlabel="log10(1 + membrane ring mean HER2)", ylabel="cells", title="HER2 calibration on control slides")
+    ax.legend()
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# per-sample figures and page
+
+
+def _class_map(cells: pd.DataFrame, background, path: Path, *, column: str, colours: dict, title: str) -> None:
+    step = _stride(background.shape)
+    fig, ax = plt.subplots(figsize=(7, 7))
+    thumb = _thumb(background, step)
+    ax.imshow(thumb, cmap="gray", vmax=np.percentile(thumb, 99.5) if thumb.size else 1)
+    for value, colour in colours.items():
+        sel = cells[column].astype(str) == value
+        ax.scatter(cells.loc[sel, "X_centroid"] / step, cells.loc[sel, "Y_centroid"] / step,
+                   s=6, c=colour, label=f"{value} ({int(sel.sum())})")
+    ax.legend(loc="upper right", fontsize=8, markerscale=2)
+    ax.set_title(title)
+    ax.axis("off")
+    _save(fig, path)
+
+
+def _her2_figures(cells: pd.DataFrame, thresholds: dict, complete_fraction: float, qc: Path) -> list[Path]:
+    hist, scatter = qc / "her2_intensity_histogram.png", qc / "her2_completeness_vs_intensity.png"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = cells["her2_membrane_intensity"].to_numpy()
+    ax.hist(np.log10(1 + values), bins=50, color="0.5")
+    for name, value in thresholds.items():
+        ax.axvline(np.log10(1 + value), color="k", ls="--")
+        ax.text(np.log10(1 + value), ax.get_ylim()[1] * 0.9, f" {name}={value:g}", fontsize=8)
+    ax.set(xlabel="log10(1 + HER2 membrane intensity)", ylabel="cells", title="HER2 membrane intensity")
+    _save(fig, hist)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for klass, colour in CLASS_COLOURS.items():
+        sel = cells["her2_class"].astype(str) == klass
+        ax.scatter(values[sel], cells.loc[sel, "her2_completeness"], s=5, c=colour, label=klass)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.axhline(complete_fraction, color="k", ls=":")
+    for value in thresholds.values():
+        ax.axvline(value, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="HER2 membrane intensity", ylabel="completeness", title="per-cell HER2 class")
+    ax.legend()
+    _save(fig, scatter)
+    return [hist, scatter]
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.1f}"
+    return html.escape(str(value))
+
+
+_CSS = """
+body{font-family:sans-serif;max-width:1100px;margin:1em auto;color:#222}
+h1{margin-bottom:0} .score{font-size:2em;font-weight:bold}
+table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #bbb;padding:3px 8px;text-align:left}
+.warn{background:#fff3cd;border:1px solid #e0b000;padding:.5em;margin:.3em 0}
+figure{display:inline-block;margin:.5em;vertical-align:top} img{max-width:520px}
+figcaption{font-size:.85em;color:#555}
+"""
+
+
+def sample_warnings(summary: dict, stats: dict | None, cfg) -> list[str]:
+    """What a pathologist must see before trusting the numbers."""
+    out = []
+    if summary.get("n_cells", 0) == 0:
+        out.append("No cells were found: the scores are not assessable.")
+    if cfg.tumour is not None:
+        n = summary.get("n_tumour_cells", 0)
+        if n == 0:
+            out.append("No tumour cells passed the gate: the scores are not assessable.")
+        elif n < MIN_TUMOUR_CELLS:
+            out.append(f"Only {n} tumour cells (fewer than {MIN_TUMOUR_CELLS}): interpret the scores with care.")
+    if summary.get("her2_score") == "2+":
+        out.append("HER2 2+ (equivocal): reflex in-situ hybridisation (ISH) is needed.")
+    if stats and stats.get("relative_residual_median", 0) > RESIDUAL_WARN:
+        out.append(
+            f"High unmixing residual (median {100 * stats['relative_residual_median']:.0f}% of the signal): "
+            "the spectral library may not match this slide."
+        )
+    return out
+
+
+def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
+    """Draw the per-sample QC figures and write the one-page ``report.html``."""
+    qc = paths["report"].parent / "qc"
+    cells = io.read_csv(paths["cells"], "cells table")
+    summary = io.read_csv(paths["summary"], "summary").iloc[0].to_dict()
+    stats_path = paths["unmixing_qc"].with_suffix(".json")
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    abundances, names = io.read_ome_zarr(paths["zarr"])
+    nuclear = abundances[names.index(cfg.panel_row(role="nuclear_stain").endmember)]
+
+    figures = [(paths["unmixing_qc"], "unmixing: library, mean spectrum and fit, residual map"),
+               (paths["segmentation_qc"], "segmentation: nuclei and cell outlines")]
+    if cfg.her2 is not None and len(cells):
+        class_map = qc / "her2_class_map.png"
+        _class_map(cells, nuclear, class_map, column="her2_class", colours=CLASS_COLOURS,
+                   title="HER2 class per cell")
+        thresholds = {k: summary[f"her2_{k}"] for k in ("t_faint", "t_weak", "t_strong")}
+        hist, scatter = _her2_figures(cells, thresholds, cfg.her2.complete_fraction, qc)
+        figures[:0] = [(class_map, "HER2 class map"), (hist, "HER2 membrane intensity with thresholds"),
+                       (scatter, "completeness vs intensity, coloured by class")]
+    if cfg.tumour is not None and len(cells):
+        gate = qc / "tumour_gate_map.png"
+        _class_map(cells, nuclear, gate, column="is_tumour", colours={"True": "#d73027", "False": "#4575b4"},
+                   title=f"tumour gate on {cfg.tumour.marker} (threshold {summary['tumour_threshold']:.1f})")
+        figures.insert(1, (gate, "tumour-cell gate (red: tumour)"))
+
+    rows = [("cells", summary.get("n_cells"))]
+    if cfg.tumour is not None:
+        rows += [("tumour cells", summary.get("n_tumour_cells")),
+                 (f"tumour threshold ({cfg.tumour.marker}, membrane)", summary.get("tumour_threshold"))]
+    if cfg.her2 is not None:
+        rows += [(f"HER2 {k} (%)", summary.get(f"her2_pct_{k}")) for k in ("0", "1plus", "2plus", "3plus")]
+        rows += [(f"HER2 {k}", summary.get(f"her2_{k}")) for k in ("t_faint", "t_weak", "t_strong")]
+        rows += [("HER2 thresholds from", summary.get("her2_thresholds_source"))]
+    for row in cfg.scored:
+        m = row.marker
+        rows += [(f"{m} % positive", summary.get(f"{m}_pct_positive")), (f"{m} status", summary.get(f"{m}_status"))]
+        if row.score in ("hscore", "allred"):
+            rows += [(f"{m} {row.score}", summary.get(f"{m}_{row.score}"))]
+        rows += [(f"{m} thresholds t1/t2/t3", "/".join(_fmt(t) for t in (row.t1, row.t2, row.t3)))]
+    if "surrogate_subtype" in summary:
+        rows += [("surrogate subtype (St Gallen 2013)", summary["surrogate_subtype"])]
+    population = "tumour cells" if cfg.tumour is not None else "all cells"
+
+    body = [f"<h1>qdquant report: {html.escape(sample_id)}</h1>"]
+    if cfg.her2 is not None:
+        body.append(
+            f'<p class="score">HER2 {_fmt(summary.get("her2_score"))} '
+            f'<span id="her2-category">({_fmt(summary.get("her2_category"))})</span></p>'
+        )
+    body += [f'<div class="warn">⚠ {html.escape(w)}</div>' for w in sample_warnings(summary, stats, cfg)]
+    body.append(f"<p>Percentages and scores are over {population}.</p><table>")
+    body += [f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows]
+    body.append("</table><h2>Quality control</h2>")
+    body += [_img_tag(p, alt) for p, alt in figures if Path(p).is_file()]
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qdquant {html.escape(sample_id)}</title>"
+        f"<style>{_CSS}</style></head><body id='sample-{html.escape(sample_id)}'>{''.join(body)}</body></html>"
+    )
+    with io.atomic_path(paths["report"]) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+
+
+def write_cohort_report(cfg, table: pd.DataFrame, path: Path) -> None:
+    """One row per sample, each linking to its own report."""
+    columns = [c for c in ("sample_id", "n_cells", "n_tumour_cells", "her2_score", "her2_category",
+                           "surrogate_subtype") if c in table.columns]
+    columns += [c for c in table.columns if c.endswith("_status")]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    rows = []
+    for _, rec in table.iterrows():
+        cells = []
+        for c in columns:
+            value = _fmt(rec[c])
+            if c == "sample_id":
+                value = f'<a href="{html.escape(str(rec[c]))}/report.html">{value}</a>'
+            cells.append(f"<td>{value}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qdquant cohort</title><style>{_CSS}</style>"
+        f"</head><body><h1>qdquant cohort report</h1><p>{len(table)} samples</p>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>"
+    )
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")

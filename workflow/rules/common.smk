@@ -1,0 +1,38 @@
+# Start-up checks: qdquant's schema and table checks (one-line errors naming
+# the file, row or key; image headers included), then Snakemake's own schema
+# validation, which also fills the defaults into `config`.
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from qdquant.config import SCHEMA_PATH, load_config
+from qdquant.errors import InputError
+
+
+def is_test_slide(path):
+    """A bundled test slide, which rule simulate_test_slide makes when it is missing."""
+    return Path(path).parent == Path("test_data/slides") and Path(path).name.endswith(".ome.tif")
+
+
+CONFIG_FILE = workflow.configfiles[-1] if workflow.configfiles else "config/config.yaml"
+try:
+    CFG = load_config(config, source=str(CONFIG_FILE), check_images=True, image_will_exist=is_test_slide)
+except InputError as exc:
+    sys.exit(f"qdquant: error: {exc}")
+validate(config, str(SCHEMA_PATH))
+
+RESULTS = str(CFG.results)
+SAMPLES = [s.sample_id for s in CFG.samples]
+CONTROLS = [s.sample_id for s in CFG.controls]
+IMAGES = {s.sample_id: str(s.image) for s in CFG.samples}
+
+
+def step(name, sample=True):
+    """The rule's command: the same one a user runs by hand."""
+    return f"qdquant {name} --config {CONFIG_FILE}" + (" --sample {wildcards.sample}" if sample else "")
+
+
+def mem_mb(base_mb, per_chunk_mb):
+    """Memory of a step: a base plus what one dask chunk of the slide needs."""
+    return base_mb + per_chunk_mb * (CFG.chunk_size / 2048) ** 2

@@ -1,0 +1,15 @@
+rule quantify:
+    input:
+        zarr=f"{RESULTS}/{{sample}}/unmixed.ome.zarr",
+        segmentation=f"{RESULTS}/{{sample}}/qc/segmentation.png",
+    output:
+        f"{RESULTS}/{{sample}}/measurements.csv",
+    log:
+        "logs/quantify/{sample}.log",
+    benchmark:
+        "benchmarks/snakemake/quantify/{sample}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wc: mem_mb(1000, 1500),
+    shell:
+        step("quantify") + " 2> {log}"

@@ -1,0 +1,26 @@
+rule report:
+    input:
+        cells=f"{RESULTS}/{{sample}}/cells.csv",
+        summary=f"{RESULTS}/{{sample}}/summary.csv",
+        qc=[f"{RESULTS}/{{sample}}/qc/unmixing.png", f"{RESULTS}/{{sample}}/qc/segmentation.png"],
+    output:
+        report(f"{RESULTS}/{{sample}}/report.html", category="Samples", labels={"sample": "{sample}"}),
+    log:
+        "logs/report/{sample}.log",
+    resources:
+        mem_mb=2000,
+    shell:
+        step("report") + " 2> {log}"
+
+
+rule cohort:
+    input:
+        expand(f"{RESULTS}/{{sample}}/summary.csv", sample=SAMPLES),
+        expand(f"{RESULTS}/{{sample}}/report.html", sample=SAMPLES),
+    output:
+        summary=f"{RESULTS}/cohort_summary.csv",
+        report=f"{RESULTS}/cohort_report.html",
+    log:
+        "logs/cohort.log",
+    shell:
+        step("cohort", sample=False) + " 2> {log}"

@@ -1,0 +1,34 @@
+rule calibrate:
+    input:
+        expand(f"{RESULTS}/{{sample}}/measurements.csv", sample=CONTROLS),
+    output:
+        f"{RESULTS}/calibration/her2_thresholds.csv",
+        f"{RESULTS}/calibration/her2_thresholds.png",
+    log:
+        "logs/calibrate.log",
+    resources:
+        mem_mb=2000,
+    shell:
+        step("calibrate", sample=False) + " 2> {log}"
+
+
+def calibration_input(wildcards):
+    """The fitted thresholds, when control slides calibrate them (explicit config thresholds win)."""
+    if CFG.her2 is None or CFG.her2.thresholds_explicit or not CONTROLS:
+        return []
+    return f"{RESULTS}/calibration/her2_thresholds.csv"
+
+
+rule score:
+    input:
+        measurements=f"{RESULTS}/{{sample}}/measurements.csv",
+        calibration=calibration_input,
+    output:
+        cells=f"{RESULTS}/{{sample}}/cells.csv",
+        summary=f"{RESULTS}/{{sample}}/summary.csv",
+    log:
+        "logs/score/{sample}.log",
+    resources:
+        mem_mb=2000,
+    shell:
+        step("score") + " 2> {log}"

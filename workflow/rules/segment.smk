@@ -1,0 +1,16 @@
+# Writes labels/nuclei and labels/cells into the sample's unmixed.ome.zarr
+# (atomically); the QC overlay is the rule's declared output.
+rule segment:
+    input:
+        zarr=f"{RESULTS}/{{sample}}/unmixed.ome.zarr",
+    output:
+        qc=f"{RESULTS}/{{sample}}/qc/segmentation.png",
+    log:
+        "logs/segment/{sample}.log",
+    benchmark:
+        "benchmarks/snakemake/segment/{sample}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wc: mem_mb(1000, 2000),
+    shell:
+        step("segment") + " 2> {log}"

@@ -1,0 +1,18 @@
+rule unmix:
+    input:
+        image=lambda wc: IMAGES[wc.sample],
+        spectra=config["spectra"],
+        panel=config["panel"],
+    output:
+        zarr=directory(f"{RESULTS}/{{sample}}/unmixed.ome.zarr"),
+        spectra=f"{RESULTS}/{{sample}}/spectra_used.csv",
+        qc=f"{RESULTS}/{{sample}}/qc/unmixing.png",
+    log:
+        "logs/unmix/{sample}.log",
+    benchmark:
+        "benchmarks/snakemake/unmix/{sample}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wc: mem_mb(1000, 2500),
+    shell:
+        step("unmix") + " 2> {log}"
