@@ -150,6 +150,7 @@ def write_ome_tiff(
             shape=cube.shape,
             dtype=cube.dtype,
             tile=(tile, tile),
+            photometric="minisblack",
             compression="zlib",
             metadata=metadata,
             ome=True,
@@ -288,6 +289,7 @@ def write_labels(
             name=tmp_name,
             axes="yx",
             fmt=FormatV04(),
+            scaler=None,
             scale_factors=factors,
             storage_options={"chunks": (chunk_size, chunk_size)},
         )

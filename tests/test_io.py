@@ -1,0 +1,89 @@
+"""Lazy reading, OME-Zarr writing (channel names really in `omero`), atomic outputs."""
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from qdquant import io
+from qdquant.errors import InputError
+
+
+def test_ome_tiff_round_trip_is_lazy_and_keeps_pixel_size(tmp_path):
+    cube = np.random.default_rng(0).integers(0, 4000, size=(5, 300, 260)).astype(np.uint16)
+    path = tmp_path / "slide.ome.tif"
+    io.write_ome_tiff(path, da.from_array(cube, chunks=(5, 100, 100)), pixel_size_um=0.37, tile=128)
+    read = io.open_cube(path, chunk_size=128)
+    assert isinstance(read.data, da.Array)
+    assert read.data.chunksize == (5, 128, 128)
+    assert read.pixel_size_um == pytest.approx(0.37)
+    np.testing.assert_array_equal(read.data.compute(), cube)
+
+
+def test_pyramidal_tiff_reads_level_0(tmp_path):
+    cube = np.arange(3 * 256 * 256, dtype=np.uint16).reshape(3, 256, 256)
+    path = tmp_path / "pyr.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(cube, subifds=1, tile=(64, 64), photometric="minisblack", metadata={"axes": "CYX"})
+        tif.write(cube[:, ::2, ::2], subfiletype=1, tile=(64, 64), photometric="minisblack")
+    read = io.open_cube(path, chunk_size=64)
+    assert read.data.shape == (3, 256, 256)
+    np.testing.assert_array_equal(read.data.compute(), cube)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [(None, "not found"), (b"", "not a readable TIFF"), (b"II*\x00" + b"\x00" * 50, "not a readable TIFF")],
+)
+def test_bad_files(tmp_path, content, fragment):
+    path = tmp_path / "bad.tif"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=fragment) as e:
+        io.open_cube(path)
+    assert str(path) in str(e.value)
+
+
+def test_2d_image_is_rejected(tmp_path):
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, np.zeros((20, 20), np.uint16))
+    with pytest.raises(InputError, match=r"\(C, Y, X\)"):
+        io.open_cube(path)
+
+
+def test_ome_zarr_has_named_channels_scale_and_labels(tmp_path):
+    image = da.random.random((3, 200, 180), chunks=(3, 64, 64)).astype(np.float32)
+    path = tmp_path / "unmixed.ome.zarr"
+    io.write_ome_zarr(path, image, ["DAPI", "HER2", "residual"], pixel_size_um=0.5, chunk_size=64)
+    attrs = json.loads((path / ".zattrs").read_text())
+    assert [c["label"] for c in attrs["omero"]["channels"]] == ["DAPI", "HER2", "residual"]
+    assert attrs["multiscales"][0]["version"] == "0.4"
+    assert len(attrs["multiscales"][0]["datasets"]) >= 2
+    assert io.read_pixel_size_um(path) == 0.5
+    data, names = io.read_ome_zarr(path)
+    assert names == ["DAPI", "HER2", "residual"]
+    np.testing.assert_allclose(data.compute(), image.compute())
+
+    labels = np.zeros((200, 180), np.int32)
+    labels[10:30, 10:30] = 7
+    io.write_labels(path, "cells", labels, chunk_size=64)
+    io.write_labels(path, "nuclei", labels, chunk_size=64)
+    io.write_labels(path, "cells", labels * 2, chunk_size=64)  # rewriting replaces
+    assert zarr.open_group(str(path / "labels")).attrs["labels"] == ["nuclei", "cells"]
+    back = io.read_labels(path, "cells")
+    assert back.dtype == np.int32
+    np.testing.assert_array_equal(back.compute(), labels * 2)
+    assert not [p for p in (path / "labels").iterdir() if p.name.startswith(".") and "tmp" in p.name]
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "table.csv"
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
