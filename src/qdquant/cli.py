@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 SAMPLE_STEPS = ("unmix", "segment", "quantify", "score", "report")
@@ -83,8 +82,12 @@ def _library_build(args) -> None:
         name, _, path = item.partition("=")
         if not path:
             raise SystemExit(f"qdquant: error: --control takes NAME=PATH, got '{item}'")
-        controls[name] = np.asarray(io.open_cube(path).data)
-    unstained = None if args.unstained is None else np.asarray(io.open_cube(args.unstained).data)
+        with io.open_cube(path) as cube:
+            controls[name] = np.asarray(cube.data)
+    unstained = None
+    if args.unstained is not None:
+        with io.open_cube(args.unstained) as cube:
+            unstained = np.asarray(cube.data)
     wavelengths = np.asarray([float(w) for w in args.wavelengths.split(",")])
     table = library.build_library(controls, unstained, wavelengths_nm=wavelengths, names=list(controls))
     io.write_csv(table, args.out)
@@ -148,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.captureWarnings(True)
-    warnings.simplefilter("default")
     from qdquant.errors import QdquantError
 
     try:

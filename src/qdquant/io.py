@@ -46,6 +46,18 @@ class Cube:
     data: da.Array
     pixel_size_um: float | None
     path: Path
+    _handle: object = None
+
+    def close(self) -> None:
+        """Close the file behind :attr:`data` (which cannot be read after)."""
+        if self._handle is not None:
+            self._handle.close()
+
+    def __enter__(self) -> "Cube":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _ome_pixel_size_um(ome_xml: str | None) -> float | None:
@@ -99,6 +111,9 @@ def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
         Tiled, striped or pyramidal TIFF holding a (C, Y, X) cube.
     chunk_size : int
         Edge of the dask chunks in pixels, Y and X; all bands share a chunk.
+
+    Use it as a context manager (``with open_cube(path) as cube: ...``) so the
+    file is closed when done.
     """
     path = Path(path)
     _, _, pixel_size = read_cube_header(path)
@@ -106,7 +121,7 @@ def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
     store = tif.series[0].aszarr(level=0)
     data = da.from_zarr(zarr.open(store, mode="r"))
     data = data.rechunk((data.shape[0], chunk_size, chunk_size))
-    return Cube(data=data, pixel_size_um=pixel_size, path=path)
+    return Cube(data=data, pixel_size_um=pixel_size, path=path, _handle=tif)
 
 
 def write_ome_tiff(

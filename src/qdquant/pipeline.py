@@ -7,6 +7,7 @@ run by hand is exactly the step the workflow runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -52,6 +53,17 @@ def calibration_path(cfg: Config) -> Path:
     return cfg.results / "calibration" / "her2_thresholds.csv"
 
 
+@contextlib.contextmanager
+def _about(path: Path):
+    """Name ``path`` in any InputError a stage function raises while working on it."""
+    try:
+        yield
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise InputError(f"{path}: {exc}") from None
+
+
 # ----------------------------------------------------------------------------
 # steps
 
@@ -63,27 +75,27 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
     sample = cfg.sample(sample_id)
     out = outputs(cfg, sample_id)
     _, pixel_size = check_image(cfg, sample)
-    cube = io.open_cube(sample.image, chunk_size=cfg.chunk_size)
     library = cfg.library
-    log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
-             "x".join(map(str, cube.data.shape[1:])), len(library.names))
-    unmixing.check_library(library.spectra, list(library.names))
-    abundances, residual = unmixing.unmix(
-        cube.data,
-        library.spectra,
-        weights="poisson" if cfg.unmixing.poisson_weights else None,
-    )
-    image = da.concatenate([abundances, residual[None]], axis=0)
-    io.write_ome_zarr(
-        out["zarr"],
-        image,
-        [*library.names, "residual"],
-        pixel_size_um=pixel_size,
-        chunk_size=cfg.chunk_size,
-    )
-    io.write_csv(library.to_frame(), out["spectra_used"])
-    stored, _ = io.read_ome_zarr(out["zarr"])
-    report.plot_unmixing_qc(cube.data, stored, library, out["unmixing_qc"])
+    with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, _about(sample.image):
+        log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
+                 "x".join(map(str, cube.data.shape[1:])), len(library.names))
+        unmixing.check_library(library.spectra, list(library.names))
+        abundances, residual = unmixing.unmix(
+            cube.data,
+            library.spectra,
+            weights="poisson" if cfg.unmixing.poisson_weights else None,
+        )
+        image = da.concatenate([abundances, residual[None]], axis=0)
+        io.write_ome_zarr(
+            out["zarr"],
+            image,
+            [*library.names, "residual"],
+            pixel_size_um=pixel_size,
+            chunk_size=cfg.chunk_size,
+        )
+        io.write_csv(library.to_frame(), out["spectra_used"])
+        stored, _ = io.read_ome_zarr(out["zarr"])
+        report.plot_unmixing_qc(cube.data, stored, library, out["unmixing_qc"])
 
 
 def _panel_channel(cfg: Config, names: list[str], role: str) -> int | None:

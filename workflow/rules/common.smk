@@ -1,6 +1,7 @@
 # Start-up checks: qdquant's schema and table checks (one-line errors naming
 # the file, row or key; image headers included), then Snakemake's own schema
 # validation, which also fills the defaults into `config`.
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,10 @@ try:
 except InputError as exc:
     sys.exit(f"qdquant: error: {exc}")
 validate(config, str(SCHEMA_PATH))
+
+# Rules run `qdquant ...`: put the environment that runs Snakemake first on
+# PATH, so a venv's qdquant is found without activating the venv.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 RESULTS = str(CFG.results)
 SAMPLES = [s.sample_id for s in CFG.samples]

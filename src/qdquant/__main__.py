@@ -1,0 +1,5 @@
+import sys
+
+from qdquant.cli import main
+
+sys.exit(main())
