@@ -27,6 +27,7 @@ from numbers import Real
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 
 from qdquant.errors import InputError
 
@@ -84,8 +85,11 @@ def _real(value, name: str) -> float:
     return value
 
 
-def _increasing_thresholds(**named) -> tuple[float, ...]:
-    """Check thresholds (in the given order) are finite, >= 0, strictly increasing."""
+def _increasing_thresholds(*, strict: bool = True, **named) -> tuple[float, ...]:
+    """Check thresholds (in the given order) are finite, >= 0 and rising.
+
+    ``strict``: each must be > the previous one, else >=.
+    """
     values = []
     for name, value in named.items():
         value = _real(value, name)
@@ -93,8 +97,8 @@ def _increasing_thresholds(**named) -> tuple[float, ...]:
             raise InputError(f"{name} must be >= 0, got {value:g}")
         values.append((name, value))
     for (n0, v0), (n1, v1) in zip(values, values[1:]):
-        if not v0 < v1:
-            raise InputError(f"{n0} ({v0:g}) must be < {n1} ({v1:g})")
+        if (v0 >= v1) if strict else (v0 > v1):
+            raise InputError(f"{n0} ({v0:g}) must be {'<' if strict else '<='} {n1} ({v1:g})")
     return tuple(v for _, v in values)
 
 
@@ -390,7 +394,7 @@ def _bin_thresholds(t1, t2, t3) -> tuple[float, ...]:
         named["t2"] = t2
     if t3 is not None:
         named["t3"] = t3
-    return _increasing_thresholds(**named)
+    return _increasing_thresholds(strict=False, **named)
 
 
 def intensity_bins(values, *, t1, t2=None, t3=None) -> np.ndarray:
@@ -404,8 +408,10 @@ def intensity_bins(values, *, t1, t2=None, t3=None) -> np.ndarray:
     t1 : float
         Positivity threshold (>= 0).
     t2, t3 : float, optional
-        Moderate and strong thresholds (``t1 < t2 < t3``). With ``t1`` alone
-        (``percent_positive``) a positive cell is bin 1.
+        Moderate and strong thresholds (``t1 <= t2 <= t3``; an equal pair
+        leaves the bin between them empty: with ``t1 == t2`` a cell >= t1 is
+        bin 2). With ``t1`` alone (``percent_positive``) a positive cell is
+        bin 1; ``t3`` needs ``t2``.
 
     Returns
     -------
@@ -695,8 +701,6 @@ def tumour_threshold_auto(values) -> float:
         threshold shows it). With no finite value at all (no cells), NaN:
         :func:`is_tumour` then calls no cell a tumour cell.
     """
-    from skimage.filters import threshold_otsu
-
     values = np.asarray(values)
     if values.ndim != 1:
         raise InputError(f"values must be 1-D (one per cell), got shape {values.shape}")
