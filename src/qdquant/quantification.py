@@ -50,37 +50,46 @@ def _check_inputs(cells, nuclei, abundances, names) -> None:
 
 
 def _block_sums(cells, nuclei, abundances, flagged, core, width_px):
-    """Per-label sums over one block: ids, (count, y, x, nucleus area, flagged) and channel sums."""
+    """Per-label sums over one block.
+
+    Returns the block's ids, geometry sums (count, y, x, nucleus area,
+    flagged) and, per compartment, a (n, 1 + K) array of pixel count and
+    channel sums. Each pixel falls in one of four disjoint classes (in the
+    nucleus or not x in the ring or not: the nucleus and the ring may
+    overlap), so one bincount per channel over ``4 * cell + class`` gives all
+    compartments at once.
+    """
     ring = membrane_ring(cells, width_px)[core]
     cells, nuclei = cells[core], nuclei[core]
     inside = cells > 0
     ids, inv = np.unique(cells[inside], return_inverse=True)
     n = len(ids)
     ys, xs = np.nonzero(inside)  # relative to the core's origin
+    in_nucleus = nuclei[inside] > 0
     good = ~flagged[core][inside] if flagged is not None else np.ones(len(inv), bool)
-    masks = {
-        "cell": good,
-        "nucleus": good & (nuclei[inside] > 0),
-        "membrane": good & ring[inside],
-    }
-    masks["cytoplasm"] = good & ~(nuclei[inside] > 0) & ~ring[inside]
     geometry = np.stack(
         [
             np.bincount(inv, minlength=n),
             np.bincount(inv, weights=ys, minlength=n),
             np.bincount(inv, weights=xs, minlength=n),
-            np.bincount(inv, weights=nuclei[inside] > 0, minlength=n),
+            np.bincount(inv, weights=in_nucleus, minlength=n),
             np.bincount(inv, weights=~good, minlength=n),
         ],
         axis=1,
     ).astype(np.float64)
-    values = abundances[:, core[0], core[1]][:, inside]  # (K, n_pixels)
-    sums = {}
-    for name, mask in masks.items():
-        sub = inv[mask]
-        npx = np.bincount(sub, minlength=n).astype(np.float64)
-        channel_sums = [np.bincount(sub, weights=v[mask], minlength=n) for v in values]
-        sums[name] = np.column_stack([npx, *channel_sums])
+    # class: 0 cytoplasm, 1 nucleus only, 2 ring only, 3 nucleus and ring
+    index = (4 * inv + in_nucleus + 2 * ring[inside])[good]
+    values = abundances[:, core[0], core[1]][:, inside][:, good]  # (K, n_good_pixels)
+    per_class = np.stack(
+        [np.bincount(index, minlength=4 * n)] + [np.bincount(index, weights=v, minlength=4 * n) for v in values],
+        axis=1,
+    ).reshape(n, 4, 1 + len(values))
+    sums = {
+        "cell": per_class.sum(axis=1),
+        "nucleus": per_class[:, 1] + per_class[:, 3],
+        "membrane": per_class[:, 2] + per_class[:, 3],
+        "cytoplasm": per_class[:, 0],
+    }
     return ids, geometry, sums
 
 

@@ -1,0 +1,148 @@
+"""The whole workflow, end to end, on the bundled test data, checked against the simulator's truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+
+from qdquant.metrics import match_instances
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SNAKEMAKE, "--directory", str(workdir), "--cores", "2", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Run the workflow once, in a copy of the repository's config, as the README's command does."""
+    work = tmp_path_factory.mktemp("workflow")
+    shutil.copytree(REPO / "config", work / "config")
+    proc = snakemake(work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work
+
+
+def sample_ids(work: Path) -> list[str]:
+    return pd.read_csv(work / "config" / "samples.tsv", sep="\t")["sample_id"].tolist()
+
+
+def truth_of(work: Path, sample_id: str):
+    slides = work / "test_data" / "slides"
+    truth = json.loads((slides / f"{sample_id}_truth.json").read_text())
+    cells = pd.read_csv(slides / f"{sample_id}_truth_cells.csv", dtype={"her2_class": str})
+    labels = tifffile.imread(slides / f"{sample_id}_truth_labels.tif")
+    return truth, cells, labels
+
+
+def test_outputs_follow_the_contract(run):
+    required = ["CellID", "X_centroid", "Y_centroid", "X_um", "Y_um", "Area", "NucleusArea",
+                "her2_membrane_intensity", "her2_completeness", "her2_class", "n_flagged_px"]
+    markers = ["DAPI", "mTOR", "ER", "Ki67", "PR", "HER2", "ECAD", "AF"]
+    for sid in sample_ids(run):
+        out = run / "results" / sid
+        cells = pd.read_csv(out / "cells.csv", dtype={"her2_class": str})
+        for column in required + markers + [f"{m}_{c}_mean" for m in markers for c in ("nucleus", "cytoplasm", "membrane")]:
+            assert column in cells.columns, (sid, column)
+        assert "Offset" not in cells.columns  # background rows are not measured
+        assert set(cells["her2_class"]) <= {"0", "1+", "2+", "3+"}
+        # MCQuant/scimap layout: numeric marker columns first, metadata from X_centroid on
+        front = cells.columns[: cells.columns.get_loc("X_centroid")]
+        assert all(pd.api.types.is_numeric_dtype(cells[c]) for c in front)
+        summary = pd.read_csv(out / "summary.csv", dtype={"her2_score": str})
+        for column in ["sample_id", "n_cells", "her2_pct_0", "her2_pct_1plus", "her2_pct_2plus",
+                       "her2_pct_3plus", "her2_score", "her2_category", "ER_pct_positive", "ER_hscore",
+                       "PR_pct_positive", "PR_allred", "Ki67_pct_positive", "mTOR_pct_positive"]:
+            assert column in summary.columns, (sid, column)
+        root = zarr.open_group(str(out / "unmixed.ome.zarr"), mode="r")
+        names = [c["label"] for c in root.attrs["omero"]["channels"]]
+        assert names == ["DAPI", "QD525", "QD565", "QD585", "QD605", "QD655", "QD705", "AF", "Offset", "residual"]
+        assert set(root["labels"].attrs["labels"]) >= {"nuclei", "cells"}
+        for name in ("nuclei", "cells"):
+            level0 = root[f"labels/{name}"][root[f"labels/{name}"].attrs["multiscales"][0]["datasets"][0]["path"]]
+            assert level0.dtype == np.int32
+        assert (out / "report.html").is_file() and (out / "qc" / "unmixing.png").is_file()
+    cohort = pd.read_csv(run / "results" / "cohort_summary.csv")
+    assert sorted(cohort["sample_id"]) == sorted(sample_ids(run))
+
+
+def test_scores_match_truth(run):
+    rows = []
+    for sid in sample_ids(run):
+        truth, truth_cells, truth_labels = truth_of(run, sid)
+        summary = pd.read_csv(run / "results" / sid / "summary.csv", dtype={"her2_score": str}).iloc[0]
+        cells = pd.read_csv(run / "results" / sid / "cells.csv", dtype={"her2_class": str})
+        # per-cell agreement: each segmented cell matched to the true cell under its centroid
+        y = cells["Y_centroid"].round().astype(int).clip(0, truth_labels.shape[-2] - 1)
+        x = cells["X_centroid"].round().astype(int).clip(0, truth_labels.shape[-1] - 1)
+        true_id = truth_labels[1][y, x]
+        matched = true_id > 0
+        true_class = truth_cells.set_index("CellID").loc[true_id[matched], "her2_class"].to_numpy()
+        agreement = float(np.mean(cells.loc[matched, "her2_class"].to_numpy() == true_class))
+        nuclei = zarr.open_group(str(run / "results" / sid / "unmixed.ome.zarr" / "labels" / "nuclei"), mode="r")
+        f1 = match_instances(truth_labels[0], nuclei["s0"][:] if "s0" in nuclei else nuclei["0"][:], iou_threshold=0.5)["f1"]
+        rows.append((sid, truth["her2_score_all"], summary["her2_score"], truth["her2_category_all"],
+                     summary["her2_category"], agreement, matched.mean(), f1))
+    table = pd.DataFrame(rows, columns=["sample", "true", "got", "true_cat", "got_cat", "agreement", "matched", "nuclei_f1"])
+    print(table.to_string())
+    assert (table["true"] == table["got"]).all(), table
+    assert (table["true_cat"] == table["got_cat"]).all(), table
+    assert (table["agreement"] >= 0.90).all(), table
+    assert (table["matched"] >= 0.90).all(), table
+    assert (table["nuclei_f1"] >= 0.85).all(), table
+
+
+def test_rerun_is_a_no_op(run):
+    proc = snakemake(run, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "breaks, fragment",
+    [
+        (lambda w: (w / "config" / "samples.tsv").write_text("sample_id\timage\nA\tmissing.ome.tif\n"),
+         "missing.ome.tif: image file not found"),
+        (lambda w: (w / "config" / "config.yaml").write_text(
+            (w / "config" / "config.yaml").read_text() + "colour: red\n"), "unknown key 'colour'"),
+        (lambda w: (w / "config" / "samples.tsv").write_text(
+            "sample_id\timage\nA\ttest_data/slides/a.ome.tif\nA\ttest_data/slides/b.ome.tif\n"),
+         "duplicate sample_id 'A'"),
+        (lambda w: (w / "config" / "panel.tsv").write_text(
+            (w / "config" / "panel.tsv").read_text().replace("QD705\tECAD", "QD777\tECAD")), "endmember 'QD777'"),
+    ],
+)
+def test_bad_input_stops_before_any_work(tmp_path, breaks, fragment):
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    breaks(tmp_path)
+    proc = snakemake(tmp_path, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("qdquant: error:")]
+    assert len(lines) == 1 and fragment in lines[0], proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_band_count_mismatch_stops_before_any_work(tmp_path):
+    from qdquant.io import write_ome_tiff
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    write_ome_tiff(tmp_path / "wrong.ome.tif", np.zeros((12, 64, 64), np.uint16), pixel_size_um=0.5)
+    (tmp_path / "config" / "samples.tsv").write_text("sample_id\timage\nW\twrong.ome.tif\n")
+    proc = snakemake(tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "wrong.ome.tif: 12 bands but the spectral library has 31 rows" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
