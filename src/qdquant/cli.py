@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 SAMPLE_STEPS = ("unmix", "segment", "quantify", "score", "report")
+CONFIG_HELP = "config.yaml; repeat to merge several in order (later keys win), as snakemake --configfile does"
 
 
 def _load(args, *, check_images: bool = False):
     from qdquant.config import load_config
 
-    return load_config(args.config, check_images=check_images)
+    return load_config(args.config if len(args.config) > 1 else args.config[0], check_images=check_images)
 
 
 def _run_step(args) -> None:
@@ -41,7 +42,7 @@ def _cohort(args) -> None:
 
 def _check(args) -> None:
     cfg = _load(args, check_images=True)
-    print(f"{args.config}: OK ({len(cfg.samples)} samples, {len(cfg.library.names)} endmembers)")
+    print(f"{cfg.source}: OK ({len(cfg.samples)} samples, {len(cfg.library.names)} endmembers)")
 
 
 def _simulate(args) -> None:
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for step in SAMPLE_STEPS:
         p = sub.add_parser(step, help=f"run the {step} step on one sample")
-        p.add_argument("--config", required=True, help="config.yaml")
+        p.add_argument("--config", required=True, action="append", help=CONFIG_HELP)
         p.add_argument("--sample", required=True, help="sample_id from the sample sheet")
         p.set_defaults(func=_run_step)
     for name, func, text in (
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("check", _check, "validate the config, sample sheet, panel, library and image headers"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", required=True, help="config.yaml")
+        p.add_argument("--config", required=True, action="append", help=CONFIG_HELP)
         p.set_defaults(func=func)
 
     p = sub.add_parser("simulate", help="write a simulated multispectral slide with its ground truth")

@@ -204,6 +204,14 @@ def validate_config_dict(raw: dict, *, source: str = "config") -> dict:
     return _fill_defaults(raw, sch)
 
 
+def _merge(base: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into a copy of ``base`` (as Snakemake merges config files)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -385,7 +393,7 @@ def read_panel(path: str | Path, library: Library) -> tuple[PanelRow, ...]:
 
 
 def load_config(
-    config: str | Path | dict,
+    config: str | Path | dict | list,
     *,
     source: str | None = None,
     check_images: bool = False,
@@ -395,8 +403,10 @@ def load_config(
 
     Parameters
     ----------
-    config : path or mapping
-        config.yaml, or its already-parsed mapping (as Snakemake holds it).
+    config : path, list of paths, or mapping
+        config.yaml; several files, merged in order (later keys win, nested
+        sections merged, as Snakemake merges ``--configfile``); or the
+        already-parsed mapping (as Snakemake holds it).
     source : str, optional
         The name errors give the config (default: its path, or "config").
     check_images : bool
@@ -408,6 +418,10 @@ def load_config(
     """
     if isinstance(config, dict):
         source, raw = source or "config", config
+    elif isinstance(config, (list, tuple)):
+        source, raw = source or " + ".join(map(str, config)), {}
+        for path in config:
+            raw = _merge(raw, read_config_file(path))
     else:
         source, raw = source or str(config), read_config_file(config)
     cfg = validate_config_dict(raw, source=source)

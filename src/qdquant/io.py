@@ -344,3 +344,33 @@ def read_csv(path: str | os.PathLike, what: str = "table") -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"{path}: {what} not found (run the earlier steps first)")
     return pd.read_csv(path)
+
+
+def write_h5ad(cells: pd.DataFrame, markers: list[str], path: str | os.PathLike, *, sample_id: str) -> None:
+    """Write ``cells.csv``'s content as AnnData for scanpy / squidpy / scimap users.
+
+    ``X`` holds the whole-cell marker means (cells x markers), ``layers`` the
+    compartment means, ``obs`` every other column (plus ``imageid``) and
+    ``obsm["spatial"]`` the centroids in micrometres.
+    """
+    import anndata
+
+    obs_columns = [c for c in cells.columns if c not in markers and not c.endswith("_mean") and c != "CellID"]
+    obs = cells[obs_columns].copy()
+    for column in obs.columns:
+        if obs[column].dtype == object or pd.api.types.is_string_dtype(obs[column]):
+            obs[column] = obs[column].astype(str).astype("category")
+    obs["imageid"] = sample_id
+    obs.index = [f"{sample_id}_{i}" for i in cells["CellID"]]
+    adata = anndata.AnnData(
+        X=cells[markers].to_numpy(np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=markers),
+        obsm={"spatial": cells[["X_um", "Y_um"]].to_numpy()},
+        layers={
+            compartment: cells[[f"{m}_{compartment}_mean" for m in markers]].to_numpy(np.float32)
+            for compartment in ("nucleus", "cytoplasm", "membrane")
+        },
+    )
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)

@@ -45,6 +45,7 @@ def outputs(cfg: Config, sample_id: str) -> dict[str, Path]:
         "measurements": d / "measurements.csv",
         "cells": d / "cells.csv",
         "summary": d / "summary.csv",
+        "h5ad": d / "cells.h5ad",
         "report": d / "report.html",
     }
 
@@ -281,6 +282,7 @@ def score_sample(cfg: Config, sample_id: str) -> None:
     if summary["n_cells"] == 0:
         warnings.warn(f"{sample_id}: no cells were found; the scores are not assessable", stacklevel=1)
     io.write_csv(cells, out["cells"])
+    io.write_h5ad(cells, [r.marker for r in cfg.measured], out["h5ad"], sample_id=sample_id)
     io.write_csv(pd.DataFrame([{"sample_id": sample_id, **summary}]), out["summary"])
 
 

@@ -16,9 +16,9 @@ def is_test_slide(path):
     return Path(path).parent == Path("test_data/slides") and Path(path).name.endswith(".ome.tif")
 
 
-CONFIG_FILE = workflow.configfiles[-1] if workflow.configfiles else "config/config.yaml"
+CONFIG_FILES = [str(p) for p in workflow.configfiles] or ["config/config.yaml"]
 try:
-    CFG = load_config(config, source=str(CONFIG_FILE), check_images=True, image_will_exist=is_test_slide)
+    CFG = load_config(config, source=" + ".join(CONFIG_FILES), check_images=True, image_will_exist=is_test_slide)
 except InputError as exc:
     sys.exit(f"qdquant: error: {exc}")
 validate(config, str(SCHEMA_PATH))
@@ -34,8 +34,9 @@ IMAGES = {s.sample_id: str(s.image) for s in CFG.samples}
 
 
 def step(name, sample=True):
-    """The rule's command: the same one a user runs by hand."""
-    return f"qdquant {name} --config {CONFIG_FILE}" + (" --sample {wildcards.sample}" if sample else "")
+    """The rule's command: the same one a user runs by hand (config files merged in order, as here)."""
+    configs = " ".join(f"--config {path}" for path in CONFIG_FILES)
+    return f"qdquant {name} {configs}" + (" --sample {wildcards.sample}" if sample else "")
 
 
 def mem_mb(base_mb, per_chunk_mb):

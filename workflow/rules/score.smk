@@ -26,6 +26,7 @@ rule score:
     output:
         cells=f"{RESULTS}/{{sample}}/cells.csv",
         summary=f"{RESULTS}/{{sample}}/summary.csv",
+        h5ad=f"{RESULTS}/{{sample}}/cells.h5ad",
     log:
         "logs/score/{sample}.log",
     resources:
