@@ -11,6 +11,8 @@ import pytest
 import tifffile
 
 from qdquant import simulate as sim  # not `from ... import test_cohort`: pytest would collect it
+from qdquant.quantification import measure_cells
+from qdquant.scoring import intensity_bins
 
 MIBI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ark_mibi_tnbc_fov8"
 EXPECTED = {  # sample id -> (her2_score, her2_category)
@@ -34,13 +36,13 @@ def cohort():
 
 
 def _nuclear_bins(slide, endmember, thresholds=(30.0, 80.0, 160.0)):
-    nucleus, _, cytoplasm = sim._compartment_masks(slide.cells, slide.nuclei, 2)
-    n = int(slide.cells.max())
-    ids = slide.cells_truth["CellID"].to_numpy()
-    mask = cytoplasm if endmember == "QD525" else nucleus
-    means = sim._label_means(slide.abundance(endmember), slide.cells, mask, n)[ids]
-    bins = sum((np.nan_to_num(means, nan=-1) >= t).astype(int) for t in thresholds)
-    return means, bins
+    """The core's compartment means and bins (-1: no pixel in the compartment) on the truth."""
+    compartment = "cytoplasm" if endmember == "QD525" else "nucleus"
+    table = measure_cells(slide.cells, slide.nuclei, slide.abundance(endmember)[None], [endmember], 2)
+    np.testing.assert_array_equal(table["CellID"], slide.cells_truth["CellID"])
+    means = table[f"{endmember}_{compartment}_mean"].to_numpy()
+    t1, t2, t3 = (*thresholds, None, None)[:3]
+    return means, intensity_bins(means, t1=t1, t2=t2, t3=t3)
 
 
 # ----------------------------------------------------------------------------
@@ -243,6 +245,33 @@ def test_sample_truth_rules():
                                types=["tumour"] * 50 + ["stroma"] * 50))
     assert t["her2_pct_2plus_all"] == 20 and t["her2_pct_2plus_tumour"] == 40
     assert t["n_tumour_cells"] == 50
+    # a negative designed bin is not evaluable (out of the denominator), as a NaN mean in the core
+    t = sim.sample_truth(table(["0"] * 4, [-1, 1, 0, 0], [0] * 4, [0] * 4))
+    assert t["ER_pct_positive_all"] == pytest.approx(100 / 3)
+    # no tumour cell: the tumour scope is not assessable
+    t = sim.sample_truth(table(["0"] * 4, [1] * 4, [0] * 4, [0] * 4, types=["stroma"] * 4))
+    assert t["n_cells_tumour"] == 0 and t["her2_score_tumour"] is None
+    assert t["her2_category_tumour"] == t["surrogate_subtype_tumour"] == "not assessable"
+    assert np.isnan(t["ER_pct_positive_tumour"]) and t["ER_status_tumour"] == "not assessable"
+
+
+def test_truth_rules_are_the_core_ones(small):
+    """The simulator scores with qdquant.scoring, not a copy of its rules."""
+    from qdquant.scoring import her2_sample_score, marker_sample_scores, surrogate_subtype
+
+    ct = small.cells_truth
+    t = small.truth
+    her2 = her2_sample_score(ct["her2_class"].to_numpy(object))
+    for k, v in her2.items():
+        assert t[f"{k}_all"] == v, k
+    er = marker_sample_scores(ct["er_intensity"], score="hscore", t1=30, t2=80, t3=160, marker="ER")
+    pr = marker_sample_scores(ct["pr_intensity"], score="allred", t1=30, t2=80, t3=160, marker="PR")
+    ki = marker_sample_scores(ct["ki67_intensity"], score="percent_positive", t1=30, marker="Ki67")
+    assert t["ER_hscore_all"] == er["ER_hscore"] and t["PR_allred_all"] == pr["PR_allred"]
+    assert t["Ki67_pct_positive_all"] == ki["Ki67_pct_positive"]
+    assert t["surrogate_subtype_all"] == surrogate_subtype(
+        t["her2_score_all"], er["ER_pct_positive"], pr["PR_pct_positive"], ki["Ki67_pct_positive"]
+    )
 
 
 # ----------------------------------------------------------------------------

@@ -146,3 +146,109 @@ def test_band_count_mismatch_stops_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "wrong.ome.tif: 12 bands but the spectral library has 31 rows" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def copy_measured(run: Path, target: Path) -> None:
+    """Copy the unmixed, segmented and measured outputs so only scoring and reports rerun."""
+    for sid in sample_ids(run):
+        src, dst = run / "results" / sid, target / sid
+        dst.mkdir(parents=True)
+        shutil.copytree(src / "unmixed.ome.zarr", dst / "unmixed.ome.zarr")
+        shutil.copytree(src / "qc", dst / "qc")
+        for name in ("spectra_used.csv", "measurements.csv"):
+            shutil.copy2(src / name, dst / name)
+
+
+@pytest.fixture(scope="module")
+def clinical(run):
+    """The clinical config (tumour gate + subtype) merged over config.yaml, on the same slides."""
+    copy_measured(run, run / "results" / "clinical")
+    proc = snakemake(run, "--configfile", "config/config.yaml", "config/clinical.yaml", "--rerun-triggers", "mtime")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rule unmix" not in proc.stdout + proc.stderr  # only scoring and reports reran
+    return run / "results" / "clinical"
+
+
+def test_clinical_readouts_match_truth(run, clinical):
+    rows = []
+    for sid in sample_ids(run):
+        truth, truth_cells, truth_labels = truth_of(run, sid)
+        summary = pd.read_csv(clinical / sid / "summary.csv", dtype={"her2_score": str}).iloc[0]
+        cells = pd.read_csv(clinical / sid / "cells.csv")
+        y = cells["Y_centroid"].round().astype(int)
+        x = cells["X_centroid"].round().astype(int)
+        true_id = truth_labels[1][y, x]
+        matched = true_id > 0
+        true_tumour = truth_cells.set_index("CellID").loc[true_id[matched], "cell_type"].eq("tumour").to_numpy()
+        gating = float(np.mean(cells.loc[matched, "is_tumour"].to_numpy() == true_tumour))
+        row = {"sample": sid, "gating": gating, "n_tumour": summary["n_tumour_cells"],
+               "threshold": summary["tumour_threshold"]}
+        for key in ("her2_score", "her2_category", "surrogate_subtype", "ER_status", "PR_status", "Ki67_status"):
+            row[key] = (summary[key], truth[f"{key}_tumour"])
+        for marker in ("ER", "PR"):
+            row[f"{marker}_pct_error"] = abs(summary[f"{marker}_pct_positive"] - truth[f"{marker}_pct_positive_tumour"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    print(table.to_string())
+    assert (table["gating"] >= 0.95).all()
+    for key in ("her2_score", "her2_category", "surrogate_subtype", "ER_status", "PR_status", "Ki67_status"):
+        assert all(got == want for got, want in table[key]), key
+    assert (table[["ER_pct_error", "PR_pct_error"]] <= 5).all().all()
+    subtypes = {want for _, want in table["surrogate_subtype"]}
+    assert {"HER2-equivocal", "HER2-positive (non-luminal)", "Triple-negative"} <= subtypes
+    cohort = (clinical / "cohort_report.html").read_text()
+    assert all(f'href="{sid}/report.html"' in cohort for sid in sample_ids(run))
+
+
+def test_report_renders_in_a_real_browser(clinical, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    page = clinical / "her2_2plus" / "report.html"
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained: no network
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    png = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={png}", "--window-size=1100,1400", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    from skimage import io as skio
+
+    pixels = skio.imread(png)
+    assert pixels.std() > 20  # not a blank page
+    assert "her2_2plus" in dom and "HER2 2+" in dom and "<img" in dom
+    assert "reflex in-situ hybridisation" in dom  # the 2+ warning a pathologist must see
+
+
+def test_calibration_on_control_slides_reproduces_the_scores(run):
+    """Fit t_faint/t_weak/t_strong on four control slides; the other samples keep their true score."""
+    work = run / "calibration_run"
+    shutil.copytree(run / "config", work / "config")
+    text = (work / "config" / "config.yaml").read_text()
+    for key in ("t_faint", "t_weak", "t_strong"):  # no explicit thresholds: calibration decides
+        text = "\n".join(line for line in text.splitlines() if not line.strip().startswith(key))
+    (work / "config" / "config.yaml").write_text(text + "\n")
+    controls = {"her2_null": "0", "her2_1plus": "1+", "her2_2plus": "2+", "her2_3plus": "3+"}
+    sheet = pd.read_csv(work / "config" / "samples.tsv", sep="\t")
+    sheet["image"] = [str(run / p) for p in sheet["image"]]
+    sheet["control_score"] = sheet["sample_id"].map(controls).fillna("")
+    sheet.to_csv(work / "config" / "samples.tsv", sep="\t", index=False)
+    copy_measured(run, work / "results")
+    proc = snakemake(work, "--rerun-triggers", "mtime")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fitted = pd.read_csv(work / "results" / "calibration" / "her2_thresholds.csv").iloc[0]
+    assert 0 < fitted["t_faint"] < fitted["t_weak"] < fitted["t_strong"]
+    for sid in sample_ids(run):
+        truth, _, _ = truth_of(run, sid)
+        summary = pd.read_csv(work / "results" / sid / "summary.csv", dtype={"her2_score": str}).iloc[0]
+        assert summary["her2_thresholds_source"] == "calibrated on control slides"
+        assert summary["her2_score"] == truth["her2_score_all"], sid
+
+
+def test_snakemake_report_gathers_the_pages(run, tmp_path):
+    proc = snakemake(run, "--report", str(tmp_path / "workflow_report.html"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "workflow_report.html").stat().st_size > 10_000

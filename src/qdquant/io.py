@@ -245,19 +245,21 @@ def write_ome_zarr(
             scale={"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
             axes_units={"y": "micrometer", "x": "micrometer"},
         )
+        # display windows from the coarsest stored level: cheap, and never
+        # recomputes the (lazy) image
+        datasets = root.attrs["multiscales"][0]["datasets"]
+        coarsest = np.asarray(root[datasets[-1]["path"]][:], dtype=np.float32)
         root.attrs["omero"] = {
             "version": "0.4",
             "channels": [
-                {"label": name, "active": True, "color": "FFFFFF", "window": _window(image, i)}
+                {"label": name, "active": True, "color": "FFFFFF", "window": _window(coarsest[i])}
                 for i, name in enumerate(channel_names)
             ],
         }
 
 
-def _window(image: da.Array, channel: int) -> dict:
-    """Display range of a channel, from its coarsest level (cheap)."""
-    step = max(1, min(image.shape[1:]) // 256)
-    thumb = np.asarray(image[channel, ::step, ::step])
+def _window(thumb: np.ndarray) -> dict:
+    """Display range of one channel's thumbnail."""
     hi = float(np.percentile(thumb, 99.5)) if thumb.size else 1.0
     return {"start": 0.0, "end": max(hi, 1e-6), "min": 0.0, "max": float(thumb.max(initial=1.0))}
 

@@ -151,15 +151,20 @@ def _class_map(cells: pd.DataFrame, background, path: Path, *, column: str, colo
     _save(fig, path)
 
 
-def _her2_figures(cells: pd.DataFrame, thresholds: dict, complete_fraction: float, qc: Path) -> list[Path]:
+def _her2_figures(cells: pd.DataFrame, marker: str, thresholds: dict, complete_fraction: float, qc: Path) -> list[Path]:
     hist, scatter = qc / "her2_intensity_histogram.png", qc / "her2_completeness_vs_intensity.png"
     fig, ax = plt.subplots(figsize=(7, 4))
     values = cells["her2_membrane_intensity"].to_numpy()
-    ax.hist(np.log10(1 + values), bins=50, color="0.5")
+    ring_mean = cells[f"{marker}_membrane_mean"].to_numpy()
+    bins = np.linspace(0, np.log10(1 + max(np.nanmax(ring_mean, initial=1), max(thresholds.values()) * 2)), 60)
+    ax.hist(np.log10(1 + ring_mean[np.isfinite(ring_mean)]), bins=bins, color="0.6", label="membrane ring mean")
+    ax.hist(np.log10(1 + values[values > 0]), bins=bins, histtype="step", color="k",
+            label="intensity of stained sectors")
     for name, value in thresholds.items():
         ax.axvline(np.log10(1 + value), color="k", ls="--")
         ax.text(np.log10(1 + value), ax.get_ylim()[1] * 0.9, f" {name}={value:g}", fontsize=8)
-    ax.set(xlabel="log10(1 + HER2 membrane intensity)", ylabel="cells", title="HER2 membrane intensity")
+    ax.set(xlabel="log10(1 + HER2 abundance)", ylabel="cells", title="HER2 membrane intensity per cell")
+    ax.legend(loc="center right", fontsize=8)
     _save(fig, hist)
     fig, ax = plt.subplots(figsize=(7, 4))
     for klass, colour in CLASS_COLOURS.items():
@@ -236,7 +241,7 @@ def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
         _class_map(cells, nuclear, class_map, column="her2_class", colours=CLASS_COLOURS,
                    title="HER2 class per cell")
         thresholds = {k: summary[f"her2_{k}"] for k in ("t_faint", "t_weak", "t_strong")}
-        hist, scatter = _her2_figures(cells, thresholds, cfg.her2.complete_fraction, qc)
+        hist, scatter = _her2_figures(cells, cfg.her2.marker, thresholds, cfg.her2.complete_fraction, qc)
         figures[:0] = [(class_map, "HER2 class map"), (hist, "HER2 membrane intensity with thresholds"),
                        (scatter, "completeness vs intensity, coloured by class")]
     if cfg.tumour is not None and len(cells):
@@ -250,7 +255,8 @@ def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
         rows += [("tumour cells", summary.get("n_tumour_cells")),
                  (f"tumour threshold ({cfg.tumour.marker}, membrane)", summary.get("tumour_threshold"))]
     if cfg.her2 is not None:
-        rows += [(f"HER2 {k} (%)", summary.get(f"her2_pct_{k}")) for k in ("0", "1plus", "2plus", "3plus")]
+        rows += [(f"HER2 {k.replace('plus', '+')} cells (%)", summary.get(f"her2_pct_{k}"))
+                 for k in ("0", "1plus", "2plus", "3plus")]
         rows += [(f"HER2 {k}", summary.get(f"her2_{k}")) for k in ("t_faint", "t_weak", "t_strong")]
         rows += [("HER2 thresholds from", summary.get("her2_thresholds_source"))]
     for row in cfg.scored:

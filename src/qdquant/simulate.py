@@ -64,6 +64,19 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from qdquant.errors import InputError
+from qdquant.quantification import measure_cells, membrane_sectors
+from qdquant.scoring import (
+    HER2_CLASSES,
+    her2_cell_scores,
+    her2_sample_score,
+    intensity_bins,
+    is_tumour,
+    marker_sample_scores,
+    receptor_status,
+    surrogate_subtype,
+    tumour_threshold_auto,
+)
+from qdquant.segmentation import compartments, membrane_ring
 
 __all__ = [
     "BAND_WAVELENGTHS_NM",
@@ -74,7 +87,7 @@ __all__ = [
     "band_spectra",
     "default_panel",
     "her2_ring_scores",
-    "membrane_ring",
+    "membrane_ring",  # re-exported from qdquant.segmentation
     "reference_spectra",
     "sample_truth",
     "simulate_mibi",
@@ -102,7 +115,8 @@ HER2_DEFAULTS: dict = {
     "membrane_width_px": 2,
     "ultralow_min_pct": 1.0,
 }
-#: Contract defaults of the surrogate-subtype section.
+#: Contract defaults of the surrogate-subtype section (passed to
+#: :func:`qdquant.scoring.surrogate_subtype`).
 SUBTYPE_DEFAULTS: dict = {"pr_cutoff_pct": 20.0, "ki67_cutoff_pct": 20.0}
 #: Fractions of TUMOUR cells in HER2 classes (0, 1+, 2+, 3+) for each designed score.
 HER2_MIX_PRESETS: dict[str, tuple[float, float, float, float]] = {
@@ -125,7 +139,6 @@ _SOURCE_COLUMN = {
     "QD655": "Qdot 655",
     "QD705": "Qdot 705",
 }
-_HER2_CLASSES = ("0", "1+", "2+", "3+")
 _IDX = {name: i for i, name in enumerate(ENDMEMBERS)}
 _CELL_TYPES = ("tumour", "stroma", "immune")
 
@@ -318,36 +331,9 @@ class SimulatedSlide:
 
 
 # ----------------------------------------------------------------------------
-# compartments and the contract's per-cell rules (reference implementation)
-
-
-def membrane_ring(cells: np.ndarray, width_px: float) -> np.ndarray:
-    """Pixels of each cell within ``width_px`` (Euclidean) of a pixel outside it.
-
-    Same definition as the contract (and ``qdquant.segmentation``): "outside"
-    is background or another cell; the image edge alone does not make a ring.
-
-    Parameters
-    ----------
-    cells : (Y, X) ndarray of int
-        Cell labels, 0 = background.
-    width_px : float
-        Ring width, pixels.
-
-    Returns
-    -------
-    (Y, X) ndarray of bool
-    """
-    cells = np.asarray(cells)
-    r = int(np.floor(width_px))
-    padded = np.pad(cells, r, mode="edge")
-    ring = np.zeros(cells.shape, dtype=bool)
-    m, n = cells.shape
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if (dy or dx) and dy * dy + dx * dx <= width_px * width_px:
-                ring |= padded[r + dy : r + dy + m, r + dx : r + dx + n] != cells
-    return ring & (cells > 0)
+# per-cell measurements: the contract's rules live in the core package
+# (qdquant.segmentation, qdquant.quantification, qdquant.scoring); the
+# simulator only calls them
 
 
 def _centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -370,46 +356,30 @@ def _label_means(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, n: int
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _compartment_masks(cells: np.ndarray, nuclei: np.ndarray, width_px: float):
-    nucleus = (nuclei > 0) & (nuclei == cells)
-    ring = membrane_ring(cells, width_px)
-    cytoplasm = (cells > 0) & ~nucleus & ~ring
-    return nucleus, ring, cytoplasm
+def _her2_cells(her2: np.ndarray, cells: np.ndarray, n: int, cy: np.ndarray, cx: np.ndarray):
+    """The contract's per-cell HER2 rule on the labels 1..n, as arrays indexed by id.
 
+    Sector sums from :func:`qdquant.quantification.membrane_sectors` (around
+    the centroids ``cy``, ``cx``), scored by
+    :func:`qdquant.scoring.her2_cell_scores` with :data:`HER2_DEFAULTS`.
 
-def _her2_arrays(her2, cells, n, ring, cy, cx, sectors, t_faint):
-    """Per-cell (index = id) stained-sector intensity and completeness."""
-    ids = cells[ring]
-    yy, xx = np.nonzero(ring)
-    ang = np.mod(np.arctan2(yy - cy[ids], xx - cx[ids]), 2 * np.pi)
-    sec = np.minimum((ang / (2 * np.pi / sectors)).astype(np.int64), sectors - 1)
-    key = ids.astype(np.int64) * sectors + sec
-    size = (n + 1) * sectors
-    ssum = np.bincount(key, weights=her2[ring].astype(float), minlength=size)
-    scnt = np.bincount(key, minlength=size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        smean = ssum / scnt
-    stained = (scnt > 0) & (smean >= t_faint)
-    completeness = stained.reshape(n + 1, sectors).sum(axis=1) / sectors
-    st_sum = (ssum * stained).reshape(n + 1, sectors).sum(axis=1)
-    st_cnt = (scnt * stained).reshape(n + 1, sectors).sum(axis=1)
-    intensity = np.where(st_cnt > 0, st_sum / np.maximum(st_cnt, 1), 0.0)
-    return intensity, completeness
-
-
-def _her2_class(intensity, completeness, t_faint, t_weak, t_strong, complete_fraction):
-    intensity = np.asarray(intensity, dtype=float)
-    completeness = np.asarray(completeness, dtype=float)
-    return np.select(
-        [
-            intensity < t_faint,
-            intensity < t_weak,
-            intensity < t_strong,
-            completeness >= complete_fraction,
-        ],
-        ["0", "1+", "2+", "3+"],
-        "2+",
-    ).astype(object)
+    Returns
+    -------
+    intensity, completeness : (n + 1,) float64
+    her2_class : (n + 1,) object (str)
+        Index 0 (background) and ids without pixels read 0, 0, "0".
+    """
+    ids = np.arange(1, n + 1)
+    sums, npx = membrane_sectors(
+        cells, np.asarray(her2), ids, np.column_stack([cy[ids], cx[ids]]),
+        HER2_DEFAULTS["membrane_width_px"], sectors=HER2_DEFAULTS["sectors"],
+    )
+    inten, comp, cls = her2_cell_scores(sums, npx, **_rule_kw())
+    return (
+        np.concatenate([[0.0], inten]),
+        np.concatenate([[0.0], comp]),
+        np.concatenate([np.array(["0"], dtype=object), cls]),
+    )
 
 
 def her2_ring_scores(
@@ -425,9 +395,10 @@ def her2_ring_scores(
 ) -> pd.DataFrame:
     """The contract's per-cell HER2 rule applied to an abundance map and cell labels.
 
-    Reference implementation used to verify the simulator's truth (on the
-    true abundance and the TRUE cells) and to build the truth of
-    :func:`simulate_mibi`.
+    A thin wrapper: sector sums from
+    :func:`qdquant.quantification.membrane_sectors` around each cell's
+    centroid, scored by :func:`qdquant.scoring.her2_cell_scores`. Used to
+    verify the simulator's truth (on the true abundance and the TRUE cells).
 
     Parameters
     ----------
@@ -447,21 +418,22 @@ def her2_ring_scores(
     """
     cells = np.asarray(cells).astype(np.int64)
     n = int(cells.max(initial=0))
-    ring = membrane_ring(cells, membrane_width_px)
     count, cy, cx = _centroids(cells, n)
-    intensity, completeness = _her2_arrays(
-        np.asarray(her2, dtype=float), cells, n, ring, cy, cx, sectors, t_faint
-    )
     present = np.nonzero(count[1:] > 0)[0] + 1
+    sums, npx = membrane_sectors(
+        cells, np.asarray(her2, dtype=float), present, np.column_stack([cy[present], cx[present]]),
+        membrane_width_px, sectors=sectors,
+    )
+    intensity, completeness, her2_class = her2_cell_scores(
+        sums, npx, t_faint=t_faint, t_weak=t_weak, t_strong=t_strong,
+        complete_fraction=complete_fraction,
+    )
     return pd.DataFrame(
         {
             "CellID": present,
-            "her2_membrane_intensity": intensity[present],
-            "her2_completeness": completeness[present],
-            "her2_class": _her2_class(
-                intensity[present], completeness[present], t_faint, t_weak, t_strong,
-                complete_fraction,
-            ),
+            "her2_membrane_intensity": intensity,
+            "her2_completeness": completeness,
+            "her2_class": her2_class,
         }
     )
 
@@ -470,87 +442,7 @@ def her2_ring_scores(
 # sample-level truth (the contract's rules applied to the designed classes)
 
 
-def _bin_counts_pct(bins: np.ndarray) -> np.ndarray:
-    n = len(bins)
-    if n == 0:
-        return np.zeros(4)
-    return np.array([(bins == b).sum() for b in range(4)], dtype=float) / n * 100.0
-
-
-def _allred(pct_bins: np.ndarray) -> int:
-    pos = pct_bins[1:].sum()
-    if pos <= 0:
-        return 0
-    if pos < 1:
-        prop = 1
-    elif pos <= 10:
-        prop = 2
-    elif pos <= 33:
-        prop = 3
-    elif pos <= 66:
-        prop = 4
-    else:
-        prop = 5
-    m = (1 * pct_bins[1] + 2 * pct_bins[2] + 3 * pct_bins[3]) / pos
-    inten = 3 if m > 7 / 3 else 2 if m > 5 / 3 else 1
-    return prop + inten
-
-
-def _status(pct: float) -> str:
-    return "negative" if pct < 1 else "low_positive" if pct <= 10 else "positive"
-
-
-def _her2_sample(classes: np.ndarray, ultralow_min_pct: float) -> dict:
-    n = len(classes)
-    pct = {c: (100.0 * np.sum(classes == c) / n if n else 0.0) for c in _HER2_CLASSES}
-    if pct["3+"] > 10:
-        score = "3+"
-    elif pct["2+"] + pct["3+"] > 10:
-        score = "2+"
-    elif pct["1+"] + pct["2+"] + pct["3+"] > 10:
-        score = "1+"
-    else:
-        score = "0"
-    stained = pct["1+"] + pct["2+"] + pct["3+"]
-    if score == "3+":
-        cat = "HER2-positive"
-    elif score == "2+":
-        cat = "HER2-equivocal"
-    elif score == "1+":
-        cat = "HER2-low"
-    elif stained >= ultralow_min_pct:
-        cat = "HER2-ultralow"
-    else:
-        cat = "HER2-null"
-    return {
-        "her2_score": score,
-        "her2_category": cat,
-        "her2_pct_0": pct["0"],
-        "her2_pct_1plus": pct["1+"],
-        "her2_pct_2plus": pct["2+"],
-        "her2_pct_3plus": pct["3+"],
-    }
-
-
-def _subtype(her2_score: str, er_pct: float, pr_pct: float, ki67_pct: float | None) -> str:
-    her2 = {"3+": "positive", "2+": "equivocal"}.get(her2_score, "negative")
-    hr = er_pct >= 1 or pr_pct >= 1
-    if her2 == "equivocal":
-        return "HER2-equivocal"
-    if her2 == "positive":
-        return "Luminal B-like (HER2-positive)" if hr else "HER2-positive (non-luminal)"
-    if not hr:
-        return "Triple-negative"
-    if er_pct < 1 or pr_pct < SUBTYPE_DEFAULTS["pr_cutoff_pct"]:
-        return "Luminal B-like (HER2-negative)"
-    if ki67_pct is None:
-        return "Luminal (HER2-negative)"
-    if ki67_pct < SUBTYPE_DEFAULTS["ki67_cutoff_pct"]:
-        return "Luminal A-like"
-    return "Luminal B-like (HER2-negative)"
-
-
-#: cells_truth column holding each scored marker's designed bin (0..3).
+#: cells_truth column holding each scored marker's designed bin (0..3; -1 not evaluable).
 _MARKER_BIN_COLUMN = {"ER": "er_bin", "PR": "pr_bin", "Ki67": "ki67_bin", "mTOR": "mtor_bin"}
 
 
@@ -558,14 +450,21 @@ def sample_truth(cells_truth: pd.DataFrame, panel: pd.DataFrame | None = None) -
     """Sample-level scores from per-cell truth classes, by the contract's rules.
 
     Computed twice: over all cells (keys suffixed ``_all``) and over the
-    tumour cells (``cell_type == "tumour"``, suffix ``_tumour``).
+    tumour cells (``cell_type == "tumour"``, suffix ``_tumour``). The rules
+    are those of :mod:`qdquant.scoring` (:func:`~qdquant.scoring.her2_sample_score`,
+    :func:`~qdquant.scoring.marker_sample_scores`,
+    :func:`~qdquant.scoring.receptor_status`,
+    :func:`~qdquant.scoring.surrogate_subtype`), applied to the designed
+    classes: a cell's designed bin b (0..3) is scored as the value b against
+    thresholds 1, 2, 3, which puts it back in bin b.
 
     Parameters
     ----------
     cells_truth : pandas.DataFrame
         Needs ``cell_type``, ``her2_class`` and the bin columns ``er_bin``,
-        ``pr_bin``, ``ki67_bin``, ``mtor_bin`` (0..3) of the panel's scored
-        markers.
+        ``pr_bin``, ``ki67_bin``, ``mtor_bin`` (0..3; a negative bin marks a
+        cell that is not evaluable, left out of the denominators) of the
+        panel's scored markers.
     panel : pandas.DataFrame, optional
         Default :func:`default_panel`.
 
@@ -578,7 +477,8 @@ def sample_truth(cells_truth: pd.DataFrame, panel: pd.DataFrame | None = None) -
         (percent), ``{marker}_pct_positive`` and ``{marker}_status`` for every
         marker scored hscore/allred/percent_positive, ``{marker}_hscore``
         (0–300) or ``{marker}_allred`` (0–8) as scored, and
-        ``surrogate_subtype``.
+        ``surrogate_subtype``. A scope without cells gets the core's "not
+        assessable" values (NaN percentages and scores, ``her2_score`` None).
     """
     panel = default_panel() if panel is None else panel
     out: dict = {
@@ -591,25 +491,31 @@ def sample_truth(cells_truth: pd.DataFrame, panel: pd.DataFrame | None = None) -
     for scope in ("all", "tumour"):
         ct = cells_truth if scope == "all" else cells_truth[cells_truth["cell_type"] == "tumour"]
         res = {"n_cells": int(len(ct))}
-        res.update(_her2_sample(ct["her2_class"].to_numpy(object), HER2_DEFAULTS["ultralow_min_pct"]))
+        her2 = her2_sample_score(
+            ct["her2_class"].to_numpy(object), ultralow_min_pct=HER2_DEFAULTS["ultralow_min_pct"]
+        )
+        for k in ("her2_score", "her2_category", "her2_pct_0", "her2_pct_1plus",
+                  "her2_pct_2plus", "her2_pct_3plus"):
+            res[k] = her2[k]
         pct_pos = {}
         for _, row in scored.iterrows():
             marker = row["marker"]
             col = _MARKER_BIN_COLUMN.get(marker)
             if col is None or col not in ct:
                 continue
-            pb = _bin_counts_pct(ct[col].to_numpy(int))
-            pos = float(pb[1:].sum())
+            bins = ct[col].to_numpy(float)
+            bins[bins < 0] = np.nan  # not evaluable
+            scores = marker_sample_scores(bins, score=row["score"], t1=1, t2=2, t3=3, marker=marker)
+            pos = scores[f"{marker}_pct_positive"]
             pct_pos[marker] = pos
             res[f"{marker}_pct_positive"] = pos
-            res[f"{marker}_status"] = _status(pos)
-            if row["score"] == "hscore":
-                res[f"{marker}_hscore"] = float(pb[1] + 2 * pb[2] + 3 * pb[3])
-            elif row["score"] == "allred":
-                res[f"{marker}_allred"] = int(_allred(pb))
+            res[f"{marker}_status"] = receptor_status(pos)
+            if row["score"] in ("hscore", "allred"):
+                res[f"{marker}_{row['score']}"] = scores[f"{marker}_{row['score']}"]
         if "ER" in pct_pos and "PR" in pct_pos:
-            res["surrogate_subtype"] = _subtype(
-                res["her2_score"], pct_pos["ER"], pct_pos["PR"], pct_pos.get("Ki67")
+            res["surrogate_subtype"] = surrogate_subtype(
+                res["her2_score"], pct_pos["ER"], pct_pos["PR"], pct_pos.get("Ki67"),
+                **SUBTYPE_DEFAULTS,
             )
         out.update({f"{k}_{scope}": v for k, v in res.items()})
     return out
@@ -1052,9 +958,7 @@ def simulate_slide(
     have no cytoplasm in the contract's sense (all their non-nuclear pixels
     are membrane ring); such cells are mTOR-negative by design.
     """
-    t_faint = HER2_DEFAULTS["t_faint"]
     width = HER2_DEFAULTS["membrane_width_px"]
-    sectors = HER2_DEFAULTS["sectors"]
     key = str(her2_score)
     _check(key in HER2_MIX_PRESETS or her2_mix is not None,
            f"her2_score: unknown value {her2_score!r} (one of {sorted(HER2_MIX_PRESETS)})")
@@ -1088,7 +992,7 @@ def simulate_slide(
 
     area, cy, cx = _centroids(cells, n)
     nuc_area = np.bincount(nuclei.ravel(), minlength=n + 1)
-    nucleus_m, ring_m, cyto_m = _compartment_masks(cells, nuclei, width)
+    nucleus_m, ring_m, cyto_m = compartments(cells, nuclei, width)
     tum_ids = np.nonzero(ctype == 0)[0] + 1
     n_t = len(tum_ids)
 
@@ -1229,8 +1133,7 @@ def simulate_slide(
     )
 
     # --- truth tables --------------------------------------------------------
-    inten_t, comp_t = _her2_arrays(abund[_IDX["QD655"]], cells, n, ring_m, cy, cx, sectors, t_faint)
-    cls_t = _her2_class(inten_t, comp_t, **_rule_kw())
+    inten_t, comp_t, cls_t = _her2_cells(abund[_IDX["QD655"]], cells, n, cy, cx)
     ids = np.arange(1, n + 1)
     cells_truth = pd.DataFrame(
         {
@@ -1243,7 +1146,7 @@ def simulate_slide(
             "NucleusArea": nuc_area[ids].astype(int),
             "cell_type": np.array(_CELL_TYPES, dtype=object)[ctype],
             "is_tumour": ctype == 0,
-            "her2_class": np.array(_HER2_CLASSES, dtype=object)[cls[ids]],
+            "her2_class": np.array(HER2_CLASSES, dtype=object)[cls[ids]],
             "her2_intensity": her2["intensity"][ids],
             "her2_completeness": her2["completeness"][ids],
             "her2_pattern": her2["pattern"][ids].astype(str),
@@ -1426,9 +1329,7 @@ def _design_her2(
         measurements; 0 for class 0), ``pattern`` and ``ring_level`` (mean
         drawn HER2 over the ring, before blur).
     """
-    t = HER2_DEFAULTS
     n = len(cls) - 1
-    sectors = t["sectors"]
     shape = cells.shape
     target = np.zeros(n + 1)
     compl = np.zeros(n + 1)
@@ -1484,12 +1385,10 @@ def _design_her2(
     in_gap = np.abs(np.angle(np.exp(1j * (ang - arc_dir[cells])))) < (1.0 - compl[cells]) * np.pi
     faint_img = ndi.gaussian_filter((faint[ring_ids] * texture * ring_m).astype(np.float32),
                                     psf_sigma_px)
-    rule = _rule_kw()
-    want = np.array(_HER2_CLASSES, dtype=object)[cls]
+    want = np.array(HER2_CLASSES, dtype=object)[cls]
 
     def measure(img):
-        return _her2_arrays(img + faint_img, cells, n, ring_m, cy, cx, sectors,
-                            t["t_faint"])[0]
+        return _her2_cells(img + faint_img, cells, n, cy, cx)[0]
 
     # 1+ cells keep enough of their own ring stained (>= ~25 after blur)
     amp_min = np.where(cls == 1, 25.0 / 0.75, 0.0)
@@ -1499,8 +1398,7 @@ def _design_her2(
         img, amp = _render_cells(target, ring_ids, pattern_px, measure, psf_sigma_px,
                                  iterations=4, amp_min=amp_min)
         img = img + faint_img
-        inten, comp = _her2_arrays(img, cells, n, ring_m, cy, cx, sectors, t["t_faint"])
-        meas = _her2_class(inten, comp, **rule)
+        meas = _her2_cells(img, cells, n, cy, cx)[2]
         bad = inc & (meas != want)
         if not bad.any() or round_ == rounds - 1:
             break
@@ -1687,17 +1585,6 @@ def _read_mibi(mibi_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return chans, mask
 
 
-def _otsu_log(values: np.ndarray) -> float:
-    """Otsu threshold of log1p(values), returned in the values' units."""
-    from skimage.filters import threshold_otsu
-
-    v = np.log1p(np.maximum(np.asarray(values, float), 0.0))
-    v = v[np.isfinite(v)]
-    if v.size < 2 or np.ptp(v) == 0:
-        return float("inf")
-    return float(np.expm1(threshold_otsu(v)))
-
-
 def simulate_mibi(
     mibi_dir: str | os.PathLike,
     *,
@@ -1732,11 +1619,17 @@ def simulate_mibi(
     cell (Otsu; the cell's core where HH3 shows none).
 
     Truth classes are *measured* on the true abundance over the true cells
-    with the contract's rules: HER2 from the membrane ring (sectors),
-    ER/Ki67 bins from the nuclear mean; tumour cells are those whose
-    E-cadherin ring mean is >= Otsu on log1p (as the contract's ``tumour``
-    section does), immune cells the other cells whose CD45 cell mean is
-    3 robust standard deviations above the median, the rest stroma.
+    with the core package's implementation of the contract's rules: HER2
+    from the membrane ring sectors
+    (:func:`qdquant.quantification.membrane_sectors`,
+    :func:`qdquant.scoring.her2_cell_scores`), ER/Ki67 bins from the nuclear
+    mean (:func:`qdquant.quantification.measure_cells`,
+    :func:`qdquant.scoring.intensity_bins`); tumour cells are those whose
+    E-cadherin ring mean passes the contract's ``tumour: threshold: auto``
+    gate (:func:`qdquant.scoring.tumour_threshold_auto`,
+    :func:`qdquant.scoring.is_tumour`; the threshold is recorded as
+    ``tumour_threshold_ecad``), immune cells the other cells whose CD45 cell
+    mean is 3 robust standard deviations above the median, the rest stroma.
 
     Parameters
     ----------
@@ -1817,7 +1710,7 @@ def simulate_mibi(
     nuc_area = np.bincount(nuclei.ravel(), minlength=n + 1)
 
     width = HER2_DEFAULTS["membrane_width_px"]
-    nucleus_m, ring_m, cyto_m = _compartment_masks(cells, nuclei, width)
+    nucleus_m, ring_m, cyto_m = compartments(cells, nuclei, width)
 
     def blur(img):
         return ndi.gaussian_filter(img.astype(np.float32), psf_sigma_px)
@@ -1879,30 +1772,34 @@ def simulate_mibi(
 
     # truth: the contract's rules on the true abundance over the true cells
     area, cy, cx = _centroids(cells, n)
-    rule = _rule_kw()
-    inten, comp = _her2_arrays(abund[_IDX["QD655"]].astype(float), cells, n, ring_m, cy, cx,
-                               HER2_DEFAULTS["sectors"], HER2_DEFAULTS["t_faint"])
-    her2_cls = _her2_class(inten, comp, **rule)
-    ecad_ring = _label_means(abund[_IDX["QD705"]], cells, ring_m, n)
-    tumour_thr = _otsu_log(ecad_ring[1:])
+    inten, comp, her2_cls = _her2_cells(abund[_IDX["QD655"]], cells, n, cy, cx)
+    measured = measure_cells(
+        cells, nuclei, abund[[_IDX["QD705"], _IDX["QD565"], _IDX["QD585"]]], ["ECAD", "ER", "Ki67"],
+        width,
+    )
+
+    def per_id(column):
+        out = np.full(n + 1, np.nan)
+        out[measured["CellID"].to_numpy()] = measured[column].to_numpy()
+        return out
+
+    ecad_ring = per_id("ECAD_membrane_mean")
+    tumour_thr = tumour_threshold_auto(ecad_ring[1:])
     cd45 = _label_means(sm["CD45"], cells, inside, n)
     cd45_med = float(np.nanmedian(cd45[1:]))
     immune_thr = cd45_med + 3.0 * 1.4826 * float(np.nanmedian(np.abs(cd45[1:] - cd45_med)))
-    is_tumour = ecad_ring >= tumour_thr
-    ctype = np.where(is_tumour, "tumour", np.where(cd45 >= immune_thr, "immune", "stroma"))
+    tumour_cell = is_tumour(ecad_ring, tumour_thr)
+    ctype = np.where(tumour_cell, "tumour", np.where(cd45 >= immune_thr, "immune", "stroma"))
     panel = default_panel().set_index("marker")
 
-    def nuc_bins(em, marker):
-        m = _label_means(abund[_IDX[em]], cells, nucleus_m, n)
-        t1, t2, t3 = panel.loc[marker, ["t1", "t2", "t3"]].astype(float)
-        m0 = np.nan_to_num(m, nan=0.0)
-        bins = (m0 >= t1).astype(int)
-        if np.isfinite(t2):
-            bins = bins + (m0 >= t2) + (m0 >= t3)
-        return m, bins
+    def nuc_bins(marker):
+        m = per_id(f"{marker}_nucleus_mean")
+        t1, t2, t3 = (float(v) if np.isfinite(v) else None
+                      for v in panel.loc[marker, ["t1", "t2", "t3"]].astype(float))
+        return m, intensity_bins(m, t1=t1, t2=t2, t3=t3)
 
-    er_m, er_bin = nuc_bins("QD565", "ER")
-    ki_m, ki_bin = nuc_bins("QD585", "Ki67")
+    er_m, er_bin = nuc_bins("ER")
+    ki_m, ki_bin = nuc_bins("Ki67")
     ids = np.arange(1, n + 1)
     present = area[ids] > 0
     ids = ids[present]
@@ -1918,7 +1815,7 @@ def simulate_mibi(
             "Area": area[ids].astype(int),
             "NucleusArea": nuc_area[ids].astype(int),
             "cell_type": ctype[ids].astype(object),
-            "is_tumour": is_tumour[ids],
+            "is_tumour": tumour_cell[ids],
             "her2_class": her2_cls[ids],
             "her2_intensity": inten[ids],
             "her2_completeness": comp[ids],
