@@ -38,6 +38,7 @@ __all__ = [
     "LibraryCheck",
     "check_library",
     "estimate_offset",
+    "refine_library",
     "unmix",
 ]
 
@@ -47,7 +48,7 @@ __all__ = [
 CONDITION_LIMIT = 100.0
 
 #: Pixels solved together (memory per block is about 60 bytes x bands x this).
-_BLOCK_PX = 16384
+_BLOCK_PX = 65536
 
 #: Poisson weights: the expected count of a band is floored at
 #: max(_POISSON_FLOOR_COUNTS, _POISSON_FLOOR_FRACTION x the pixel's largest
@@ -97,6 +98,8 @@ def _as_spectra(spectra, n_bands=None):
             f"spectra has more endmembers ({k}) than bands ({c}): the fit is underdetermined; "
             f"shape {a.shape}"
         )
+    if k > 62:
+        raise InputError(f"spectra has {k} endmembers; at most 62 are supported; shape {a.shape}")
     s = np.linalg.svd(a / np.linalg.norm(a, axis=0), compute_uv=False)
     if s[-1] <= s[0] * 1e-10:
         raise InputError(
@@ -133,64 +136,80 @@ def _as_offset(offset, n_bands):
 # --------------------------------------------------------------------------
 
 
-def _set_codes(passive):
-    """Integer label per column of a boolean (K, n) passive-set array."""
+def _codes(passive):
+    """Integer code of each column's passive set (bit k = endmember k passive).
+
+    passive : (K, m) bool. Returns (m,) int64.
+    """
     k = passive.shape[0]
-    if k <= 15:
-        weights = (1 << np.arange(k)).astype(np.int16)
-        return weights @ passive.astype(np.int16)
-    if k <= 62:
-        weights = (1 << np.arange(k, dtype=np.int64))
-        return weights @ passive.astype(np.int64)
-    return np.unique(passive, axis=1, return_inverse=True)[1].ravel()
+    if k <= 24:  # exact in float32
+        bits = (1 << np.arange(k)).astype(np.float32)
+        return (bits @ passive.astype(np.float32)).astype(np.int64)
+    bits = (1 << np.arange(k, dtype=np.int64))
+    return bits @ passive.astype(np.int64)
+
+
+def _argmax0(w):
+    """Row index and value of each column's maximum of ``w`` (K, m).
+
+    Faster than ``w.argmax(axis=0)`` for the few rows here (numpy's argmax
+    over a short, strided axis has a per-column overhead).
+    """
+    wmax = w.max(axis=0)
+    j = np.full(w.shape[1], w.shape[0] - 1, dtype=np.intp)
+    for r in range(w.shape[0] - 2, -1, -1):  # K steps, each vectorised over pixels
+        np.copyto(j, r, where=w[r] == wmax)
+    return j, wmax
 
 
 class _SharedGram:
     """Subproblem solver when every pixel shares ``AtA`` (the unweighted fit).
 
-    ``solve`` groups the columns by passive set and solves each group with
-    one cached normal-equations solve (the inverse of ``AtA`` restricted to
-    the passive set, embedded in a K x K matrix of zeros).
+    ``solve`` sorts the pixels by passive set and solves each group with one
+    normal-equations solve: ``AtA`` restricted to the group's passive set is
+    inverted once (cached, embedded in a K x K matrix of zeros) and applied
+    to all the group's right-hand sides in one matrix product.
     """
 
     def __init__(self, ata):
-        self.ata = ata
+        self.ata = np.ascontiguousarray(ata, dtype=np.float64)
         self.k = ata.shape[0]
-        self._inv = {}
+        self._cache = {}
 
-    def _inverse(self, mask):
-        key = mask.tobytes()
-        inv = self._inv.get(key)
+    def _inverse_t(self, code):
+        """Transposed restricted inverse for a passive-set code (cached)."""
+        inv = self._cache.get(code)
         if inv is None:
+            idx = np.flatnonzero((code >> np.arange(self.k)) & 1)
             inv = np.zeros((self.k, self.k))
-            idx = np.flatnonzero(mask)
             if idx.size:
                 sub = self.ata[np.ix_(idx, idx)]
                 inv[np.ix_(idx, idx)] = np.linalg.solve(sub, np.eye(idx.size))
-            self._inv[key] = inv
+            inv = self._cache[code] = np.ascontiguousarray(inv.T)
         return inv
 
     def full(self, atb):
-        return self._inverse(np.ones(self.k, bool)) @ atb
+        return self._inverse_t((1 << self.k) - 1).T @ atb
 
-    def solve(self, atb, passive):
-        """Least squares restricted to the passive set, per column."""
-        out = np.zeros_like(atb)
-        codes = _set_codes(passive)
-        order = np.argsort(codes, kind="stable")
-        sorted_codes = codes[order]
-        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-        ends = np.r_[starts[1:], codes.size]
-        for s, e in zip(starts, ends):
-            cols = order[s:e]
-            inv = self._inverse(passive[:, cols[0]])
-            if e - s == codes.size:
-                out[:] = inv @ atb
-            else:
-                out[:, cols] = inv @ atb[:, cols]
-        return out
+    def solve(self, atb, codes, idx):
+        """Least squares of columns ``atb`` (K, m) restricted to their passive sets."""
+        m = codes.size
+        # stable sort of small ints is a radix sort
+        order = np.argsort(codes.astype(np.int16) if self.k < 16 else codes, kind="stable")
+        sc = np.take(codes, order)
+        starts = np.flatnonzero(sc[1:] != sc[:-1]) + 1
+        if not starts.size:  # one group
+            return self._inverse_t(int(sc[0])).T @ atb
+        rhs = np.take(atb.T, order, axis=0)  # (m, K), pixels grouped
+        z = np.empty_like(rhs)
+        bounds = np.r_[0, starts, m].tolist()
+        for s, e, c in zip(bounds[:-1], bounds[1:], np.take(sc, bounds[:-1]).tolist()):
+            np.matmul(rhs[s:e], self._inverse_t(c), out=z[s:e])
+        back = np.empty_like(order)
+        back[order] = np.arange(m)
+        return np.ascontiguousarray(np.take(z, back, axis=0).T)
 
-    def gradient(self, atb, x, cols):
+    def gradient(self, atb, x, idx):
         return atb - self.ata @ x
 
 
@@ -204,91 +223,92 @@ class _PixelGram:
 
     def __init__(self, gram):
         self.gram = gram  # (n, K, K)
-        self.k = gram.shape[1]
-        self._eye = np.eye(self.k, dtype=bool)
+        self.k = k = gram.shape[1]
+        self._eye = np.eye(k, dtype=bool)
 
     def full(self, atb):
         return np.linalg.solve(self.gram, atb.T[..., None])[..., 0].T
 
-    def solve(self, atb, passive, cols):
-        p = passive.T  # (m, K)
-        g = self.gram[cols]
-        m = p[:, :, None] & p[:, None, :]
-        g = np.where(m, g, self._eye)
+    def solve(self, atb, codes, idx):
+        p = ((codes[:, None] >> np.arange(self.k)) & 1).astype(bool)  # (m, K)
+        g = np.where(p[:, :, None] & p[:, None, :], np.take(self.gram, idx, axis=0), self._eye)
         rhs = np.where(p, atb.T, 0.0)
         return np.linalg.solve(g, rhs[..., None])[..., 0].T
 
-    def gradient(self, atb, x, cols):
-        return atb - np.einsum("nkl,ln->kn", self.gram[cols], x)
+    def gradient(self, atb, x, idx):
+        return atb - np.einsum("nkl,ln->kn", np.take(self.gram, idx, axis=0), x)
 
 
 def _fcnnls(solver, atb, *, max_iter=None):
     """Fast combinatorial NNLS of all columns of ``atb`` (K, n), float64.
 
-    Minimises ``||b - A x||`` subject to ``x >= 0`` given ``AtA`` (inside
-    ``solver``) and ``atb = A.T @ b`` for each pixel. Returns x (K, n).
+    Minimises ``||b - A x||`` subject to ``x >= 0`` for every pixel, given
+    ``A.T @ A`` (inside ``solver``) and ``atb = A.T @ b``. Returns x (K, n).
+
+    The Lawson-Hanson active-set method [2]_ is run on all pixels at once as
+    in [1]_: the initial passive set is where the unconstrained solution is
+    positive; each outer step solves every unfinished pixel restricted to its
+    passive set (``solver.solve``, grouped by passive set), removes variables
+    that went negative by the usual interpolation step (inner loop), then
+    finishes the pixels that satisfy the KKT conditions and moves, for the
+    others, the active variable with the largest gradient into the passive
+    set. Only the unfinished pixels are carried from step to step.
     """
     k, n = atb.shape
-    shared = isinstance(solver, _SharedGram)
     if max_iter is None:
         max_iter = 5 * k + 10
-    # tolerance on the gradient (in AtB units), relative to each pixel's scale
-    scale = np.abs(atb).max(axis=0)
-    tol = 1e-11 * k * np.where(scale > 0, scale, 1.0)
-
-    def solve(cols, passive):
-        if shared:
-            return solver.solve(atb[:, cols], passive)
-        return solver.solve(atb[:, cols], passive, cols)
-
+    bits = 1 << np.arange(k, dtype=np.int64)
     x = solver.full(atb)
     passive = x > 0
-    x[~passive] = 0.0
-    free = np.flatnonzero(~passive.all(axis=0))  # columns still to optimise
-    # Columns whose unconstrained solution is all-zero or partly negative must be
-    # checked for optimality; set up by one gradient step as in Lawson-Hanson.
-    d = x  # feasible iterate (modified in place)
-    it = 0
-    while free.size and it < max_iter:
-        it += 1
-        p_f = passive[:, free]
-        z = solve(free, p_f)
-        # inner loop: make infeasible solutions feasible
+    idx = np.flatnonzero(~passive.all(axis=0))  # unfinished pixels
+    if not idx.size:
+        return x
+    atb_f = np.take(atb, idx, axis=1)
+    p_f = np.take(passive, idx, axis=1)
+    d_f = np.take(x, idx, axis=1) * p_f  # feasible iterate (x is finite)
+    codes = _codes(p_f)
+    # gradient tolerance (AtB units), relative to each pixel's scale
+    tol = np.abs(atb_f).max(axis=0)
+    tol = 1e-11 * k * np.where(tol > 0, tol, 1.0)
+    for _ in range(max_iter):
+        z = solver.solve(atb_f, codes, idx)
         bad = np.flatnonzero((z < 0).any(axis=0))
-        inner = 0
-        while bad.size and inner <= k:
-            inner += 1
-            cols = free[bad]
-            z_h = z[:, bad]
-            d_h = d[:, cols]
-            p_h = p_f[:, bad]
-            neg = (z_h < 0) & p_h
+        for _inner in range(k + 1):
+            if not bad.size:
+                break
+            z_h, d_h, p_h = z[:, bad], d_f[:, bad], p_f[:, bad]
             with np.errstate(divide="ignore", invalid="ignore"):
-                alpha = np.where(neg, d_h / (d_h - z_h), np.inf)
+                alpha = np.where(z_h < 0, d_h / (d_h - z_h), np.inf)
+            cols = np.arange(bad.size)
             amin = alpha.argmin(axis=0)
-            step = alpha[amin, np.arange(bad.size)]
-            d_h = d_h + step * (z_h - d_h)
-            p_h = p_h & (d_h > 0)
-            p_h[amin, np.arange(bad.size)] = False
+            d_h += alpha[amin, cols] * (z_h - d_h)
+            p_h &= d_h > 0
+            p_h[amin, cols] = False
             d_h[~p_h] = 0.0
-            d[:, cols] = d_h
-            p_f[:, bad] = p_h
-            z_h = solve(cols, p_h)
+            d_f[:, bad], p_f[:, bad] = d_h, p_h
+            codes[bad] = bits @ p_h.astype(np.int64)
+            z_h = solver.solve(atb_f[:, bad], codes[bad], idx[bad])
             z[:, bad] = z_h
             bad = bad[(z_h < 0).any(axis=0)]
-        if bad.size:  # safety net, never expected: keep the last feasible iterate
-            z[:, bad] = np.maximum(z[:, bad], 0.0)
-        passive[:, free] = p_f
-        d[:, free] = z
-        # optimality: largest gradient over the active (zero) set
-        w = solver.gradient(atb[:, free], z, free)
-        w[p_f] = -np.inf
-        j = w.argmax(axis=0)
-        wmax = w[j, np.arange(free.size)]
-        more = wmax > tol[free]
-        free = free[more]
-        passive[j[more], free] = True
-    return d
+        if bad.size:  # safety net, not expected: keep the feasible iterate
+            z[:, bad] = d_f[:, bad]
+        # KKT: the gradient of every active (zero) variable must be <= tol
+        w = solver.gradient(atb_f, z, idx)
+        w += p_f * -1e300  # exclude passive variables (cheaper than a masked copy)
+        more = w.max(axis=0) > tol
+        if not more.any():
+            x[:, idx] = z
+            return x
+        done = np.flatnonzero(~more)
+        x[:, np.take(idx, done)] = np.take(z, done, axis=1)
+        keep = np.flatnonzero(more)
+        j, _ = _argmax0(np.take(w, keep, axis=1))
+        idx, codes, tol = (np.take(v, keep) for v in (idx, codes, tol))
+        atb_f, p_f, d_f = (np.take(v, keep, axis=1) for v in (atb_f, p_f, z))
+        p_f[j, np.arange(j.size)] = True
+        codes += bits[j]
+    x[:, idx] = d_f  # not converged in max_iter: feasible, near-optimal
+    return x
 
 
 # --------------------------------------------------------------------------
@@ -302,7 +322,7 @@ def _work_dtype(dtype):
 
 def _unmix_slab(b, a, a_w, solver, offset, weights):
     """Unmix pixels ``b`` (C, n), work dtype. Returns x (K, n) f64, rms (n,) f64."""
-    if offset is not None:
+    if offset is not None:  # b is a private copy then
         b -= offset.astype(b.dtype)[:, None]
     atb = (a_w.T @ b).astype(np.float64)
     if not np.isfinite(atb).all():
@@ -326,16 +346,20 @@ def _unmix_slab(b, a, a_w, solver, offset, weights):
     return x, rms
 
 
-def _unmix_into(cube, a, offset, weights, abund, resid, block_px=_BLOCK_PX):
+def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None):
     """Unmix a numpy (C, Y, X) cube into preallocated outputs, by slabs of rows."""
     c, h, w = cube.shape
     wd = _work_dtype(cube.dtype)
     a_w = a.astype(wd)
     solver = _SharedGram(a.T @ a)
-    rows = max(1, block_px // max(w, 1))
+    rows = max(1, (block_px or _BLOCK_PX) // max(w, 1))
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
-        b = np.array(cube[:, y0:y1, :], dtype=wd, copy=True).reshape(c, -1)
+        slab = cube[:, y0:y1, :]
+        if offset is None and slab.dtype == wd:
+            b = slab.reshape(c, -1)  # a view when the cube is C-contiguous; never written
+        else:
+            b = np.array(slab, dtype=wd, copy=True).reshape(c, -1)
         x, rms = _unmix_slab(b, a, a_w, solver, offset, weights)
         abund[:, y0:y1, :] = x.reshape(-1, y1 - y0, w)
         resid[y0:y1, :] = rms.reshape(y1 - y0, w)
@@ -430,7 +454,10 @@ def unmix(cube, spectra, *, offset=None, weights=None):
         return out[:k], out[k]
 
     cube = np.asarray(cube)
-    if np.issubdtype(cube.dtype, np.floating) and not np.isfinite(cube).all():
+    # cheap test first (a NaN/inf anywhere makes the sum non-finite)
+    if np.issubdtype(cube.dtype, np.floating) and not (
+        np.isfinite(cube.sum(dtype=np.float64)) or np.isfinite(cube).all()
+    ):
         bad = np.argwhere(~np.isfinite(cube))[0]
         raise InputError(
             f"cube contains NaN or inf (first at band {bad[0]}, y {bad[1]}, x {bad[2]}); "
@@ -566,3 +593,196 @@ def check_library(spectra, names):
             stacklevel=2,
         )
     return LibraryCheck(condition_number=cond, most_collinear=pair, cosine=cosine)
+
+
+# --------------------------------------------------------------------------
+# library refinement on the slide
+# --------------------------------------------------------------------------
+
+
+def _shifted(spectrum, wl, shift, widen=1.0):
+    """``spectrum`` (sampled at ``wl``) moved by ``shift`` nm and widened about its peak.
+
+    Cubic-spline interpolation, edge values held outside the grid, negative
+    ringing clipped; the column keeps its original maximum.
+    """
+    from scipy.interpolate import CubicSpline
+
+    if shift == 0 and widen == 1.0:
+        return spectrum.copy()
+    peak = wl[np.argmax(spectrum)]
+    src = peak + (wl - peak - shift) / widen
+    src = np.clip(src, wl[0], wl[-1])
+    out = np.clip(CubicSpline(wl, spectrum)(src), 0.0, None)
+    m = out.max()
+    return out * (spectrum.max() / m) if m > 0 else spectrum.copy()
+
+
+def _sample_pixels(cube, n_pixels):
+    """A strided subsample of at most about ``n_pixels`` pixels, (C, n) float64."""
+    c, h, w = cube.shape
+    stride = max(1, int(math.ceil(math.sqrt(h * w / n_pixels))))
+    sub = cube[:, ::stride, ::stride]
+    if isinstance(sub, da.Array):
+        sub = sub.compute()
+    return np.asarray(sub, dtype=np.float64).reshape(c, -1)
+
+
+def _rss(b, a):
+    """Sum of squared NNLS residuals of pixels ``b`` (C, n) with library ``a``."""
+    _, r = unmix(b[:, None, :], a)
+    return float((r.astype(np.float64) ** 2).sum() * b.shape[0])
+
+
+def refine_library(
+    cube_sample,
+    spectra,
+    wavelengths_nm,
+    *,
+    max_shift_nm=6.0,
+    max_widen=0.0,
+    n_iter=3,
+    offset=None,
+    n_pixels=20000,
+    min_share=0.5,
+):
+    """Adjust each endmember's spectrum to the slide, within a small shift.
+
+    Each (non-flat) endmember k is modelled as its library spectrum moved by
+    ``s_k`` nm (``|s_k| <= max_shift_nm``) and, optionally, widened by a
+    factor ``w_k`` (``|w_k - 1| <= max_widen``) about its peak. The fit
+    alternates NNLS unmixing of a subsample of pixels with, for each
+    endmember in turn, a bounded 1-D search of ``s_k`` (then ``w_k``) that
+    minimises the residual of the pixels that endmember dominates.
+
+    Parameters
+    ----------
+    cube_sample : (C, Y, X) numpy or dask array
+        The slide, or a part of it, in counts.
+    spectra : (C, K) array_like or pandas.DataFrame
+        The library; a DataFrame in the ``config/spectra.csv`` format
+        (``wavelength_nm`` then endmember columns) is accepted and returned
+        in kind.
+    wavelengths_nm : (C,) array_like
+        Band centres, nm, increasing.
+    max_shift_nm : float, optional
+        Bound on each endmember's shift. Default 6 nm.
+    max_widen : float, optional
+        Bound on the relative change of width (0: no widening, the default).
+    n_iter : int, optional
+        Alternations of unmixing and per-endmember fits. Default 3.
+    offset : None, float, (C,) array or "auto", optional
+        Dark offset, as for :func:`unmix`.
+    n_pixels : int, optional
+        Pixels in the (strided) subsample. Default 20000.
+    min_share : float, optional
+        A pixel is dominated by endmember k when k's share of its modelled
+        signal is at least this. Default 0.5.
+
+    Returns
+    -------
+    refined : (C, K) array or DataFrame
+        The refined library, same kind as ``spectra``; flat endmembers and
+        endmembers that dominate fewer than 10 pixels are unchanged.
+    report : pandas.DataFrame
+        Per endmember: ``endmember``, ``shift_nm``, ``widen``, ``n_pixels``
+        (dominated pixels used), ``residual_before`` and ``residual_after``
+        (RMS residual over those pixels, counts, with the library and with
+        the refined spectra). ``report.attrs`` has ``residual_before`` and
+        ``residual_after`` over the whole subsample.
+    """
+    import pandas as pd
+    from scipy.optimize import minimize_scalar
+
+    names = None
+    if isinstance(spectra, pd.DataFrame):
+        frame = spectra
+        names = [c for c in frame.columns if c != "wavelength_nm"]
+        a0 = frame[names].to_numpy(dtype=np.float64)
+    else:
+        a0 = np.array(spectra, dtype=np.float64)
+    _check_cube_shape(cube_sample)
+    c = cube_sample.shape[0]
+    a0 = _as_spectra(a0, c)
+    k = a0.shape[1]
+    names = names or [str(i) for i in range(k)]
+    wl = np.asarray(wavelengths_nm, dtype=np.float64)
+    if wl.shape != (c,) or not np.isfinite(wl).all() or (np.diff(wl) <= 0).any():
+        raise InputError(f"wavelengths_nm must be ({c},) increasing finite values, got shape {wl.shape}")
+    if not max_shift_nm >= 0 or not 0 <= max_widen < 1:
+        raise InputError(f"max_shift_nm must be >= 0 and max_widen in [0, 1); got {max_shift_nm}, {max_widen}")
+    if isinstance(offset, str):
+        if offset != "auto":
+            raise InputError(f"offset must be None, a number, a (C,) array or 'auto', got {offset!r}")
+        offset = estimate_offset(cube_sample)
+    offset = _as_offset(offset, c)
+
+    b = _sample_pixels(cube_sample, n_pixels)
+    if offset is not None:
+        b = b - offset[:, None]
+    flat = np.ptp(a0, axis=0) <= 1e-9 * a0.max(axis=0)
+    shift, widen = np.zeros(k), np.ones(k)
+    a = a0.copy()
+
+    def column(j, s, w):
+        return _shifted(a0[:, j], wl, s, w)
+
+    def dominated(x, j):
+        contrib = x * a.sum(axis=0)[:, None]
+        share = contrib[j] / np.maximum(contrib.sum(axis=0), 1e-300)
+        return np.flatnonzero((share >= min_share) & (x[j] > 0))
+
+    for _ in range(max(1, int(n_iter))):
+        x = unmix(b[:, None, :], a)[0][:, 0, :].astype(np.float64)
+        for j in range(k):
+            if flat[j]:
+                continue
+            sel = dominated(x, j)
+            if sel.size < 10:
+                continue
+            bj = b[:, sel]
+
+            def cost(s, w, j=j, bj=bj):
+                trial = a.copy()
+                trial[:, j] = column(j, s, w)
+                return _rss(bj, trial)
+
+            if max_shift_nm > 0:
+                # coarse grid, then a bounded scalar search around the best point
+                grid = np.linspace(-max_shift_nm, max_shift_nm, 13)
+                costs = [cost(s, widen[j]) for s in grid]
+                i = int(np.argmin(costs))
+                step = grid[1] - grid[0]
+                lo, hi = max(-max_shift_nm, grid[i] - step), min(max_shift_nm, grid[i] + step)
+                res = minimize_scalar(lambda s: cost(s, widen[j]), bounds=(lo, hi),
+                                      method="bounded", options={"xatol": 0.01})
+                shift[j] = res.x if res.fun <= costs[i] else grid[i]
+            if max_widen > 0:
+                res = minimize_scalar(lambda w: cost(shift[j], w), bounds=(1 - max_widen, 1 + max_widen),
+                                      method="bounded", options={"xatol": 1e-3})
+                widen[j] = res.x if res.fun <= cost(shift[j], widen[j]) else widen[j]
+            a[:, j] = column(j, shift[j], widen[j])
+
+    # report
+    x0 = unmix(b[:, None, :], a0)[0][:, 0, :].astype(np.float64)
+    rows = []
+    for j in range(k):
+        contrib = x0 * a0.sum(axis=0)[:, None]
+        share = contrib[j] / np.maximum(contrib.sum(axis=0), 1e-300)
+        sel = np.flatnonzero((share >= min_share) & (x0[j] > 0))
+        if sel.size:
+            before = math.sqrt(_rss(b[:, sel], a0) / (c * sel.size))
+            after = math.sqrt(_rss(b[:, sel], a) / (c * sel.size))
+        else:
+            before = after = float("nan")
+        rows.append(dict(endmember=names[j], shift_nm=float(shift[j]), widen=float(widen[j]),
+                         n_pixels=int(sel.size), residual_before=before, residual_after=after))
+    report = pd.DataFrame(rows)
+    n = b.shape[1]
+    report.attrs["residual_before"] = math.sqrt(_rss(b, a0) / (c * n))
+    report.attrs["residual_after"] = math.sqrt(_rss(b, a) / (c * n))
+    if isinstance(spectra, pd.DataFrame):
+        refined = frame.copy()
+        refined[names] = a
+        return refined, report
+    return a, report
