@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import dask.array as da
@@ -69,6 +70,44 @@ def _about(path: Path):
 # steps
 
 
+def _pixel_sample(data: da.Array, n_blocks: int = 4) -> np.ndarray:
+    """A few evenly spaced chunks of a lazy cube, side by side: (C, h, sum of w).
+
+    Enough pixels to fit a handful of spectral parameters on, read without
+    touching the rest of the slide.
+    """
+    nby, nbx = data.numblocks[1], data.numblocks[2]
+    picks = np.unique(np.linspace(0, nby * nbx - 1, min(n_blocks, nby * nbx)).round().astype(int))
+    blocks = [np.asarray(data.blocks[:, p // nbx, p % nbx]) for p in picks]
+    height = min(b.shape[1] for b in blocks)
+    return np.concatenate([b[:, :height] for b in blocks], axis=2)
+
+
+def _library_for(cfg: Config, data: da.Array, qc_dir: Path):
+    """The library the fit uses: refined on the slide when the config says so.
+
+    ``refine_library: auto`` keeps the refined spectra only when they lower
+    the residual on the sampled pixels; ``true`` always, ``false`` never.
+    """
+    from qdquant import report
+
+    library, mode = cfg.library, cfg.unmixing.refine_library
+    if mode is False:
+        return library
+    refined, shifts = unmixing.refine_library(
+        _pixel_sample(data), library.to_frame(), library.wavelengths_nm,
+        max_shift_nm=cfg.unmixing.max_shift_nm, n_pixels=100_000, min_share=0.25,
+    )
+    before, after = shifts.attrs["residual_before"], shifts.attrs["residual_after"]
+    kept = mode is True or after < before
+    shifts["kept"] = kept
+    shifts["sample_residual_before"], shifts["sample_residual_after"] = before, after
+    io.write_csv(shifts, qc_dir / "library_refinement.csv")
+    report.plot_library_refinement(library, refined, shifts, qc_dir / "library_refinement.png")
+    log.info("library refinement: residual %.3g -> %.3g counts; %s", before, after, "kept" if kept else "not kept")
+    return replace(library, spectra=refined[list(library.names)].to_numpy()) if kept else library
+
+
 def unmix_sample(cfg: Config, sample_id: str) -> None:
     """Unmix a sample's cube into ``unmixed.ome.zarr`` (abundances + residual)."""
     from qdquant import report
@@ -76,11 +115,11 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
     sample = cfg.sample(sample_id)
     out = outputs(cfg, sample_id)
     _, pixel_size = check_image(cfg, sample)
-    library = cfg.library
     with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, _about(sample.image):
+        unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
+        library = _library_for(cfg, cube.data, out["unmixing_qc"].parent)
         log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
                  "x".join(map(str, cube.data.shape[1:])), len(library.names))
-        unmixing.check_library(library.spectra, list(library.names))
         abundances, residual = unmixing.unmix(
             cube.data,
             library.spectra,

@@ -93,6 +93,23 @@ def plot_unmixing_qc(cube, stored, library, path: Path) -> dict:
     return stats
 
 
+def plot_library_refinement(library, refined, shifts, path: Path) -> None:
+    """Library vs slide-refined spectra, with each endmember's shift."""
+    refined = np.asarray(refined)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for k, name in enumerate(library.names):
+        line, = ax.plot(library.wavelengths_nm, library.spectra[:, k], ls=":")
+        row = shifts[shifts["endmember"] == name]
+        shift = float(row["shift_nm"].iloc[0]) if len(row) else 0.0
+        ax.plot(library.wavelengths_nm, refined[:, k], color=line.get_color(), label=f"{name} {shift:+.1f} nm")
+    kept = bool(shifts["kept"].iloc[0]) if len(shifts) else False
+    ax.set(xlabel="wavelength (nm)", ylabel="normalised emission",
+           title=f"library (dotted) vs refined on the slide; residual {shifts.attrs.get('residual_before', np.nan):.2f}"
+                 f" -> {shifts.attrs.get('residual_after', np.nan):.2f} counts ({'kept' if kept else 'not kept'})")
+    ax.legend(fontsize=7, ncol=3)
+    _save(fig, path)
+
+
 def _outline(labels: np.ndarray) -> np.ndarray:
     from skimage.segmentation import find_boundaries
 
