@@ -23,6 +23,17 @@ def test_ome_tiff_round_trip_is_lazy_and_keeps_pixel_size(tmp_path):
     np.testing.assert_array_equal(read.data.compute(), cube)
 
 
+def test_interleaved_cube_reads_as_cyx(tmp_path):
+    cube = np.random.default_rng(1).integers(0, 4000, size=(31, 200, 300)).astype(np.uint16)
+    path = tmp_path / "interleaved.ome.tif"
+    io.write_ome_tiff(path, da.from_array(cube, chunks=(31, 64, 64)), pixel_size_um=0.5, tile=64, interleaved=True)
+    assert tifffile.TiffFile(path).series[0].axes == "YXS"
+    assert io.read_cube_header(path)[0] == (31, 200, 300)
+    with io.open_cube(path, chunk_size=128) as read:
+        assert read.data.shape == (31, 200, 300) and read.data.chunksize == (31, 128, 128)
+        np.testing.assert_array_equal(read.data.compute(), cube)
+
+
 def test_pyramidal_tiff_reads_level_0(tmp_path):
     cube = np.arange(3 * 256 * 256, dtype=np.uint16).reshape(3, 256, 256)
     path = tmp_path / "pyr.tif"

@@ -58,6 +58,16 @@ def _simulate(args) -> None:
             simulate.write_slide(simulate.simulate_slide(**presets[name]), out, name)
             print(f"wrote {out / name}.ome.tif")
         return
+    name = args.name or f"sim_her2_{args.her2.replace('+', 'plus')}_seed{args.seed}"
+    if args.size > 2048:
+        # whole slide: tile by tile, never in memory; no per-cell truth
+        from qdquant import io
+
+        cube = simulate.simulate_wholeslide(args.size, seed=args.seed, photons_per_count=args.photons_per_count)
+        io.write_ome_tiff(out / f"{name}.ome.tif", cube, pixel_size_um=0.5, tile=512, interleaved=True,
+                          compression=None)
+        print(f"wrote {out / name}.ome.tif")
+        return
     kwargs = dict(
         her2_score=args.her2,
         shape=(args.size, args.size),
@@ -68,7 +78,6 @@ def _simulate(args) -> None:
         crowded=args.crowded,
         photons_per_count=args.photons_per_count,
     )
-    name = args.name or f"sim_her2_{args.her2.replace('+', 'plus')}_seed{args.seed}"
     simulate.write_slide(simulate.simulate_slide(**kwargs), out, name)
     print(f"wrote {out / name}.ome.tif")
 
@@ -124,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="one slide of the test cohort")
     p.add_argument("--name", help="file name stem")
     p.add_argument("--her2", default="2+", choices=["0", "ultralow", "1+", "2+", "3+"])
-    p.add_argument("--size", type=int, default=512, help="edge in pixels")
+    p.add_argument("--size", type=int, default=512,
+                   help="edge in pixels; above 2048 a whole slide is written tile by tile (no per-cell truth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drift-nm", type=float, default=0.0, help="spectral drift of the slide vs the library")
     p.add_argument("--shading", type=float, default=0.0, help="field-of-view corner darkening (0-1)")

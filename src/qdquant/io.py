@@ -75,8 +75,16 @@ def _ome_pixel_size_um(ome_xml: str | None) -> float | None:
     return None
 
 
+def _band_axis_last(axes: str) -> bool:
+    """True for interleaved cubes (Y, X, bands): tifffile's axes 'YXS' or 'YXC'."""
+    return len(axes) == 3 and axes[:2] == "YX" and axes[2] in "SC"
+
+
 def read_cube_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, float | None]:
-    """Shape, dtype and pixel size of an image's level 0, reading only metadata.
+    """Shape (C, Y, X), dtype and pixel size of an image's level 0, reading only metadata.
+
+    Planar files (one page per band: axes CYX, or QPTIFF's) and interleaved
+    ones (bands as samples of each pixel: YXS) are both (C, Y, X) here.
 
     Raises
     ------
@@ -90,6 +98,8 @@ def read_cube_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             shape, dtype = tuple(series.levels[0].shape), np.dtype(series.dtype)
+            if _band_axis_last(series.axes):
+                shape = (shape[2], shape[0], shape[1])
             pixel_size = _ome_pixel_size_um(tif.ome_metadata)
     except (tifffile.TiffFileError, ValueError, IndexError, OSError, KeyError) as exc:
         raise InputError(f"{path}: not a readable TIFF ({exc})") from None
@@ -108,7 +118,8 @@ def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
     Parameters
     ----------
     path : path-like
-        Tiled, striped or pyramidal TIFF holding a (C, Y, X) cube.
+        Tiled, striped or pyramidal TIFF holding a (C, Y, X) cube, planar
+        (a page per band) or interleaved (bands as samples).
     chunk_size : int
         Edge of the dask chunks in pixels, Y and X; all bands share a chunk.
 
@@ -118,8 +129,10 @@ def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
     path = Path(path)
     _, _, pixel_size = read_cube_header(path)
     tif = tifffile.TiffFile(path)
-    store = tif.series[0].aszarr(level=0)
-    data = da.from_zarr(zarr.open(store, mode="r"))
+    series = tif.series[0]
+    data = da.from_zarr(zarr.open(series.aszarr(level=0), mode="r"))
+    if _band_axis_last(series.axes):
+        data = data.transpose(2, 0, 1)
     data = data.rechunk((data.shape[0], chunk_size, chunk_size))
     return Cube(data=data, pixel_size_um=pixel_size, path=path, _handle=tif)
 
@@ -131,42 +144,57 @@ def write_ome_tiff(
     pixel_size_um: float,
     channel_names: list[str] | None = None,
     tile: int = 256,
+    interleaved: bool = False,
+    compression: str | None = "zlib",
 ) -> None:
     """Write a (C, Y, X) numpy or dask array as a tiled, zlib-compressed OME-TIFF.
 
-    A dask array is written tile by tile, so the cube never has to be in memory.
+    The cube is written tile by tile and never has to be in memory whole.
+    ``interleaved=True`` stores the bands as samples of each pixel (YXS): each
+    tile then holds every band, so a cube computed tile by tile (a whole
+    simulated slide) is computed once, and a reader gets a pixel's spectrum
+    from one tile.
     """
     path = Path(path)
     n_channels, height, width = cube.shape
     metadata = {
-        "axes": "CYX",
+        "axes": "YXS" if interleaved else "CYX",
         "PhysicalSizeX": float(pixel_size_um),
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeY": float(pixel_size_um),
         "PhysicalSizeYUnit": "µm",
     }
-    if channel_names is not None:
+    if channel_names is not None and not interleaved:
         metadata["Channel"] = {"Name": list(channel_names)}
 
-    def tiles():
+    def padded(block, shape):
+        out = np.zeros(shape, dtype=cube.dtype)
+        out[tuple(slice(0, n) for n in block.shape)] = block
+        return out
+
+    def planar_tiles():
         for c in range(n_channels):
             for y in range(0, height, tile):
                 band = np.asarray(cube[c, y : y + tile, :])
                 for x in range(0, width, tile):
-                    block = band[:, x : x + tile]
-                    out = np.zeros((tile, tile), dtype=cube.dtype)
-                    out[: block.shape[0], : block.shape[1]] = block
-                    yield out
+                    yield padded(band[:, x : x + tile], (tile, tile))
+
+    def interleaved_tiles():
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                block = np.asarray(cube[:, y : y + tile, x : x + tile]).transpose(1, 2, 0)
+                yield padded(block, (tile, tile, n_channels))
 
     with atomic_path(path) as tmp:
         tifffile.imwrite(
             tmp,
-            tiles(),
-            shape=cube.shape,
+            interleaved_tiles() if interleaved else planar_tiles(),
+            shape=(height, width, n_channels) if interleaved else cube.shape,
             dtype=cube.dtype,
             tile=(tile, tile),
             photometric="minisblack",
-            compression="zlib",
+            planarconfig="contig" if interleaved else "separate",
+            compression=compression,
             metadata=metadata,
             ome=True,
         )
