@@ -80,9 +80,9 @@ def test_ome_zarr_has_named_channels_scale_and_labels(tmp_path):
 
     labels = np.zeros((200, 180), np.int32)
     labels[10:30, 10:30] = 7
-    io.write_labels(path, "cells", labels, chunk_size=64)
-    io.write_labels(path, "nuclei", labels, chunk_size=64)
-    io.write_labels(path, "cells", labels * 2, chunk_size=64)  # rewriting replaces
+    io.write_labels(path, {"cells": labels}, chunk_size=64)
+    io.write_labels(path, {"nuclei": da.from_array(labels, chunks=50)}, chunk_size=64)
+    io.write_labels(path, {"cells": labels * 2}, chunk_size=64)  # rewriting replaces
     assert zarr.open_group(str(path / "labels")).attrs["labels"] == ["nuclei", "cells"]
     back = io.read_labels(path, "cells")
     assert back.dtype == np.int32

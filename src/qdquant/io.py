@@ -308,45 +308,52 @@ def read_ome_zarr(path: str | os.PathLike) -> tuple[da.Array, list[str]]:
 
 def write_labels(
     zarr_path: str | os.PathLike,
-    name: str,
-    labels,
+    labels: dict,
     *,
     chunk_size: int = 2048,
-    colors: bool = False,
 ) -> None:
-    """Write a (Y, X) integer label image under ``{zarr_path}/labels/{name}``.
+    """Write (Y, X) integer label images under ``{zarr_path}/labels/{name}``.
 
-    The image is first written beside the others under a temporary name and
-    renamed into place, so readers never see a partial label image.
+    ``labels`` maps names to numpy or dask arrays; they are computed together
+    in one pass (label images that share a lazy graph, as nuclei and cells
+    do, are segmented once). Each is written beside the others under a
+    temporary name and renamed into place, so readers never see a partial
+    label image.
     """
+    import dask
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_labels as _write_labels
 
     zarr_path = Path(zarr_path)
     root = zarr.open_group(str(zarr_path), mode="r+")
-    factors = tuple(2**i for i in range(1, 4) if min(labels.shape) // 2**i >= 16)
-    tmp_name = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    final = zarr_path / "labels" / name
+    tmp_names = {name: f".{name}.tmp-{uuid.uuid4().hex[:8]}" for name in labels}
     try:
-        _write_labels(
-            labels,
-            root,
-            name=tmp_name,
-            axes="yx",
-            fmt=FormatV04(),
-            scaler=None,
-            scale_factors=factors,
-            storage_options={"chunks": (chunk_size, chunk_size)},
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(zarr_path / "labels" / tmp_name, final)
+        delayed = []
+        for name, image in labels.items():
+            factors = tuple(2**i for i in range(1, 4) if min(image.shape) // 2**i >= 16)
+            delayed += _write_labels(
+                image,
+                root,
+                name=tmp_names[name],
+                axes="yx",
+                fmt=FormatV04(),
+                scaler=None,
+                scale_factors=factors,
+                storage_options={"chunks": (chunk_size, chunk_size)},
+                compute=False,
+            )
+        dask.compute(*delayed)
+        for name, tmp in tmp_names.items():
+            final = zarr_path / "labels" / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(zarr_path / "labels" / tmp, final)
     finally:
-        shutil.rmtree(zarr_path / "labels" / tmp_name, ignore_errors=True)
+        for tmp in tmp_names.values():
+            shutil.rmtree(zarr_path / "labels" / tmp, ignore_errors=True)
         group = zarr.open_group(str(zarr_path / "labels"), mode="r+")
-        known = [n for n in group.attrs.get("labels", []) if n not in (tmp_name, name)]
-        if final.exists():
-            known.append(name)
+        known = [n for n in group.attrs.get("labels", []) if n not in tmp_names.values() and n not in labels]
+        known += [n for n in labels if (zarr_path / "labels" / n).exists()]
         group.attrs["labels"] = known
 
 

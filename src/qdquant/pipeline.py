@@ -162,8 +162,7 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
         cell_expansion_um=seg.cell_expansion_um,
         chunk_size=cfg.chunk_size,
     )
-    io.write_labels(out["zarr"], "nuclei", nuclei, chunk_size=cfg.chunk_size)
-    io.write_labels(out["zarr"], "cells", cells, chunk_size=cfg.chunk_size)
+    io.write_labels(out["zarr"], {"nuclei": nuclei, "cells": cells}, chunk_size=cfg.chunk_size)
     report.plot_segmentation_qc(
         nuclear, io.read_labels(out["zarr"], "nuclei"), io.read_labels(out["zarr"], "cells"),
         out["segmentation_qc"],

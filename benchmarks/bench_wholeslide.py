@@ -1,0 +1,86 @@
+"""Whole-slide scale: time, throughput and peak memory of every step, by slide size.
+
+For each size (default 4096², 8192², 16384², 31 bands) a slide is simulated
+tile by tile (``qdquant simulate --size N``), then each step runs as its own
+process (``qdquant <step>``, exactly as the workflow runs it) and reports its
+wall time, Mpx/s and peak RSS. Targets: peak RSS <= 4 GiB and flat (within
+20 %) from 8192² to 16384²; time about linear in area.
+
+    python benchmarks/bench_wholeslide.py [--sizes 4096 8192 16384] [--work /tmp/qdquant-wholeslide]
+
+Needs about 1.3 GB of disk per 4096² (raw input, uncompressed, plus outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("unmix", "segment", "quantify", "score", "report")
+
+# Runs one CLI command in a child process and prints its own peak RSS (MiB) last.
+CHILD = (
+    "import resource, sys\n"
+    "from qdquant.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "print('PEAK_RSS_MIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def run(args: list[str]) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    peak = [float(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_MIB")]
+    return seconds, peak[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--work", default="/tmp/qdquant-wholeslide")
+    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--keep", action="store_true", help="keep the slides and outputs")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.sizes:
+        name = f"ws{size}"
+        t_sim, _ = run(["simulate", "--size", str(size), "--seed", "7", "--out", str(work), "--name", name])
+        (work / f"{name}.tsv").write_text(f"sample_id\timage\n{name}\t{work / name}.ome.tif\n")
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        config.update(samples=str(work / f"{name}.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
+                      panel=str(REPO / "config" / "panel.tsv"), results=str(work / "results"),
+                      chunk_size=args.chunk_size)
+        cfg_path = work / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config))
+        mpx = size * size / 1e6
+        print(f"\n{size}x{size} ({mpx:.0f} Mpx), simulated in {t_sim:.0f} s", flush=True)
+        for step in STEPS:
+            seconds, peak = run([step, "--config", str(cfg_path), "--sample", name])
+            rows.append({"size": size, "step": step, "seconds": seconds, "Mpx_per_s": mpx / seconds,
+                         "peak_rss_MiB": peak})
+            print(f"  {step:9s} {seconds:8.1f} s {mpx / seconds:8.2f} Mpx/s  peak RSS {peak:7.0f} MiB", flush=True)
+        if not args.keep:
+            shutil.rmtree(work / "results" / name, ignore_errors=True)
+            (work / f"{name}.ome.tif").unlink(missing_ok=True)
+    print("\n| size | step | time (s) | Mpx/s | peak RSS (MiB) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']}² | {r['step']} | {r['seconds']:.1f} | {r['Mpx_per_s']:.2f} | {r['peak_rss_MiB']:.0f} |")
+    (work / "bench_wholeslide.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
