@@ -138,9 +138,19 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         report.plot_unmixing_qc(cube.data, stored, library, out["unmixing_qc"])
 
 
-def _panel_channel(cfg: Config, names: list[str], role: str) -> int | None:
+def _channel(names: list[str], endmember: str, zarr_path: Path) -> int:
+    """Index of an endmember's channel in the unmixed image, or a clear error."""
+    if endmember not in names:
+        raise InputError(
+            f"{zarr_path}: no channel '{endmember}' (has {', '.join(names)}); the panel names an endmember"
+            " the image was not unmixed with: rerun the unmix step"
+        )
+    return names.index(endmember)
+
+
+def _panel_channel(cfg: Config, names: list[str], role: str, zarr_path: Path) -> int | None:
     row = cfg.panel_row(role=role)
-    return None if row is None else names.index(row.endmember)
+    return None if row is None else _channel(names, row.endmember, zarr_path)
 
 
 def segment_sample(cfg: Config, sample_id: str) -> None:
@@ -151,8 +161,8 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
     abundances, names = io.read_ome_zarr(out["zarr"])
     pixel_size = io.read_pixel_size_um(out["zarr"])
     seg = cfg.segmentation
-    nuclear = abundances[_panel_channel(cfg, names, "nuclear_stain")]
-    membrane_idx = _panel_channel(cfg, names, "membrane_stain")
+    nuclear = abundances[_panel_channel(cfg, names, "nuclear_stain", out["zarr"])]
+    membrane_idx = _panel_channel(cfg, names, "membrane_stain", out["zarr"])
     membrane = None if membrane_idx is None else abundances[membrane_idx]
     nuclei, cells = segmentation.segment_chunked(
         nuclear,
@@ -178,7 +188,7 @@ def quantify_sample(cfg: Config, sample_id: str) -> None:
     nuclei = io.read_labels(out["zarr"], "nuclei")
     flagged = _flagged(out["zarr"])
     measured = cfg.measured
-    channels = abundances[[names.index(r.endmember) for r in measured]]
+    channels = abundances[[_channel(names, r.endmember, out["zarr"]) for r in measured]]
     width = cfg.segmentation.membrane_width_px
     table = quantification.measure_cells(
         cells, nuclei, channels, [r.marker for r in measured], width,
@@ -188,7 +198,7 @@ def quantify_sample(cfg: Config, sample_id: str) -> None:
         her2_row = cfg.panel_row(marker=cfg.her2.marker)
         sums, npx = quantification.membrane_sectors(
             cells,
-            abundances[names.index(her2_row.endmember)],
+            abundances[_channel(names, her2_row.endmember, out["zarr"])],
             table["CellID"].to_numpy(),
             table[["Y_centroid", "X_centroid"]].to_numpy(),
             width,

@@ -1,0 +1,67 @@
+"""Pipeline steps on small inputs: edge cases a slide can bring."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from qdquant import io, pipeline
+from qdquant.config import load_config
+from qdquant.errors import InputError
+from qdquant.report import sample_warnings
+
+
+def measurements(n_cells=20, *, sectors=36, her2=100.0, seed=0):
+    """A measurements table as the quantify step writes it, for the tiny panel."""
+    rng = np.random.default_rng(seed)
+    table = {"CellID": np.arange(1, n_cells + 1), "X_centroid": rng.uniform(0, 60, n_cells),
+             "Y_centroid": rng.uniform(0, 60, n_cells), "Area": 100, "NucleusArea": 40, "n_flagged_px": 0}
+    table["X_um"], table["Y_um"] = table["X_centroid"] * 0.5, table["Y_centroid"] * 0.5
+    for marker in ("DAPI", "ER", "HER2"):
+        table[marker] = rng.uniform(0, 200, n_cells)
+        for compartment in ("nucleus", "cytoplasm", "membrane"):
+            table[f"{marker}_{compartment}_mean"] = rng.uniform(0, 200, n_cells)
+    for s in range(sectors):
+        table[pipeline.SECTOR_SUM.format(s)] = her2 * 10.0
+        table[pipeline.SECTOR_NPX.format(s)] = 10
+    return pd.DataFrame(table)
+
+
+def test_sample_without_tumour_cells_is_valid_and_not_assessable(tiny_project):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["tumour"] = {"marker": "HER2", "threshold": 1e9}  # no cell reaches it
+    tiny_project.write_text(yaml.safe_dump(data))
+    cfg = load_config(tiny_project)
+    cells, summary = pipeline.score_cells(cfg, measurements())
+    assert summary["n_cells"] == 20 and summary["n_tumour_cells"] == 0
+    assert not cells["is_tumour"].any()
+    assert summary["her2_score"] is None and summary["her2_category"] == "not assessable"
+    assert np.isnan(summary["ER_pct_positive"]) and summary["ER_status"] == "not assessable"
+    warnings = sample_warnings(summary, None, cfg)
+    assert any("No tumour cells" in w for w in warnings)
+
+
+def test_scores_over_tumour_cells_only(tiny_project):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["tumour"] = {"marker": "DAPI", "threshold": 100.0}
+    tiny_project.write_text(yaml.safe_dump(data))
+    cfg = load_config(tiny_project)
+    table = measurements(n_cells=40)
+    table["DAPI_membrane_mean"] = np.where(np.arange(40) < 10, 150.0, 5.0)  # 10 tumour cells
+    table["ER_nucleus_mean"] = np.where(np.arange(40) < 10, 100.0, 0.0)  # ER 2+ in every tumour cell
+    cells, summary = pipeline.score_cells(cfg, table)
+    assert summary["n_tumour_cells"] == 10 and summary["tumour_threshold"] == 100.0
+    assert summary["ER_pct_positive"] == 100.0 and summary["ER_hscore"] == 200.0
+    assert summary["her2_score"] == "2+"  # every sector at 100: intensity 2+, complete
+
+
+def test_missing_channel_is_a_clear_error(tiny_project, tmp_path):
+    cfg = load_config(tiny_project)
+    out = pipeline.outputs(cfg, "s1")
+    image = np.zeros((3, 32, 32), np.float32)
+    io.write_ome_zarr(out["zarr"], image, ["DAPI", "QD565", "residual"], pixel_size_um=0.5, chunk_size=32)
+    labels = np.zeros((32, 32), np.int32)
+    labels[4:12, 4:12] = 1
+    io.write_labels(out["zarr"], {"nuclei": labels, "cells": labels}, chunk_size=32)
+    with pytest.raises(InputError, match="no channel 'QD655'"):
+        pipeline.quantify_sample(cfg, "s1")
