@@ -65,3 +65,30 @@ def test_missing_channel_is_a_clear_error(tiny_project, tmp_path):
     io.write_labels(out["zarr"], {"nuclei": labels, "cells": labels}, chunk_size=32)
     with pytest.raises(InputError, match="no channel 'QD655'"):
         pipeline.quantify_sample(cfg, "s1")
+
+
+def test_chunked_pipeline_equals_one_chunk(tmp_path):
+    """A slide processed in 128-px chunks gives the cells.csv of one chunk (ids aside)."""
+    from qdquant import simulate
+
+    slide = simulate.simulate_slide(her2_score="2+", shape=(320, 320), seed=11)
+    paths = simulate.write_slide(slide, tmp_path / "slides", "small")
+    from conftest import REPO as repo
+    tables = {}
+    for chunk in (2048, 128):
+        (tmp_path / "samples.tsv").write_text(f"sample_id\timage\nsmall\t{paths['image']}\n")
+        config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+        config.update(samples=str(tmp_path / "samples.tsv"), spectra=str(repo / "config" / "spectra.csv"),
+                      panel=str(repo / "config" / "panel.tsv"), results=str(tmp_path / f"results{chunk}"),
+                      chunk_size=chunk, unmixing={"refine_library": False})
+        (tmp_path / f"config{chunk}.yaml").write_text(yaml.safe_dump(config))
+        cfg = load_config(tmp_path / f"config{chunk}.yaml")
+        for step in ("unmix", "segment", "quantify", "score"):
+            pipeline.STEPS[step](cfg, "small")
+        table = pd.read_csv(pipeline.outputs(cfg, "small")["cells"], dtype={"her2_class": str})
+        tables[chunk] = table.assign(y=table.Y_centroid.round(3), x=table.X_centroid.round(3)).sort_values(["y", "x"])
+    whole, chunked = tables[2048], tables[128]
+    assert len(whole) > 50 and len(whole) == len(chunked)
+    numeric = [c for c in whole.columns if c not in ("CellID", "her2_class")]
+    np.testing.assert_allclose(whole[numeric].to_numpy(float), chunked[numeric].to_numpy(float), rtol=1e-5, atol=1e-5)
+    assert (whole["her2_class"].to_numpy() == chunked["her2_class"].to_numpy()).all()
