@@ -81,29 +81,42 @@ def test_outputs_follow_the_contract(run):
 
 
 def test_scores_match_truth(run):
+    """Every HER2 score right; per-cell class agreement >= 90 %; nuclei F1 >= 0.9 and cell F1 >= 0.85.
+
+    The messy slide (crowded nests, 3 nm drift, 20 % shading, off-library
+    autofluorescence, 2 e-/count) is held to the same HER2 bars; its cell F1
+    (touching cells in packed nests) to 0.8.
+    """
+    from qdquant import io
+
     rows = []
     for sid in sample_ids(run):
         truth, truth_cells, truth_labels = truth_of(run, sid)
         summary = pd.read_csv(run / "results" / sid / "summary.csv", dtype={"her2_score": str}).iloc[0]
         cells = pd.read_csv(run / "results" / sid / "cells.csv", dtype={"her2_class": str})
         # per-cell agreement: each segmented cell matched to the true cell under its centroid
-        y = cells["Y_centroid"].round().astype(int).clip(0, truth_labels.shape[-2] - 1)
-        x = cells["X_centroid"].round().astype(int).clip(0, truth_labels.shape[-1] - 1)
+        y = cells["Y_centroid"].round().astype(int)
+        x = cells["X_centroid"].round().astype(int)
         true_id = truth_labels[1][y, x]
         matched = true_id > 0
         true_class = truth_cells.set_index("CellID").loc[true_id[matched], "her2_class"].to_numpy()
         agreement = float(np.mean(cells.loc[matched, "her2_class"].to_numpy() == true_class))
-        nuclei = zarr.open_group(str(run / "results" / sid / "unmixed.ome.zarr" / "labels" / "nuclei"), mode="r")
-        f1 = match_instances(truth_labels[0], nuclei["s0"][:] if "s0" in nuclei else nuclei["0"][:], iou_threshold=0.5)["f1"]
+        zarr_path = run / "results" / sid / "unmixed.ome.zarr"
+        nuclei_f1 = match_instances(truth_labels[0], io.read_labels(zarr_path, "nuclei").compute())["f1"]
+        cell_f1 = match_instances(truth_labels[1], io.read_labels(zarr_path, "cells").compute())["f1"]
         rows.append((sid, truth["her2_score_all"], summary["her2_score"], truth["her2_category_all"],
-                     summary["her2_category"], agreement, matched.mean(), f1))
-    table = pd.DataFrame(rows, columns=["sample", "true", "got", "true_cat", "got_cat", "agreement", "matched", "nuclei_f1"])
+                     summary["her2_category"], agreement, matched.mean(), nuclei_f1, cell_f1))
+    table = pd.DataFrame(rows, columns=["sample", "true", "got", "true_cat", "got_cat", "agreement", "matched",
+                                        "nuclei_f1", "cell_f1"])
     print(table.to_string())
+    clean = ~table["sample"].str.endswith("_hard")
     assert (table["true"] == table["got"]).all(), table
     assert (table["true_cat"] == table["got_cat"]).all(), table
     assert (table["agreement"] >= 0.90).all(), table
     assert (table["matched"] >= 0.90).all(), table
-    assert (table["nuclei_f1"] >= 0.85).all(), table
+    assert (table["nuclei_f1"] >= 0.90).all(), table
+    assert (table.loc[clean, "cell_f1"] >= 0.85).all(), table
+    assert (table.loc[~clean, "cell_f1"] >= 0.80).all(), table
 
 
 def test_rerun_is_a_no_op(run):

@@ -193,7 +193,7 @@ def write_ome_tiff(
             dtype=cube.dtype,
             tile=(tile, tile),
             photometric="minisblack",
-            planarconfig="contig" if interleaved else "separate",
+            planarconfig="contig" if interleaved else None,  # planar: a page per band
             compression=compression,
             metadata=metadata,
             ome=True,
