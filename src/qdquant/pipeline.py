@@ -70,17 +70,24 @@ def _about(path: Path):
 # steps
 
 
-def _pixel_sample(data: da.Array, n_blocks: int = 4) -> np.ndarray:
-    """A few evenly spaced chunks of a lazy cube, side by side: (C, h, sum of w).
+def _pixel_sample(*arrays: da.Array, n_blocks: int = 4) -> list[np.ndarray]:
+    """The same few evenly spaced chunks of lazy (..., Y, X) arrays, side by side along X.
 
-    Enough pixels to fit a handful of spectral parameters on, read without
-    touching the rest of the slide.
+    Enough pixels to fit a handful of parameters on, read without touching
+    the rest of the slide. Chunks follow the first array's (Y, X) grid.
     """
-    nby, nbx = data.numblocks[1], data.numblocks[2]
-    picks = np.unique(np.linspace(0, nby * nbx - 1, min(n_blocks, nby * nbx)).round().astype(int))
-    blocks = [np.asarray(data.blocks[:, p // nbx, p % nbx]) for p in picks]
-    height = min(b.shape[1] for b in blocks)
-    return np.concatenate([b[:, :height] for b in blocks], axis=2)
+    ys, xs = arrays[0].chunks[-2:]
+    y_edges, x_edges = np.cumsum((0,) + ys), np.cumsum((0,) + xs)
+    picks = np.unique(np.linspace(0, len(ys) * len(xs) - 1, min(n_blocks, len(ys) * len(xs))).round().astype(int))
+    height = min(ys[p // len(xs)] for p in picks)
+    out = []
+    for array in arrays:
+        blocks = []
+        for p in picks:
+            y0, x0 = y_edges[p // len(xs)], x_edges[p % len(xs)]
+            blocks.append(np.asarray(array[..., y0 : y0 + height, x0 : x_edges[p % len(xs) + 1]]))
+        out.append(np.concatenate(blocks, axis=-1))
+    return out
 
 
 def _library_for(cfg: Config, data: da.Array, qc_dir: Path):
@@ -95,7 +102,7 @@ def _library_for(cfg: Config, data: da.Array, qc_dir: Path):
     if mode is False:
         return library
     refined, shifts = unmixing.refine_library(
-        _pixel_sample(data), library.to_frame(), library.wavelengths_nm,
+        _pixel_sample(data)[0], library.to_frame(), library.wavelengths_nm,
         max_shift_nm=cfg.unmixing.max_shift_nm, n_pixels=100_000, min_share=0.25,
     )
     before, after = shifts.attrs["residual_before"], shifts.attrs["residual_after"]
@@ -135,7 +142,14 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         )
         io.write_csv(library.to_frame(), out["spectra_used"])
         stored, _ = io.read_ome_zarr(out["zarr"])
-        report.plot_unmixing_qc(cube.data, stored, library, out["unmixing_qc"])
+        # pixels the library cannot explain (residual far above photon + read noise)
+        noise = unmixing.noise_model(*_pixel_sample(cube.data, stored[-1]))
+        flagged = unmixing.flag_poor_fit(cube.data, stored[-1], noise)
+        io.write_labels(out["zarr"], {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
+        stats = report.plot_unmixing_qc(cube.data, stored, library, out["unmixing_qc"],
+                                        flagged=io.read_labels(out["zarr"], "flagged"), noise=noise)
+        log.info("unmixed %s: median relative residual %.3f, %.2f%% pixels flagged", sample_id,
+                 stats["relative_residual_median"], 100 * stats["fraction_flagged"])
 
 
 def _channel(names: list[str], endmember: str, zarr_path: Path) -> int:

@@ -24,6 +24,8 @@ from qdquant import io  # noqa: E402
 CLASS_COLOURS = {"0": "#4575b4", "1+": "#fee090", "2+": "#fc8d59", "3+": "#d73027"}
 #: median relative residual above which the report warns that the library misfits
 RESIDUAL_WARN = 0.10
+#: fraction of flagged (poorly fitted) pixels above which the report warns
+FLAGGED_WARN = 0.01
 #: fewer tumour cells than this and the report warns (CAP asks for >= 100 invasive cells)
 MIN_TUMOUR_CELLS = 100
 
@@ -42,7 +44,7 @@ def _thumb(image, step: int) -> np.ndarray:
     return np.asarray(image[..., ::step, ::step], dtype=np.float32)
 
 
-def unmixing_stats(cube, stored, spectra) -> dict:
+def unmixing_stats(cube, stored, spectra, flagged=None) -> dict:
     """Fit statistics from a strided sample of pixels.
 
     ``relative_residual``: median over tissue pixels of RMS residual / RMS
@@ -57,6 +59,7 @@ def unmixing_stats(cube, stored, spectra) -> dict:
     tissue = signal > np.percentile(signal, 25)
     rel = residual[tissue] / np.maximum(signal[tissue], 1e-9)
     return {
+        "fraction_flagged": float(np.mean(_thumb(flagged, step))) if flagged is not None else 0.0,
         "relative_residual_median": float(np.median(rel)) if rel.size else float("nan"),
         "relative_residual_p99": float(np.percentile(rel, 99)) if rel.size else float("nan"),
         "fraction_at_bound": float(np.mean((abundances <= 0).any(axis=0))),
@@ -65,12 +68,14 @@ def unmixing_stats(cube, stored, spectra) -> dict:
     }
 
 
-def plot_unmixing_qc(cube, stored, library, path: Path) -> dict:
+def plot_unmixing_qc(cube, stored, library, path: Path, *, flagged=None, noise=None) -> dict:
     """Library spectra, the tissue's mean spectrum and its fit, and the residual map.
 
     Also writes the statistics next to the PNG (``unmixing.json``) and returns them.
     """
-    stats = unmixing_stats(cube, stored, library.spectra)
+    stats = unmixing_stats(cube, stored, library.spectra, flagged)
+    if noise is not None:
+        stats["noise_model_a"], stats["noise_model_b"] = noise
     wl = library.wavelengths_nm
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for k, name in enumerate(library.names):
@@ -84,7 +89,8 @@ def plot_unmixing_qc(cube, stored, library, path: Path) -> dict:
     axes[1].legend()
     step = _stride(stored.shape[1:])
     im = axes[2].imshow(_thumb(stored[-1], step), cmap="magma")
-    axes[2].set(title=f"RMS residual (median rel. {stats['relative_residual_median']:.3f})")
+    axes[2].set(title=f"RMS residual (median rel. {stats['relative_residual_median']:.3f}; "
+                      f"{100 * stats['fraction_flagged']:.1f}% flagged)")
     axes[2].axis("off")
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     _save(fig, path)
@@ -233,6 +239,11 @@ def sample_warnings(summary: dict, stats: dict | None, cfg) -> list[str]:
             out.append(f"Only {n} tumour cells (fewer than {MIN_TUMOUR_CELLS}): interpret the scores with care.")
     if summary.get("her2_score") == "2+":
         out.append("HER2 2+ (equivocal): reflex in-situ hybridisation (ISH) is needed.")
+    if stats and stats.get("fraction_flagged", 0) > FLAGGED_WARN:
+        out.append(
+            f"{100 * stats['fraction_flagged']:.1f}% of pixels fit the spectral library poorly (off-library "
+            "autofluorescence?); they are left out of every measurement."
+        )
     if stats and stats.get("relative_residual_median", 0) > RESIDUAL_WARN:
         out.append(
             f"High unmixing residual (median {100 * stats['relative_residual_median']:.0f}% of the signal): "

@@ -25,6 +25,7 @@ References
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +33,11 @@ import dask.array as da
 import numpy as np
 
 from qdquant.errors import InputError
+
+try:  # the fast kernel; without numba the numpy FC-NNLS below does the same, slower
+    import numba as _numba
+except Exception:  # pragma: no cover - numba is a dependency, but keep working without it
+    _numba = None
 
 __all__ = [
     "CONDITION_LIMIT",
@@ -47,8 +53,13 @@ __all__ = [
 #: is amplified up to this many times more than in the best one.
 CONDITION_LIMIT = 100.0
 
-#: Pixels solved together (memory per block is about 60 bytes x bands x this).
+#: Pixels solved together by the numpy path (memory per block is about 60
+#: bytes x bands x this).
 _BLOCK_PX = 65536
+
+#: Solve with the numba kernel (when numba imports); False selects the
+#: pure-numpy FC-NNLS (same results, several times slower).
+_USE_NUMBA = _numba is not None
 
 #: Poisson weights: the expected count of a band is floored at
 #: max(_POISSON_FLOOR_COUNTS, _POISSON_FLOOR_FRACTION x the pixel's largest
@@ -347,7 +358,16 @@ def _unmix_slab(b, a, a_w, solver, offset, weights):
 
 
 def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None):
-    """Unmix a numpy (C, Y, X) cube into preallocated outputs, by slabs of rows."""
+    """Unmix a numpy (C, Y, X) cube into preallocated outputs.
+
+    With numba: the fused kernel, multi-threaded when called from the main
+    thread (a dask worker thread runs it single-threaded: dask already works
+    on several blocks at once). Without: the numpy FC-NNLS by slabs of rows.
+    """
+    if _USE_NUMBA and _numba is not None:
+        parallel = threading.current_thread() is threading.main_thread()
+        _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=parallel)
+        return
     c, h, w = cube.shape
     wd = _work_dtype(cube.dtype)
     a_w = a.astype(wd)
@@ -372,6 +392,613 @@ def _unmix_block(block, a, offset, weights):
     if block.size:
         _unmix_into(block, a, offset, weights, out[:k], out[k])
     return out
+
+
+# --------------------------------------------------------------------------
+# numba kernel: one fused pass over the cube
+# --------------------------------------------------------------------------
+#
+# For every tile of _TILE pixels (contiguous along X) the pixels' spectra are
+# read once (offset subtracted, float64); ``b = A.T @ y`` and the
+# unconstrained solution ``G^-1 b`` (``G = A.T @ A``) are computed for the
+# whole tile, pixel loops innermost (vectorised). A pixel whose unconstrained
+# solution has no negative entry is done: that is its NNLS solution. The
+# others run the Lawson-Hanson active-set algorithm on the Gram form (G, b),
+# warm-started from the passive set of the unconstrained solution's positive
+# entries (cold-started from the empty set if that fails). The residual is
+# then computed from the tile still in cache.
+#
+# Passive systems: for K <= _KP endmembers (the fast path) the problem is
+# padded to _KP variables (G with an identity block, b = 0: the padding
+# variables never enter the passive set) and the inverse of G restricted to
+# each of the 2**_KP passive sets, computed once per call by Cholesky on the
+# sub-matrix, is looked up; every loop of the per-pixel algorithm then has a
+# fixed trip count and the data-dependent choices are mostly selects, not
+# branches (mispredicted branches cost more than the arithmetic here).
+# Beyond _KP endmembers, and for the per-pixel Gram matrices of the Poisson
+# refit, each passive system is factorised (Cholesky) when it comes.
+#
+# Pixels whose active-set iteration does not converge, or whose passive
+# system is not numerically positive definite, are flagged and re-solved
+# with the numpy FC-NNLS above.
+
+#: Pixels per tile of the numba kernel.
+_TILE = 128
+#: Endmembers of the fast path (problems with fewer are padded to this).
+_KP = 8
+#: Use the fast path when K <= _KP (tests switch it off to check the other).
+_FAST_LH = True
+#: Outer Lawson-Hanson iterations per pixel and start: _LH_ITER_FACTOR x K + 1.
+_LH_ITER_FACTOR = 3
+#: A Cholesky pivot below this times the diagonal element counts as not
+#: positive definite (the pixel goes to the numpy path).
+_CHOL_RTOL = 1e-13
+#: KKT gradient tolerance, relative to max |A.T b| (times K), as in _fcnnls.
+_KKT_RTOL = 1e-11
+#: The residual sum of squares is computed in Gram form,
+#: ``|y|^2 - x.(2 b - G x)`` (float64, error about 1e-14 |y|^2); where that
+#: is below this fraction of ``|y|^2`` it is recomputed band by band.
+_RSS_GRAM_MIN = 1e-6
+
+_NB_SUPPORTED = frozenset(np.dtype(t) for t in (
+    np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64,
+    np.float32, np.float64,
+))
+
+if _numba is not None:
+    from numba.core import cgutils as _cgutils
+    from numba.core import types as _nbtypes
+    from numba.extending import intrinsic as _intrinsic
+
+    _NB_OPTS = dict(cache=True, fastmath=False, nogil=True, error_model="numpy")
+    _njit = _numba.njit(**_NB_OPTS)
+
+    @_intrinsic
+    def _nb_stack_f8(typingctx, n):
+        """Pointer to ``n`` (a literal int) float64 on the calling function's stack.
+
+        ``numba.carray(_nb_stack_f8(8), 8)`` is an array without reference
+        counting that LLVM can keep in registers (a small heap array would be
+        stored and reloaded at every update).
+        """
+        if not isinstance(n, _nbtypes.IntegerLiteral):
+            return None
+        size = n.literal_value
+
+        def codegen(context, builder, sig, args):
+            return _cgutils.alloca_once(builder, context.get_value_type(_nbtypes.float64), size=size)
+
+        return _nbtypes.CPointer(_nbtypes.float64)(n), codegen
+
+    # Hot loops index flat arrays directly: numba reference-counts array
+    # views and the arrays passed to a call with atomic operations, which
+    # would cost more than the arithmetic of one pixel.
+
+    @_njit
+    def _nb_chol_solve(g, b, pidx, m, chol, z):
+        """Solve ``g[p, p] z = b[p]`` (p = pidx[:m]) by Cholesky; False if not PD."""
+        for i in range(m):
+            pi = pidx[i]
+            for j in range(i + 1):
+                pj = pidx[j]
+                s = g[pi, pj]
+                for q in range(j):
+                    s -= chol[i, q] * chol[j, q]
+                if i == j:
+                    if not s > _CHOL_RTOL * g[pi, pi]:  # also catches NaN
+                        return False
+                    chol[i, i] = math.sqrt(s)
+                else:
+                    chol[i, j] = s / chol[j, j]
+        for i in range(m):
+            s = b[pidx[i]]
+            for q in range(i):
+                s -= chol[i, q] * z[q]
+            z[i] = s / chol[i, i]
+        for i in range(m - 1, -1, -1):
+            s = z[i]
+            for q in range(i + 1, m):
+                s -= chol[q, i] * z[q]
+            z[i] = s / chol[i, i]
+        return True
+
+    @_njit
+    def _nb_inverse_table(g):
+        """Inverse of ``g`` (_KP x _KP) restricted to every passive set, by Cholesky.
+
+        ``table[code * _KP**2:][:_KP**2]`` is, for the passive set ``code``
+        (bit i set: variable i passive), the inverse of ``g[p, p]`` embedded
+        in a _KP x _KP matrix of zeros, row-major; ``ok[code]`` is False when
+        ``g[p, p]`` is not numerically positive definite.
+        """
+        kp = _KP
+        n = 1 << kp
+        table = np.zeros(n * kp * kp)
+        ok = np.ones(n, np.bool_)
+        pidx = np.empty(kp, np.intp)
+        chol = np.empty((kp, kp))
+        z = np.empty(kp)
+        e = np.zeros(kp)
+        for code in range(1, n):
+            m = 0
+            for i in range(kp):
+                if (code >> i) & 1:
+                    pidx[m] = i
+                    m += 1
+            for col in range(m):
+                e[pidx[col]] = 1.0
+                if not _nb_chol_solve(g, e, pidx, m, chol, z):
+                    ok[code] = False
+                e[pidx[col]] = 0.0
+                for q in range(m):
+                    table[code * kp * kp + pidx[q] * kp + pidx[col]] = z[q]
+        return table, ok
+
+    @_njit
+    def _nb_lh_generic(g, b, d, code, tol, max_outer, pidx, chol, z):
+        """Lawson-Hanson NNLS in Gram form (G, b), any K, from a feasible start.
+
+        ``d`` (K,) is feasible: ``d > 0`` on the passive set ``code`` (bit
+        mask), 0 elsewhere; it ends as the solution. Passive systems by
+        Cholesky. Returns 0 when the KKT conditions hold, 1 when a passive
+        system is not positive definite, 2 when ``max_outer`` outer steps did
+        not converge.
+        """
+        k = g.shape[0]
+        for _ in range(max_outer):
+            # least squares on the passive set, stepping back to the feasible
+            # region (each step drops at least one variable)
+            for _inner in range(k + 1):
+                m = 0
+                for i in range(k):
+                    if (code >> i) & 1:
+                        pidx[m] = i
+                        m += 1
+                if m == 0:
+                    break
+                if not _nb_chol_solve(g, b, pidx, m, chol, z):
+                    return 1
+                alpha = np.inf
+                imin = -1
+                for q in range(m):
+                    zq = z[q]
+                    if zq <= 0.0:
+                        i = pidx[q]
+                        step = d[i] / (d[i] - zq)
+                        if step < alpha:
+                            alpha = step
+                            imin = i
+                if imin < 0:  # z is feasible
+                    for q in range(m):
+                        d[pidx[q]] = z[q]
+                    break
+                for q in range(m):
+                    i = pidx[q]
+                    v = d[i] + alpha * (z[q] - d[i])
+                    if v <= 0.0 or i == imin:
+                        v = 0.0
+                        code &= ~(np.int64(1) << i)
+                    d[i] = v
+            # KKT: the gradient b - G d of every active variable must be <= tol
+            jmax = -1
+            wmax = tol
+            for j in range(k):
+                if not (code >> j) & 1:
+                    s = b[j]
+                    for i in range(k):
+                        s -= g[j, i] * d[i]
+                    if s > wmax:
+                        wmax = s
+                        jmax = j
+            if jmax < 0:
+                return 0
+            code |= np.int64(1) << jmax
+        return 2
+
+    @_njit
+    def _nb_nnls_generic(g, b, xu, x, max_outer, pidx, chol, z):
+        """NNLS of one pixel from G (K, K), b and the unconstrained solution ``xu``.
+
+        Warm start from the positive entries of ``xu``, a cold start from the
+        empty passive set when that fails. Writes the solution to ``x[:K]``;
+        returns the status (0 = converged).
+        """
+        k = g.shape[0]
+        scale = 0.0
+        code = np.int64(0)
+        for i in range(k):
+            scale = max(scale, abs(b[i]))
+            if xu[i] > 0.0:
+                code |= np.int64(1) << i
+                x[i] = xu[i]
+            else:
+                x[i] = 0.0
+        tol = _KKT_RTOL * k * (scale if scale > 0.0 else 1.0)
+        status = _nb_lh_generic(g, b, x, code, tol, max_outer, pidx, chol, z)
+        if status != 0:
+            for i in range(k):
+                x[i] = 0.0
+            status = _nb_lh_generic(g, b, x, np.int64(0), tol, max_outer, pidx, chol, z)
+        return status
+
+    @_njit
+    def _nb_nnls_tile(table, ok, g8, g, bt, xt, nt, n, neg, fast, max_outer, st, codes,
+                      b, d, z, xu, pidx, chol):
+        """NNLS of the pixels j < n of a tile with ``neg[j] > 0``.
+
+        ``bt`` and ``xt`` are (rows, nt) flattened, rows >= K (and >= _KP on
+        the fast path, padding rows zero): ``A.T @ y`` and, on entry, the
+        unconstrained solutions, replaced by the NNLS solutions. ``st[j]``
+        gets the status (0 converged, 1 not positive definite, 2 not
+        converged; 0 for pixels not solved here). ``fast``: the table path
+        (``table``, ``ok``, ``g8`` = G padded to _KP x _KP, flat); else
+        :func:`_nb_nnls_generic` with ``g``. ``codes`` (nt,) int64 and
+        ``b`` ... ``chol``: work arrays.
+
+        Fast path, in two passes. First, without branches (so that the
+        processor overlaps consecutive pixels): the least squares on the
+        passive set of the positive unconstrained entries, and its KKT
+        check; most pixels are done there. Then the Lawson-Hanson loop for
+        the others, from where the first pass left them.
+        """
+        k = g.shape[0]
+        if not fast:
+            for j in range(n):
+                st[j] = 0
+                if neg[j] > 0.0:
+                    for i in range(k):
+                        b[i] = bt[i * nt + j]
+                        xu[i] = xt[i * nt + j]
+                    st[j] = _nb_nnls_generic(g, b, xu, d, max_outer, pidx, chol, z)
+                    for i in range(k):
+                        xt[i * nt + j] = d[i]
+            return
+        kp = _KP
+        kk = kp * kp
+        bs = _numba.carray(_nb_stack_f8(_KP), _KP)  # b, d, z of the pixel, in registers
+        ds = _numba.carray(_nb_stack_f8(_KP), _KP)
+        zs = _numba.carray(_nb_stack_f8(_KP), _KP)
+        # pass 1: solve on the positive set P of the unconstrained solution
+        pending = 0
+        for j in range(n):
+            st[j] = 0
+            if not neg[j] > 0.0:
+                continue
+            scale = 0.0
+            code = np.int64(0)
+            for i in range(kp):
+                bi = bt[i * nt + j]
+                bs[i] = bi
+                ab = abs(bi)
+                scale = ab if ab > scale else scale
+                v = xt[i * nt + j]
+                pos = v > 0.0
+                ds[i] = v if pos else 0.0
+                code |= np.int64(pos) << i
+            tol = _KKT_RTOL * k * (scale if scale > 0.0 else 1.0)
+            base = code * kk
+            for i in range(kp):
+                s = 0.0
+                for r in range(kp):
+                    s += table[base + i * kp + r] * bs[r]
+                zs[i] = s  # 0 outside P
+            feasible = ok[code]
+            for i in range(kp):
+                feasible &= (zs[i] > 0.0) | (((code >> i) & 1) == 0)
+            jmax = -1
+            wmax = tol
+            for jj in range(kp):
+                s = bs[jj]
+                for i in range(kp):
+                    s -= g8[jj * kp + i] * zs[i]
+                cand = (((code >> jj) & 1) == 0) & (s > wmax)
+                wmax = s if cand else wmax
+                jmax = jj if cand else jmax
+            # done: z; else the LH state to go on from: z and P + {jmax}
+            # when z is feasible, the positive part of the unconstrained
+            # solution and P when not
+            for i in range(kp):
+                xt[i * nt + j] = zs[i] if feasible else ds[i]
+            more = feasible & (jmax >= 0)
+            codes[j] = code | (np.int64(more) << max(jmax, 0))
+            todo = (not feasible) | more
+            st[j] = 3 if todo else 0
+            pending += todo
+        if pending == 0:
+            return
+        # pass 2: Lawson-Hanson from there (then from the empty set if that fails)
+        for j in range(n):
+            if st[j] != 3:
+                continue
+            scale = 0.0
+            for i in range(kp):
+                bi = bt[i * nt + j]
+                bs[i] = bi
+                ab = abs(bi)
+                scale = ab if ab > scale else scale
+            tol = _KKT_RTOL * k * (scale if scale > 0.0 else 1.0)
+            status = 2
+            for attempt in range(2):
+                code = codes[j] if attempt == 0 else np.int64(0)
+                for i in range(kp):
+                    ds[i] = xt[i * nt + j] if attempt == 0 else 0.0
+                status = 2
+                for _outer in range(max_outer):
+                    # least squares on the passive set, stepping back to the
+                    # feasible region (each step drops at least one variable)
+                    for _inner in range(kp + 1):
+                        if code == 0:
+                            break
+                        if not ok[code]:
+                            status = 1
+                            break
+                        base = code * kk
+                        for i in range(kp):
+                            s = 0.0
+                            for r in range(kp):
+                                s += table[base + i * kp + r] * bs[r]
+                            zs[i] = s  # 0 outside the passive set
+                        alpha = np.inf
+                        imin = -1
+                        for i in range(kp):
+                            zi = zs[i]
+                            if (zi <= 0.0) & (((code >> i) & 1) == 1):
+                                step = ds[i] / (ds[i] - zi)
+                                if step < alpha:
+                                    alpha = step
+                                    imin = i
+                        if imin < 0:  # z is feasible
+                            for i in range(kp):
+                                ds[i] = zs[i]
+                            break
+                        for i in range(kp):
+                            p = ((code >> i) & 1) == 1
+                            v = ds[i] + alpha * (zs[i] - ds[i])
+                            drop = p & ((v <= 0.0) | (i == imin))
+                            ds[i] = v if p & (not drop) else 0.0
+                            code &= ~(np.int64(drop) << i)
+                    if status == 1:
+                        break
+                    # KKT: the gradient b - G d of every active variable <= tol
+                    jmax = -1
+                    wmax = tol
+                    for jj in range(kp):
+                        s = bs[jj]
+                        for i in range(kp):
+                            s -= g8[jj * kp + i] * ds[i]
+                        cand = (((code >> jj) & 1) == 0) & (s > wmax)
+                        wmax = s if cand else wmax
+                        jmax = jj if cand else jmax
+                    if jmax < 0:
+                        status = 0
+                        break
+                    code |= np.int64(1) << jmax
+                if status == 0:
+                    break
+            for i in range(kp):
+                xt[i * nt + j] = ds[i]
+            st[j] = status
+
+    @_njit
+    def _nb_tiles(cube, a, gram, ginv, table, ok, g8, fast, offset, poisson, max_outer, t0, t1,
+                  abund, resid, status):
+        """Unmix tiles ``t0:t1`` of ``cube`` (C, H, W) into abund, resid, status.
+
+        Tile t covers row ``t // ntx`` (ntx tiles a row), columns from
+        ``(t % ntx) * _TILE``. Per-tile buffers are flat (rows of _TILE
+        pixels), pixel loops innermost; a short tile is padded with zero
+        pixels.
+        """
+        c_n, _, w_n = cube.shape
+        k = a.shape[1]
+        nt = _TILE
+        ntx = (w_n + nt - 1) // nt
+        rows = max(k, _KP)
+        yt = np.zeros(c_n * nt)
+        bt = np.zeros(rows * nt)
+        xt = np.zeros(rows * nt)
+        yy = np.empty(nt)
+        rs = np.empty(nt)
+        neg = np.empty(nt)
+        gx = np.empty(nt)
+        st = np.zeros(nt, np.int8)
+        codes = np.zeros(nt, np.int64)
+        b = np.zeros(rows)
+        d = np.zeros(rows)
+        z = np.zeros(rows)
+        xu = np.zeros(rows)
+        pidx = np.zeros(rows, np.intp)
+        chol = np.zeros((rows, rows))
+        # one pixel of a Poisson refit
+        bp = np.empty(k)
+        xp = np.empty(k)
+        xo = np.empty(k)
+        gp = np.empty((k, k))
+        wc = np.empty(c_n)
+        for t in range(t0, t1):
+            y = t // ntx
+            x0 = (t % ntx) * nt
+            n = min(nt, w_n - x0)
+            # spectra, offset subtracted, and |y|^2
+            for j in range(nt):
+                yy[j] = 0.0
+            for c in range(c_n):
+                oc = offset[c]
+                o = c * nt
+                for j in range(n):
+                    yt[o + j] = np.float64(cube[c, y, x0 + j]) - oc
+                for j in range(n, nt):
+                    yt[o + j] = 0.0
+                for j in range(nt):
+                    yy[j] += yt[o + j] * yt[o + j]
+            # b = A.T y, four bands at a time
+            for i in range(k):
+                ob = i * nt
+                for j in range(nt):
+                    bt[ob + j] = 0.0
+                c = 0
+                while c + 4 <= c_n:
+                    a0, a1, a2, a3 = a[c, i], a[c + 1, i], a[c + 2, i], a[c + 3, i]
+                    o0, o1, o2, o3 = c * nt, (c + 1) * nt, (c + 2) * nt, (c + 3) * nt
+                    for j in range(nt):
+                        bt[ob + j] += (a0 * yt[o0 + j] + a1 * yt[o1 + j]) + (a2 * yt[o2 + j] + a3 * yt[o3 + j])
+                    c += 4
+                while c < c_n:
+                    a0 = a[c, i]
+                    o0 = c * nt
+                    for j in range(nt):
+                        bt[ob + j] += a0 * yt[o0 + j]
+                    c += 1
+            # unconstrained solution G^-1 b; count of negative entries
+            for j in range(nt):
+                neg[j] = 0.0
+            for i in range(k):
+                ox = i * nt
+                for j in range(nt):
+                    xt[ox + j] = 0.0
+                for q in range(k):
+                    gq = ginv[i, q]
+                    ob = q * nt
+                    for j in range(nt):
+                        xt[ox + j] += gq * bt[ob + j]
+                for j in range(nt):
+                    neg[j] += 1.0 if xt[ox + j] < 0.0 else 0.0
+            # pixels with a negative entry: active set
+            _nb_nnls_tile(table, ok, g8, gram, bt, xt, nt, n, neg, fast, max_outer, st, codes,
+                          b, d, z, xu, pidx, chol)
+            if poisson:
+                for j in range(n):
+                    if st[j] != 0:
+                        continue
+                    # refit with weights 1 / max(e, floor), e = A x of the unweighted fit
+                    emax = 0.0
+                    for c in range(c_n):
+                        e = 0.0
+                        for i in range(k):
+                            e += a[c, i] * xt[i * nt + j]
+                        wc[c] = e
+                        emax = max(emax, e)
+                    floor = max(_POISSON_FLOOR_COUNTS, _POISSON_FLOOR_FRACTION * emax)
+                    for c in range(c_n):
+                        wc[c] = 1.0 / max(wc[c], floor)
+                    for i in range(k):
+                        s = 0.0
+                        for c in range(c_n):
+                            s += a[c, i] * wc[c] * yt[c * nt + j]
+                        bp[i] = s
+                        for q in range(i + 1):
+                            s = 0.0
+                            for c in range(c_n):
+                                s += wc[c] * a[c, i] * a[c, q]
+                            gp[i, q] = s
+                            gp[q, i] = s
+                        pidx[i] = i
+                    if _nb_chol_solve(gp, bp, pidx, k, chol, xp):
+                        negp = False
+                        for i in range(k):
+                            xo[i] = xp[i]
+                            negp |= xp[i] < 0.0
+                        if negp:
+                            st[j] = _nb_nnls_generic(gp, bp, xp, xo, max_outer, pidx, chol, z)
+                        for i in range(k):
+                            xt[i * nt + j] = xo[i]
+                    else:
+                        st[j] = 1
+            # outputs; the residual is that of the abundances as returned (float32)
+            for j in range(n):
+                status[y, x0 + j] = st[j]
+            for i in range(k):
+                ox = i * nt
+                for j in range(n):
+                    v = np.float32(xt[ox + j])
+                    abund[i, y, x0 + j] = v
+                    xt[ox + j] = np.float64(v)
+                for j in range(n, nt):
+                    xt[ox + j] = 0.0
+            # Gram form: |y - A x|^2 = |y|^2 - x.(2 b - G x)
+            for j in range(nt):
+                rs[j] = yy[j]
+            for i in range(k):
+                for j in range(nt):
+                    gx[j] = 0.0
+                for q in range(k):
+                    gq = gram[i, q]
+                    ox = q * nt
+                    for j in range(nt):
+                        gx[j] += gq * xt[ox + j]
+                ox = i * nt
+                for j in range(nt):
+                    rs[j] -= xt[ox + j] * (2.0 * bt[ox + j] - gx[j])
+            for j in range(n):
+                r = rs[j]
+                if not r > _RSS_GRAM_MIN * yy[j]:  # small (or NaN): band by band
+                    r = 0.0
+                    for c in range(c_n):
+                        s = yt[c * nt + j]
+                        for i in range(k):
+                            s -= a[c, i] * xt[i * nt + j]
+                        r += s * s
+                resid[y, x0 + j] = np.float32(math.sqrt(r / c_n))
+
+    @_numba.njit(parallel=True, **_NB_OPTS)
+    def _nb_tiles_parallel(cube, a, gram, ginv, table, ok, g8, fast, offset, poisson, max_outer,
+                           n_chunks, abund, resid, status):
+        """``_nb_tiles`` over all tiles: ``n_chunks`` contiguous ranges of tiles in parallel."""
+        ntiles = cube.shape[1] * ((cube.shape[2] + _TILE - 1) // _TILE)
+        for ch in _numba.prange(n_chunks):
+            t0 = ntiles * ch // n_chunks
+            t1 = ntiles * (ch + 1) // n_chunks
+            _nb_tiles(cube, a, gram, ginv, table, ok, g8, fast, offset, poisson, max_outer, t0, t1,
+                      abund, resid, status)
+
+
+def _flat_plane(arr):
+    """``arr`` (..., H, W) as a (..., 1, H*W) view when that needs no copy, else ``arr``."""
+    h, w = arr.shape[-2:]
+    if h > 1 and arr.strides[-2] == arr.strides[-1] * w:
+        return arr.reshape(arr.shape[:-2] + (1, h * w))
+    return arr
+
+
+def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
+    """Unmix a numpy (C, Y, X) cube into preallocated outputs with the numba kernel."""
+    c, h, w = cube.shape
+    k = a.shape[1]
+    if np.dtype(cube.dtype) not in _NB_SUPPORTED or not cube.dtype.isnative:
+        cube = cube.astype(_work_dtype(cube.dtype))
+    gram = np.ascontiguousarray(a.T @ a)
+    ginv = np.ascontiguousarray(np.linalg.inv(gram))
+    fast = bool(_FAST_LH and k <= _KP)
+    g8 = np.eye(_KP)
+    if fast:
+        g8[:k, :k] = gram
+        table, ok = _nb_inverse_table(g8)
+    else:
+        table, ok = np.zeros(0), np.zeros(0, np.bool_)
+    g8 = g8.ravel()
+    off = np.zeros(c) if offset is None else np.ascontiguousarray(offset, dtype=np.float64)
+    status = np.zeros((h, w), np.int8)
+    args = (a, gram, ginv, table, ok, g8, fast, off, weights == "poisson", _LH_ITER_FACTOR * k + 1)
+    views = [_flat_plane(v) for v in (cube, abund, resid[None], status[None])]
+    if all(v.shape[-2] == 1 for v in views):  # one long row of pixels: full tiles
+        cube_v, abund_v, resid_v, status_v = views[0], views[1], views[2][0], views[3][0]
+    else:
+        cube_v, abund_v, resid_v, status_v = cube, abund, resid, status
+    ntiles = cube_v.shape[1] * (-(-cube_v.shape[2] // _TILE))
+    n_threads = _numba.get_num_threads() if parallel else 1
+    n_chunks = min(ntiles, 4 * n_threads) if n_threads > 1 else 1
+    if n_chunks > 1:
+        _nb_tiles_parallel(cube_v, *args, n_chunks, abund_v, resid_v, status_v)
+    else:
+        _nb_tiles(cube_v, *args, 0, ntiles, abund_v, resid_v, status_v)
+    bad = np.nonzero(status)
+    if bad[0].size:  # rare: not converged or not positive definite; numpy FC-NNLS
+        b = np.asarray(cube[:, bad[0], bad[1]], dtype=np.float64)
+        x, rms = _unmix_slab(b, a, a, _SharedGram(gram), offset, weights)
+        abund[:, bad[0], bad[1]] = x
+        resid[bad] = rms
+    if not np.isfinite(resid).all():
+        raise InputError("cube contains NaN or inf pixel values")
 
 
 # --------------------------------------------------------------------------
@@ -727,8 +1354,10 @@ def refine_library(
     def column(j, s, w):
         return _shifted(a0[:, j], wl, s, w)
 
-    def dominated(x, j):
-        contrib = x * a.sum(axis=0)[:, None]
+    def dominated(x, j, spectra):
+        # share of the pixel's stain signal; flat (offset) endmembers are not signal
+        contrib = x * spectra.sum(axis=0)[:, None]
+        contrib[flat] = 0.0
         share = contrib[j] / np.maximum(contrib.sum(axis=0), 1e-300)
         return np.flatnonzero((share >= min_share) & (x[j] > 0))
 
@@ -737,7 +1366,7 @@ def refine_library(
         for j in range(k):
             if flat[j]:
                 continue
-            sel = dominated(x, j)
+            sel = dominated(x, j, a)
             if sel.size < 10:
                 continue
             bj = b[:, sel]
@@ -767,9 +1396,7 @@ def refine_library(
     x0 = unmix(b[:, None, :], a0)[0][:, 0, :].astype(np.float64)
     rows = []
     for j in range(k):
-        contrib = x0 * a0.sum(axis=0)[:, None]
-        share = contrib[j] / np.maximum(contrib.sum(axis=0), 1e-300)
-        sel = np.flatnonzero((share >= min_share) & (x0[j] > 0))
+        sel = dominated(x0, j, a0)
         if sel.size:
             before = math.sqrt(_rss(b[:, sel], a0) / (c * sel.size))
             after = math.sqrt(_rss(b[:, sel], a) / (c * sel.size))
@@ -786,3 +1413,90 @@ def refine_library(
         refined[names] = a
         return refined, report
     return a, report
+
+
+# ----------------------------------------------------------------------------
+# residual QC: pixels the library cannot explain
+
+
+def noise_model(cube, residual, *, n_bins: int = 32) -> tuple[float, float]:
+    """Fit the residual expected from photon and read noise: ``residual² ≈ a·m + b``.
+
+    ``m`` is a pixel's mean count over the bands. Shot noise makes the
+    variance of each band grow linearly with its counts (``a`` = 1 / electrons
+    per count, up to the fit's degrees of freedom) and read noise adds a
+    constant ``b``. The line is fitted through the medians of residual² in
+    quantile bins of ``m`` (robust to the pixels that fit badly) by the
+    Theil–Sen estimator (robust to bins that are all poorly fitted, such as
+    the brightest bins when an off-library object is the brightest thing on
+    the slide).
+
+    Parameters
+    ----------
+    cube : (C, Y, X) array
+        Raw counts (a sample of the slide is enough).
+    residual : (Y, X) array
+        RMS residual of the fit of ``cube``, counts.
+
+    Returns
+    -------
+    a, b : float
+        Slope (counts) and intercept (counts²), both >= 0 (b > 0).
+    """
+    cube = np.asarray(cube, dtype=np.float64)
+    residual = np.asarray(residual, dtype=np.float64)
+    if cube.ndim != 3 or residual.shape != cube.shape[1:]:
+        raise InputError(f"cube (C, Y, X) and residual (Y, X) must match, got {cube.shape} and {residual.shape}")
+    mean = cube.reshape(cube.shape[0], -1).mean(axis=0)
+    r2 = residual.ravel() ** 2
+    edges = np.unique(np.quantile(mean, np.linspace(0, 1, n_bins + 1)))
+    if len(edges) < 3:
+        return 0.0, max(float(np.median(r2)), 1e-12)
+    which = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, len(edges) - 2)
+    order = np.argsort(which, kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(which, minlength=len(edges) - 1))[:-1])
+    groups = [g for g in groups if len(g) >= 20]
+    centres = np.array([np.median(mean[g]) for g in groups])
+    medians = np.array([np.median(r2[g]) for g in groups])
+    if len(groups) < 2:
+        return 0.0, max(float(medians.mean()), 1e-12)
+    from scipy.stats import theilslopes
+
+    a, b, _, _ = theilslopes(medians, centres)
+    return max(float(a), 0.0), max(float(b), 1e-12)
+
+
+def flag_poor_fit(cube, residual, noise: tuple[float, float], *, factor: float = 5.0):
+    """Pixels whose residual is far above the noise expected from their counts.
+
+    A pixel is flagged when ``residual > factor · sqrt(a·m + b)`` (see
+    :func:`noise_model`): light the library cannot explain, such as red blood
+    cells, lipofuscin or elastin with spectra outside the library. Such pixels
+    are left out of every per-cell mean.
+
+    Parameters
+    ----------
+    cube : (C, Y, X) numpy or dask array
+        Raw counts.
+    residual : (Y, X) numpy or dask array
+        RMS residual, counts.
+    noise : (float, float)
+        ``(a, b)`` from :func:`noise_model`.
+    factor : float
+        How many expected standard deviations make a pixel poorly fitted.
+
+    Returns
+    -------
+    flagged : (Y, X) bool array (dask when ``cube`` is dask)
+    """
+    a, b = noise
+
+    def block(c, r):
+        mean = np.asarray(c, dtype=np.float32).mean(axis=0)
+        return np.asarray(r, dtype=np.float32) ** 2 > factor**2 * (a * mean + b)
+
+    if isinstance(cube, da.Array) or isinstance(residual, da.Array):
+        cube = da.asarray(cube)
+        residual = da.asarray(residual).rechunk(cube.chunks[1:])
+        return da.map_blocks(block, cube.rechunk({0: -1}), residual, drop_axis=0, dtype=bool)
+    return block(cube, residual)
