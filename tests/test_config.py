@@ -180,3 +180,10 @@ def test_clinical_sections(tiny_project, section, fragment):
     with pytest.raises(InputError) as e:
         load_config(tiny_project)
     assert_one_line(e, fragment)
+
+
+def test_unimplemented_illumination_is_a_clear_error(tiny_project):
+    edit_yaml(tiny_project, illumination="estimate")
+    with pytest.raises(InputError) as e:
+        load_config(tiny_project)
+    assert_one_line(e, "illumination", "not implemented")

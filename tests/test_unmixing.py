@@ -1,8 +1,14 @@
-"""Tests of qdquant.unmixing: FC-NNLS against scipy, offsets, weights, validation."""
+"""Tests of qdquant.unmixing: NNLS against scipy, offsets, weights, validation.
+
+The solver tests run with each engine of ``unmix``: the numba kernel (its
+table-driven fast path for K <= 8 and the Cholesky path used beyond), and the
+pure-numpy FC-NNLS that ``unmix`` uses when numba cannot be imported.
+"""
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask.array as da
@@ -13,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import nnls
 
+from qdquant import unmixing
 from qdquant.errors import InputError
 from qdquant.unmixing import (
     CONDITION_LIMIT,
@@ -24,6 +31,22 @@ from qdquant.unmixing import (
 )
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+ENGINES = ["numpy"] + (["numba", "numba-cholesky"] if unmixing._numba is not None else [])
+with_engines = pytest.mark.parametrize("engine_name", ENGINES)
+
+
+@contextmanager
+def engine(name):
+    """Run ``unmix`` with one engine: "numpy", "numba" or "numba-cholesky"."""
+    saved = unmixing._USE_NUMBA, unmixing._FAST_LH
+    unmixing._USE_NUMBA = name.startswith("numba")
+    unmixing._FAST_LH = name != "numba-cholesky"
+    try:
+        yield
+    finally:
+        unmixing._USE_NUMBA, unmixing._FAST_LH = saved
+
 WL = np.arange(500.0, 700.0, 10.0)  # 20 bands
 
 
@@ -89,23 +112,27 @@ def problems(draw, ill=False):
 # --------------------------------------------------------------------------
 
 
+@with_engines
 @HYP
 @given(problems())
-def test_matches_scipy_well_conditioned(problem):
+def test_matches_scipy_well_conditioned(engine_name, problem):
     a, cube = problem
-    abund, resid = unmix(cube, a)
+    with engine(engine_name):
+        abund, resid = unmix(cube, a)
     assert abund.shape == (a.shape[1],) + cube.shape[1:] and abund.dtype == np.float32
     assert resid.shape == cube.shape[1:] and resid.dtype == np.float32
     assert (abund >= 0).all()
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
 
+@with_engines
 @HYP
 @given(problems(ill=True))
-def test_matches_scipy_ill_conditioned(problem):
+def test_matches_scipy_ill_conditioned(engine_name, problem):
     a, cube = problem
     assert 5e2 < cond(a) < 2e4
-    abund, _ = unmix(cube, a)
+    with engine(engine_name):
+        abund, _ = unmix(cube, a)
     ref = scipy_unmix(cube, a)
     assert_close_per_pixel(abund, ref)
     # and the objective is at least as good as scipy's
@@ -115,63 +142,75 @@ def test_matches_scipy_ill_conditioned(problem):
     assert (ours <= theirs * (1 + 1e-6) + 1e-6 * np.linalg.norm(px, axis=0)).all()
 
 
+@with_engines
 @HYP
 @given(problems(), st.data())
-def test_dask_matches_scipy(problem, data):
+def test_dask_matches_scipy(engine_name, problem, data):
     a, cube = problem
     c, h, w = cube.shape
     chunks = (data.draw(st.integers(1, c)), data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
     d = da.from_array(cube, chunks=chunks)
-    abund, resid = unmix(d, a)
-    assert isinstance(abund, da.Array) and isinstance(resid, da.Array)
-    abund, resid = da.compute(abund, resid)
+    with engine(engine_name):
+        abund, resid = unmix(d, a)
+        assert isinstance(abund, da.Array) and isinstance(resid, da.Array)
+        abund, resid = da.compute(abund, resid)
+        np.testing.assert_allclose(resid, unmix(cube, a)[1], rtol=1e-5, atol=1e-5)
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
-    np.testing.assert_allclose(resid, unmix(cube, a)[1], rtol=1e-5, atol=1e-5)
 
 
+@with_engines
 @settings(max_examples=30, deadline=None)
 @given(problems(ill=True), st.data())
-def test_dask_matches_scipy_ill_conditioned(problem, data):
+def test_dask_matches_scipy_ill_conditioned(engine_name, problem, data):
     a, cube = problem
     c, h, w = cube.shape
     d = da.from_array(cube, chunks=(data.draw(st.integers(1, c)), data.draw(st.integers(1, h)), w))
-    abund = unmix(d, a)[0].compute()
+    with engine(engine_name):
+        abund = unmix(d, a)[0].compute()
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
 
+@with_engines
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32])
-def test_input_dtypes(dtype):
+def test_input_dtypes(engine_name, dtype):
     rng = np.random.default_rng(1)
     a = gaussians([520, 560, 600, 650], [15, 20, 15, 30])
     x = rng.gamma(1.0, 30.0, (4, 12, 9)) * (rng.random((4, 12, 9)) < 0.5)
     cube = np.clip(np.einsum("ck,kyx->cyx", a, x) + rng.normal(0, 2, (20, 12, 9)) + 5, 0, 250)
     cube = cube.astype(dtype)
-    abund, resid = unmix(cube, a)
+    with engine(engine_name):
+        abund, resid = unmix(cube, a)
     assert abund.dtype == np.float32 and resid.dtype == np.float32
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
 
-def test_many_endmembers_matches_scipy():
+@with_engines
+def test_many_endmembers_matches_scipy(engine_name):
     # K >= 16 uses the wide passive-set codes
     rng = np.random.default_rng(2)
     wl = np.linspace(450, 750, 40)
     a = gaussians(np.linspace(460, 740, 17), [12.0] * 17, wl)
     x = rng.gamma(1.0, 20.0, (17, 5, 8)) * (rng.random((17, 5, 8)) < 0.4)
     cube = np.einsum("ck,kyx->cyx", a, x) + rng.normal(0, 1.0, (40, 5, 8))
-    assert_close_per_pixel(unmix(cube, a)[0], scipy_unmix(cube, a))
+    with engine(engine_name):
+        abund = unmix(cube, a)[0]
+    assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
 
-def test_residual_is_rms_over_bands():
+@with_engines
+def test_residual_is_rms_over_bands(engine_name):
     rng = np.random.default_rng(3)
     a = gaussians([530, 600], [20, 25])
     cube = rng.uniform(0, 50, (20, 6, 5))
-    abund, resid = unmix(cube, a, offset=3.0)
+    with engine(engine_name):
+        abund, resid = unmix(cube, a, offset=3.0)
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     expected = np.sqrt(((cube - 3.0 - model) ** 2).mean(axis=0))
     np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_exact_mixture_has_zero_residual_and_edge_pixels():
+@with_engines
+def test_exact_mixture_has_zero_residual_and_edge_pixels(engine_name):
     a = gaussians([530, 600, 650], [20, 25, 30])
     x = np.zeros((3, 2, 3))
     x[:, 0, 0] = [10, 0, 5]
@@ -180,20 +219,23 @@ def test_exact_mixture_has_zero_residual_and_edge_pixels():
     x[:, 1, :] = [[7], [8], [9]]
     cube = np.einsum("ck,kyx->cyx", a, x)
     cube[:, 1, 2] = -5.0  # a pixel below the offset: all abundances 0
-    abund, resid = unmix(cube, a)
+    with engine(engine_name):
+        abund, resid = unmix(cube, a)
     x[:, 1, 2] = 0
     np.testing.assert_allclose(abund, x, rtol=1e-5, atol=1e-6)
     assert resid[0, :2].max() < 1e-6
     assert resid[1, 2] == pytest.approx(5.0, rel=1e-6)
 
 
-def test_inputs_not_mutated():
+@with_engines
+def test_inputs_not_mutated(engine_name):
     rng = np.random.default_rng(4)
     a = gaussians([530, 600], [20, 25])
     cube = rng.uniform(0, 50, (20, 4, 4)).astype(np.float32)
     cube0, a0 = cube.copy(), a.copy()
-    unmix(cube, a, offset=np.full(20, 2.0), weights="poisson")
-    unmix(cube, a)
+    with engine(engine_name):
+        unmix(cube, a, offset=np.full(20, 2.0), weights="poisson")
+        unmix(cube, a)
     np.testing.assert_array_equal(cube, cube0)
     np.testing.assert_array_equal(a, a0)
 
@@ -267,10 +309,12 @@ def test_estimate_offset_dask_matches_numpy():
     np.testing.assert_allclose(np_est, 50.0 - 2.33, atol=0.5)
 
 
-def test_poisson_weights_equal_weighted_scipy():
+@with_engines
+def test_poisson_weights_equal_weighted_scipy(engine_name):
     rng = np.random.default_rng(8)
     a, _, cube = simulated_cube(rng, shape=(6, 7))
-    abund, resid = unmix(cube, a, weights="poisson")
+    with engine(engine_name):
+        abund, resid = unmix(cube, a, weights="poisson")
     plain = scipy_unmix(cube, a)
     px = cube.reshape(cube.shape[0], -1)
     expected = a @ plain.reshape(a.shape[1], -1)
@@ -285,8 +329,72 @@ def test_poisson_weights_equal_weighted_scipy():
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     np.testing.assert_allclose(resid, np.sqrt(((cube - model) ** 2).mean(axis=0)), rtol=1e-4)
     # and dask gives the same
-    d_abund = unmix(da.from_array(cube, chunks=(5, 3, 4)), a, weights="poisson")[0].compute()
+    with engine(engine_name):
+        d_abund = unmix(da.from_array(cube, chunks=(5, 3, 4)), a, weights="poisson")[0].compute()
     np.testing.assert_allclose(d_abund, abund, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# the numba kernel: many pixels, strided and integer cubes, fallback
+# --------------------------------------------------------------------------
+
+needs_numba = pytest.mark.skipif(unmixing._numba is None, reason="numba is not installed")
+
+
+@needs_numba
+def test_numba_is_the_default_engine():
+    assert unmixing._USE_NUMBA
+
+
+def many_pixel_problem(seed, shape=(90, 130)):
+    rng = np.random.default_rng(seed)
+    a = gaussians([520, 560, 600, 640, 680, 600], [12, 12, 12, 12, 12, 80])
+    k = a.shape[1]
+    x = rng.gamma(2.0, 40.0, (k,) + shape) * (rng.random((k,) + shape) < 0.5)
+    cube = np.einsum("ck,kyx->cyx", a, x)
+    cube += rng.normal(0, 1, cube.shape) * np.sqrt(cube + 4)
+    return a, cube.astype(np.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "uint16"])
+@pytest.mark.parametrize("engine_name", ["numba", "numba-cholesky"])
+def test_numba_many_pixels_match_scipy(engine_name, layout):
+    # many tiles (several threads when numba has them); a view that cannot be
+    # flattened (tiles along rows, a short last tile); an integer cube
+    a, cube = many_pixel_problem(12)
+    if layout == "strided":
+        cube = cube[:, ::2, 3:]
+    elif layout == "uint16":
+        cube = np.clip(cube + 50, 0, None).astype(np.uint16)
+    with engine(engine_name):
+        abund, resid = unmix(cube, a, offset=1.5)
+    assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=1.5))
+    model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
+    expected = np.sqrt(((cube.astype(np.float64) - 1.5 - model) ** 2).mean(axis=0))
+    np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("engine_name", ["numba", "numba-cholesky"])
+def test_numba_unconverged_pixels_go_to_numpy_path(engine_name, monkeypatch):
+    a, cube = many_pixel_problem(13, shape=(20, 30))
+    solved = []
+    slab = unmixing._unmix_slab
+
+    def spy(b, *args):
+        solved.append(b.shape[1])
+        return slab(b, *args)
+
+    monkeypatch.setattr(unmixing, "_unmix_slab", spy)
+    # no Lawson-Hanson outer step at all: every pixel that needs one is flagged
+    monkeypatch.setattr(unmixing, "_LH_ITER_FACTOR", -1)
+    with engine(engine_name):
+        abund, resid = unmix(cube, a, weights=None)
+    assert len(solved) == 1 and 0 < solved[0] < 600
+    assert_close_per_pixel(abund, scipy_unmix(cube, a))
+    model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
+    np.testing.assert_allclose(resid, np.sqrt(((cube - model) ** 2).mean(axis=0)), rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------
@@ -347,13 +455,18 @@ def test_error_nonfinite_cube_numpy(good):
             unmix(c2, a)
 
 
-def test_error_nonfinite_cube_dask(good):
+@with_engines
+def test_error_nonfinite_cube_dask(good, engine_name):
     cube, a = good
-    c2 = cube.copy()
-    c2[2, 3, 1] = np.nan
-    abund, resid = unmix(da.from_array(c2, chunks=(20, 2, 5)), a)  # lazy: no error yet
-    with pytest.raises(InputError, match="cube contains NaN or inf"):
-        da.compute(abund, resid)
+    for bad in (np.nan, np.inf):
+        c2 = cube.copy()
+        c2[2, 3, 1] = bad
+        with engine(engine_name):
+            abund, resid = unmix(da.from_array(c2, chunks=(20, 2, 5)), a)  # lazy: no error yet
+            with pytest.raises(InputError, match="cube contains NaN or inf"):
+                da.compute(abund, resid)
+            with pytest.raises(InputError, match="cube contains NaN or inf"):
+                da.compute(unmix(da.from_array(c2, chunks=(20, 2, 5)), a, weights="poisson"))
 
 
 def test_error_negative_spectra(good):

@@ -787,7 +787,8 @@ if _numba is not None:
         Tile t covers row ``t // ntx`` (ntx tiles a row), columns from
         ``(t % ntx) * _TILE``. Per-tile buffers are flat (rows of _TILE
         pixels), pixel loops innermost; a short tile is padded with zero
-        pixels.
+        pixels. Returns the number of pixels with a nonzero status and the
+        number with a residual that is not finite (NaN or inf in the cube).
         """
         c_n, _, w_n = cube.shape
         k = a.shape[1]
@@ -815,6 +816,8 @@ if _numba is not None:
         xo = np.empty(k)
         gp = np.empty((k, k))
         wc = np.empty(c_n)
+        n_bad = 0
+        n_nonfinite = 0
         for t in range(t0, t1):
             y = t // ntx
             x0 = (t % ntx) * nt
@@ -907,6 +910,7 @@ if _numba is not None:
             # outputs; the residual is that of the abundances as returned (float32)
             for j in range(n):
                 status[y, x0 + j] = st[j]
+                n_bad += st[j] != 0
             for i in range(k):
                 ox = i * nt
                 for j in range(n):
@@ -938,18 +942,26 @@ if _numba is not None:
                         for i in range(k):
                             s -= a[c, i] * xt[i * nt + j]
                         r += s * s
-                resid[y, x0 + j] = np.float32(math.sqrt(r / c_n))
+                r = math.sqrt(r / c_n)
+                n_nonfinite += not math.isfinite(r)
+                resid[y, x0 + j] = np.float32(r)
+        return n_bad, n_nonfinite
 
     @_numba.njit(parallel=True, **_NB_OPTS)
     def _nb_tiles_parallel(cube, a, gram, ginv, table, ok, g8, fast, offset, poisson, max_outer,
                            n_chunks, abund, resid, status):
         """``_nb_tiles`` over all tiles: ``n_chunks`` contiguous ranges of tiles in parallel."""
         ntiles = cube.shape[1] * ((cube.shape[2] + _TILE - 1) // _TILE)
+        n_bad = 0
+        n_nonfinite = 0
         for ch in _numba.prange(n_chunks):
             t0 = ntiles * ch // n_chunks
             t1 = ntiles * (ch + 1) // n_chunks
-            _nb_tiles(cube, a, gram, ginv, table, ok, g8, fast, offset, poisson, max_outer, t0, t1,
-                      abund, resid, status)
+            counts = _nb_tiles(cube, a, gram, ginv, table, ok, g8, fast, offset, poisson, max_outer,
+                               t0, t1, abund, resid, status)
+            n_bad += counts[0]
+            n_nonfinite += counts[1]
+        return n_bad, n_nonfinite
 
 
 def _flat_plane(arr):
@@ -988,17 +1000,17 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
     n_threads = _numba.get_num_threads() if parallel else 1
     n_chunks = min(ntiles, 4 * n_threads) if n_threads > 1 else 1
     if n_chunks > 1:
-        _nb_tiles_parallel(cube_v, *args, n_chunks, abund_v, resid_v, status_v)
+        n_bad, n_nonfinite = _nb_tiles_parallel(cube_v, *args, n_chunks, abund_v, resid_v, status_v)
     else:
-        _nb_tiles(cube_v, *args, 0, ntiles, abund_v, resid_v, status_v)
-    bad = np.nonzero(status)
-    if bad[0].size:  # rare: not converged or not positive definite; numpy FC-NNLS
+        n_bad, n_nonfinite = _nb_tiles(cube_v, *args, 0, ntiles, abund_v, resid_v, status_v)
+    if n_nonfinite:
+        raise InputError("cube contains NaN or inf pixel values")
+    if n_bad:  # rare: not converged or not positive definite; numpy FC-NNLS
+        bad = np.nonzero(status)
         b = np.asarray(cube[:, bad[0], bad[1]], dtype=np.float64)
         x, rms = _unmix_slab(b, a, a, _SharedGram(gram), offset, weights)
         abund[:, bad[0], bad[1]] = x
         resid[bad] = rms
-    if not np.isfinite(resid).all():
-        raise InputError("cube contains NaN or inf pixel values")
 
 
 # --------------------------------------------------------------------------
