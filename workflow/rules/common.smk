@@ -16,7 +16,19 @@ def is_test_slide(path):
     return Path(path).parent == Path("test_data/slides") and Path(path).name.endswith(".ome.tif")
 
 
-CONFIG_FILES = [str(p) for p in workflow.configfiles] or ["config/config.yaml"]
+def config_files():
+    """The config files in Snakemake's merge order: the Snakefile's, then --configfile's (deduplicated)."""
+    cli = [str(p) for p in workflow.overwrite_configfiles]
+    ordered = [str(p) for p in workflow.configfiles if str(p) not in cli] + cli
+    seen, files = set(), []
+    for path in ordered:
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            files.append(path)
+    return files or ["config/config.yaml"]
+
+
+CONFIG_FILES = config_files()
 try:
     CFG = load_config(config, source=" + ".join(CONFIG_FILES), check_images=True, image_will_exist=is_test_slide)
 except InputError as exc:
