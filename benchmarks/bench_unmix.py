@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_unmix.py [--size 2048] [--bands 31] [--endmembers 7]
                                      [--scipy-px 20000] [--repeat 3]
+                                     [--threads 1] [--engine numba|numpy]
 
 Builds a float32 cube (bands x size x size) from known sparse abundances
 (Gaussian-peak spectra, one broad autofluorescence-like endmember present
@@ -93,7 +94,8 @@ def main(argv=None):
     print(f"problem: {args.bands} bands x {args.endmembers} endmembers x "
           f"{args.size}x{args.size} px float32 ({cube.nbytes / 2**20:.0f} MiB), "
           f"built in {time.perf_counter() - t0:.1f} s; "
-          f"BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}")
+          f"BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}; "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
     unmixing._USE_NUMBA = args.engine == "numba" and unmixing._numba is not None
     engine = "numba" if unmixing._USE_NUMBA else "numpy"

@@ -70,22 +70,26 @@ def _about(path: Path):
 # steps
 
 
-def _pixel_sample(*arrays: da.Array, n_blocks: int = 4) -> list[np.ndarray]:
-    """The same few evenly spaced chunks of lazy (..., Y, X) arrays, side by side along X.
+def _pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384) -> list[np.ndarray]:
+    """The same windows of a few evenly spaced chunks of lazy (..., Y, X) arrays, side by side along X.
 
-    Enough pixels to fit a handful of parameters on, read without touching
-    the rest of the slide. Chunks follow the first array's (Y, X) grid.
+    Enough pixels to fit a handful of parameters on (``n_blocks`` windows of
+    at most ``window``² pixels, centred in their chunks), read without
+    touching the rest of the slide. Chunks follow the first array's (Y, X) grid.
     """
     ys, xs = arrays[0].chunks[-2:]
     y_edges, x_edges = np.cumsum((0,) + ys), np.cumsum((0,) + xs)
     picks = np.unique(np.linspace(0, len(ys) * len(xs) - 1, min(n_blocks, len(ys) * len(xs))).round().astype(int))
-    height = min(ys[p // len(xs)] for p in picks)
+    height = min(min(ys[p // len(xs)] for p in picks), window)
     out = []
     for array in arrays:
         blocks = []
         for p in picks:
-            y0, x0 = y_edges[p // len(xs)], x_edges[p % len(xs)]
-            blocks.append(np.asarray(array[..., y0 : y0 + height, x0 : x_edges[p % len(xs) + 1]]))
+            by, bx = p // len(xs), p % len(xs)
+            y0 = y_edges[by] + (ys[by] - height) // 2
+            width = min(xs[bx], window)
+            x0 = x_edges[bx] + (xs[bx] - width) // 2
+            blocks.append(np.asarray(array[..., y0 : y0 + height, x0 : x0 + width]))
         out.append(np.concatenate(blocks, axis=-1))
     return out
 

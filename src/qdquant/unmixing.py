@@ -6,12 +6,18 @@ column per endmember, and ``x >= 0`` the K abundances, in units of the
 library's columns (a pixel equal to 100 times column k has abundance 100 for
 endmember k).
 
-:func:`unmix` solves the non-negative least-squares problem of every pixel at
-once with the fast combinatorial NNLS of Van Benthem & Keenan (2004): the
-Lawson-Hanson active-set algorithm runs on all pixels together; in each step
-the pixels that share a passive set are grouped and solved with one
-normal-equations solve, using ``A.T @ A`` (computed once) and ``A.T @ b``
-(computed once per pixel).
+:func:`unmix` solves the non-negative least-squares problem of every pixel
+exactly (the solution of ``scipy.optimize.nnls``), on the normal equations
+``G = A.T @ A`` (computed once) and ``A.T @ b`` (once per pixel). Two engines:
+
+- a numba kernel (the default when numba imports): one fused pass over the
+  cube; the unconstrained solution of every pixel, then the Lawson-Hanson
+  active-set algorithm [2]_ for the pixels where it has a negative entry,
+  warm-started from its positive entries (see "numba kernel" below);
+- the fast combinatorial NNLS of Van Benthem & Keenan [1]_ in numpy, used
+  without numba: the Lawson-Hanson algorithm runs on all pixels together and
+  in each step the pixels that share a passive set are grouped and solved
+  with one normal-equations solve.
 
 References
 ----------
@@ -36,6 +42,9 @@ from qdquant.errors import InputError
 
 try:  # the fast kernel; without numba the numpy FC-NNLS below does the same, slower
     import numba as _numba
+    from numba.core import cgutils as _cgutils
+    from numba.core import types as _nbtypes
+    from numba.extending import intrinsic as _intrinsic
 except Exception:  # pragma: no cover - numba is a dependency, but keep working without it
     _numba = None
 
@@ -364,10 +373,16 @@ def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None):
     thread (a dask worker thread runs it single-threaded: dask already works
     on several blocks at once). Without: the numpy FC-NNLS by slabs of rows.
     """
+    global _USE_NUMBA
     if _USE_NUMBA and _numba is not None:
         parallel = threading.current_thread() is threading.main_thread()
-        _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=parallel)
-        return
+        try:
+            _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=parallel)
+            return
+        except _numba.core.errors.NumbaError as exc:  # pragma: no cover - a broken numba install
+            _USE_NUMBA = False
+            warnings.warn(f"numba kernel unavailable ({exc.__class__.__name__}: {exc}); using numpy from now on",
+                          RuntimeWarning, stacklevel=2)
     c, h, w = cube.shape
     wd = _work_dtype(cube.dtype)
     a_w = a.astype(wd)
@@ -414,13 +429,20 @@ def _unmix_block(block, a, offset, weights):
 # each of the 2**_KP passive sets, computed once per call by Cholesky on the
 # sub-matrix, is looked up; every loop of the per-pixel algorithm then has a
 # fixed trip count and the data-dependent choices are mostly selects, not
-# branches (mispredicted branches cost more than the arithmetic here).
+# branches (mispredicted branches cost more than the arithmetic here). A
+# first pass, without branches, solves every such pixel on its warm-start
+# passive set and checks the KKT conditions (done for about 2/3 of them on
+# typical data); a second pass runs the Lawson-Hanson loop for the rest.
 # Beyond _KP endmembers, and for the per-pixel Gram matrices of the Poisson
 # refit, each passive system is factorised (Cholesky) when it comes.
 #
-# Pixels whose active-set iteration does not converge, or whose passive
-# system is not numerically positive definite, are flagged and re-solved
-# with the numpy FC-NNLS above.
+# Pixels whose active-set iteration does not converge (_LH_ITER_FACTOR x K + 1
+# outer steps from the warm start, then as many from the cold start), or
+# whose passive system is not numerically positive definite, are flagged and
+# re-solved with the numpy FC-NNLS above.
+#
+# The constants below are compiled into the kernel, except _FAST_LH and
+# _LH_ITER_FACTOR (read at each call).
 
 #: Pixels per tile of the numba kernel.
 _TILE = 128
@@ -446,10 +468,6 @@ _NB_SUPPORTED = frozenset(np.dtype(t) for t in (
 ))
 
 if _numba is not None:
-    from numba.core import cgutils as _cgutils
-    from numba.core import types as _nbtypes
-    from numba.extending import intrinsic as _intrinsic
-
     _NB_OPTS = dict(cache=True, fastmath=False, nogil=True, error_model="numpy")
     _njit = _numba.njit(**_NB_OPTS)
 
@@ -991,10 +1009,12 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
     off = np.zeros(c) if offset is None else np.ascontiguousarray(offset, dtype=np.float64)
     status = np.zeros((h, w), np.int8)
     args = (a, gram, ginv, table, ok, g8, fast, off, weights == "poisson", _LH_ITER_FACTOR * k + 1)
+    if w < _TILE // 4 and _flat_plane(cube).shape[-2] != 1:
+        cube = np.ascontiguousarray(cube)  # narrow rows would make tiny tiles
     views = [_flat_plane(v) for v in (cube, abund, resid[None], status[None])]
     if all(v.shape[-2] == 1 for v in views):  # one long row of pixels: full tiles
         cube_v, abund_v, resid_v, status_v = views[0], views[1], views[2][0], views[3][0]
-    else:
+    else:  # tiles along each row, the last one short
         cube_v, abund_v, resid_v, status_v = cube, abund, resid, status
     ntiles = cube_v.shape[1] * (-(-cube_v.shape[2] // _TILE))
     n_threads = _numba.get_num_threads() if parallel else 1
@@ -1063,12 +1083,16 @@ def unmix(cube, spectra, *, offset=None, weights=None):
 
     Notes
     -----
-    The fast combinatorial NNLS [1]_ runs the Lawson-Hanson active-set
-    algorithm on all pixels at once: every iteration groups the pixels that
-    share a passive set and solves each group with one normal-equations solve
-    (float64 normal equations, ``A.T @ A`` precomputed). Band sums
-    (``A.T @ b`` and the residual) are done in float32, or float64 for a
-    float64 cube. The result equals ``scipy.optimize.nnls`` per pixel.
+    The result equals ``scipy.optimize.nnls`` per pixel. With numba (the
+    default), a compiled kernel reads each pixel once, computes ``A.T @ b``,
+    the unconstrained solution and, where that has a negative entry, runs the
+    Lawson-Hanson active-set algorithm [2]_ warm-started from its positive
+    entries; everything in float64, the residual from the same pass. It runs
+    on numba's threads for a numpy cube (on one thread per block for a dask
+    cube). The first call for a cube dtype compiles the kernel (seconds;
+    cached on disk by numba afterwards). Without numba: the fast combinatorial
+    NNLS [1]_ in numpy (all pixels at once, pixels that share a passive set
+    solved together; band sums in float32 for a non-float64 cube).
     """
     _check_cube_shape(cube)
     c = cube.shape[0]
