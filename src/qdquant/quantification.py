@@ -34,6 +34,13 @@ def _blocks(shape: tuple[int, int], block: int, halo: int) -> Iterator[tuple[tup
             )
 
 
+def _per_block(func, shape: tuple[int, int], block: int, halo: int) -> tuple:
+    """``func(padded, core)`` on every block (dask's threads), results in block order."""
+    return dask.compute(
+        *[dask.delayed(func)(p, c) for p, c in _blocks(shape, block, halo)], scheduler="threads"
+    )
+
+
 def _check_inputs(cells, nuclei, abundances, names) -> None:
     if cells.ndim != 2:
         raise InputError(f"cells must be a 2-D label image, got shape {cells.shape}")
@@ -152,11 +159,7 @@ def measure_cells(
         geometry[:, 2] += n * (padded[1].start + core[1].start)
         return ids, geometry, sums
 
-    parts = dask.compute(
-        *[dask.delayed(one)(p, c) for p, c in _blocks(cells.shape, block_size, halo)],
-        scheduler="threads",
-    )
-    parts = [p for p in parts if len(p[0])]
+    parts = [p for p in _per_block(one, cells.shape, block_size, halo) if len(p[0])]
     columns = ["CellID", "X_centroid", "Y_centroid", "X_um", "Y_um", "Area", "NucleusArea", "n_flagged_px"]
     columns += names + [f"{m}_{c}_mean" for m in names for c in COMPARTMENTS]
     if not parts:
@@ -264,11 +267,7 @@ def membrane_sectors(
     sums = np.zeros(n * sectors)
     npx = np.zeros(n * sectors, dtype=np.int64)
     if n:
-        parts = dask.compute(
-            *[dask.delayed(one)(p, c) for p, c in _blocks(cells.shape, block_size, halo)],
-            scheduler="threads",
-        )
-        for s, c in parts:
+        for s, c in _per_block(one, cells.shape, block_size, halo):
             sums += s
             npx += c
     return sums.reshape(n, sectors), npx.reshape(n, sectors)

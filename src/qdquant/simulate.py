@@ -542,6 +542,13 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     return (f - f.mean()) / max(float(f.std()), 1e-12)
 
 
+def _autofluorescence(rng: np.random.Generator, stroma: np.ndarray, px_per_um: float) -> np.ndarray:
+    """Tissue autofluorescence abundance: smooth, ~10-40 units, stronger in stroma."""
+    stroma_w = ndi.gaussian_filter(stroma.astype(np.float32), 6 * px_per_um)
+    n01 = 1.0 / (1.0 + np.exp(-_smooth_noise(rng, stroma.shape, 10 * px_per_um)))
+    return (10.0 + 24.0 * stroma_w * (0.6 + 0.4 * n01) + 6.0 * n01).astype(np.float32)
+
+
 def _poisson_disc(rng: np.random.Generator, points: np.ndarray, radius: float) -> np.ndarray:
     """A maximal subset of ``points`` no two closer than ``radius`` (Luby's parallel MIS).
 
@@ -1072,10 +1079,7 @@ def simulate_slide(
     dapi_lvl[1:] = rng.uniform(120.0, 260.0, n) * np.select([ctype == 2, ctype == 1], [1.4, 1.1], 1.0)
     dapi_img = ndi.gaussian_filter((dapi_lvl[nuclei] * chrom).astype(np.float32), psf_sigma_px)
 
-    # autofluorescence: smooth, ~10-40 units, stronger in stroma
-    stroma_w = ndi.gaussian_filter((~nest).astype(np.float32), 6 * um)
-    n01 = 1.0 / (1.0 + np.exp(-_smooth_noise(rng, shape, 10 * um)))
-    af_img = (10.0 + 24.0 * stroma_w * (0.6 + 0.4 * n01) + 6.0 * n01).astype(np.float32)
+    af_img = _autofluorescence(rng, ~nest, um)
 
     abund = np.zeros((len(ENDMEMBERS),) + shape, np.float32)
     abund[_IDX["DAPI"]] = dapi_img
@@ -1745,9 +1749,7 @@ def simulate_mibi(
     er = robust_nuclear(sm["ER"], 30.0)
     ki67 = robust_nuclear(sm["Ki67"], 30.0)
     um = 1.0 / pixel_size_um
-    stroma_w = ndi.gaussian_filter((~inside).astype(np.float32), 6 * um)
-    n01 = 1.0 / (1.0 + np.exp(-_smooth_noise(rng, shape, 10 * um)))
-    af = (10.0 + 24.0 * stroma_w * (0.6 + 0.4 * n01) + 6.0 * n01).astype(np.float32)
+    af = _autofluorescence(rng, ~inside, um)
 
     abund = np.zeros((len(ENDMEMBERS),) + shape, np.float32)
     abund[_IDX["DAPI"]] = dapi
