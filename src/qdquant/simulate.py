@@ -542,6 +542,15 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     return (f - f.mean()) / max(float(f.std()), 1e-12)
 
 
+def _abundance_stack(shape, offset_counts: float, **maps: np.ndarray) -> np.ndarray:
+    """(K, Y, X) float32 abundances in ENDMEMBERS order: the given maps (>= 0), 0 elsewhere, the offset flat."""
+    abund = np.zeros((len(ENDMEMBERS),) + tuple(shape), np.float32)
+    for name, image in maps.items():
+        abund[_IDX[name]] = image
+    abund[_IDX["Offset"]] = offset_counts
+    return np.maximum(abund, 0.0, out=abund)
+
+
 def _autofluorescence(rng: np.random.Generator, stroma: np.ndarray, px_per_um: float) -> np.ndarray:
     """Tissue autofluorescence abundance: smooth, ~10-40 units, stronger in stroma."""
     stroma_w = ndi.gaussian_filter(stroma.astype(np.float32), 6 * px_per_um)
@@ -1081,17 +1090,8 @@ def simulate_slide(
 
     af_img = _autofluorescence(rng, ~nest, um)
 
-    abund = np.zeros((len(ENDMEMBERS),) + shape, np.float32)
-    abund[_IDX["DAPI"]] = dapi_img
-    abund[_IDX["QD525"]] = mtor_img
-    abund[_IDX["QD565"]] = er_img
-    abund[_IDX["QD585"]] = ki_img
-    abund[_IDX["QD605"]] = pr_img
-    abund[_IDX["QD655"]] = her2_img
-    abund[_IDX["QD705"]] = ecad_img
-    abund[_IDX["AF"]] = af_img
-    abund[_IDX["Offset"]] = offset_counts
-    np.maximum(abund, 0.0, out=abund)
+    abund = _abundance_stack(shape, offset_counts, DAPI=dapi_img, QD525=mtor_img, QD565=er_img, QD585=ki_img,
+                             QD605=pr_img, QD655=her2_img, QD705=ecad_img, AF=af_img)
 
     # --- off-library autofluorescence ---------------------------------------
     off = np.zeros((2,) + shape, np.float32)
@@ -1751,15 +1751,7 @@ def simulate_mibi(
     um = 1.0 / pixel_size_um
     af = _autofluorescence(rng, ~inside, um)
 
-    abund = np.zeros((len(ENDMEMBERS),) + shape, np.float32)
-    abund[_IDX["DAPI"]] = dapi
-    abund[_IDX["QD565"]] = er
-    abund[_IDX["QD585"]] = ki67
-    abund[_IDX["QD655"]] = her2
-    abund[_IDX["QD705"]] = ecad
-    abund[_IDX["AF"]] = af
-    abund[_IDX["Offset"]] = offset_counts
-    np.maximum(abund, 0.0, out=abund)
+    abund = _abundance_stack(shape, offset_counts, DAPI=dapi, QD565=er, QD585=ki67, QD655=her2, QD705=ecad, AF=af)
 
     library = band_spectra()
     shifts, widths = _spectral_perturbation(rng, drift_nm)
