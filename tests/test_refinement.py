@@ -25,3 +25,22 @@ def test_refinement_recovers_the_generating_peaks(drift_nm, seed):
     assert errors["DAPI"] <= 1.0, errors
     assert report.attrs["residual_after"] < report.attrs["residual_before"]
     assert list(refined.columns) == list(slide.library.columns)
+
+
+def test_refinement_leaves_an_undrifted_library_unchanged():
+    """A cube made with exactly the library's spectra: refinement finds nothing to move."""
+    slide = simulate.simulate_slide(her2_score="3+", shape=(384, 384), seed=23, exact_library=True)
+    assert np.allclose(slide.true_spectra.to_numpy(), slide.library.to_numpy())
+    refined, report = refine_library(
+        slide.cube, slide.library, slide.wavelengths_nm, max_shift_nm=6, n_pixels=100_000, min_share=0.25
+    )
+    report = report.set_index("endmember")
+    stains = [k for k in report.index if k not in ("AF", "Offset") and report.loc[k, "n_pixels"] >= 300]
+    assert {"DAPI", "QD655", "QD705"} <= set(stains)
+    assert report.loc[stains, "shift_nm"].abs().max() <= 0.25, report["shift_nm"]
+    change = (refined.drop(columns="wavelength_nm") - slide.library.drop(columns="wavelength_nm")).abs().max()
+    assert change[stains].max() <= 0.015, change
+    # the broad AF trades a little with the stains; its spectrum barely moves
+    assert change["AF"] <= 0.05, change
+    # the fit gains nothing beyond noise
+    assert report.attrs["residual_after"] >= 0.99 * report.attrs["residual_before"]

@@ -24,8 +24,11 @@ def _load(args, *, check_images: bool = False):
 
 def _run_step(args) -> None:
     from qdquant import pipeline
+    from qdquant.scheduler import dask_scheduler, step_config
 
-    pipeline.STEPS[args.command](_load(args), args.sample)
+    cfg = _load(args)
+    with dask_scheduler(cfg, threads=args.threads) as workers:
+        pipeline.STEPS[args.command](step_config(cfg, workers, args.mem_mb), args.sample)
 
 
 def _calibrate(args) -> None:
@@ -105,6 +108,16 @@ def _library_build(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qdquant",
@@ -117,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(step, help=f"run the {step} step on one sample")
         p.add_argument("--config", required=True, action="append", help=CONFIG_HELP)
         p.add_argument("--sample", required=True, help="sample_id from the sample sheet")
+        p.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="CPUs the step got (the rule's threads): dask's workers unless dask.num_workers is set")
+        p.add_argument("--mem-mb", type=_positive_int, metavar="MB",
+                       help="memory the step may use; chunk_size shrinks to fit it (default: no limit)")
         p.set_defaults(func=_run_step)
     for name, func, text in (
         ("calibrate", _calibrate, "fit HER2 thresholds on the control slides"),

@@ -46,6 +46,9 @@ class Sample:
     pixel_size_um: float | None = None
     tissue: str | None = None
     control_score: str | None = None
+    #: an unstained control slide of the same tissue and scanner: the source
+    #: of the sample's autofluorescence spectrum (sample sheet column ``unstained``)
+    unstained: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ class Unmixing:
 
 
 @dataclass(frozen=True)
+class Dask:
+    """The ``dask`` section: the scheduler each step computes with (see :mod:`qdquant.scheduler`)."""
+
+    scheduler: str = "threads"  # threads | processes | synchronous | a dask.distributed address
+    num_workers: int | None = None  # None: the rule's threads (--threads), else dask's default
+
+
+@dataclass(frozen=True)
 class Tumour:
     marker: str
     threshold: float | str = "auto"
@@ -130,6 +141,7 @@ class Config:
     illumination: str
     tumour: Tumour | None
     subtype: Subtype | None
+    dask: Dask = field(default_factory=Dask)
     source: str = "config"
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -186,6 +198,9 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return f"missing key {error.message.split()[0]}" + ("" if key == "(top level)" else f" in '{key}'")
     if error.validator == "oneOf":
         return f"key '{key}': {error.instance!r} is not valid (expected 'auto' or a number >= 0)"
+    if error.validator == "pattern":
+        expected = " ".join(error.schema.get("description", "").split()) or f"matching {error.validator_value}"
+        return f"key '{key}': {error.instance!r} is not valid (expected {expected})"
     return f"key '{key}': {error.message}"
 
 
@@ -289,6 +304,7 @@ def read_samples(path: str | Path) -> tuple[Sample, ...]:
                 pixel_size_um=_number(rec.get("pixel_size_um", ""), path, i, "pixel_size_um", positive=True),
                 tissue=rec.get("tissue", "") or None,
                 control_score=control,
+                unstained=Path(rec["unstained"]) if rec.get("unstained", "") else None,
             )
         )
     return tuple(samples)
@@ -488,12 +504,20 @@ def load_config(
         illumination=cfg["illumination"],
         tumour=tumour,
         subtype=subtype,
+        dask=Dask(**cfg["dask"]),
         source=source,
         raw=cfg,
     )
+    af_rows = [r for r in result.panel if r.role == "autofluorescence"]
+    if any(s.unstained for s in samples) and len(af_rows) != 1:
+        raise InputError(
+            f"{cfg['samples']}: column 'unstained' needs exactly one panel row with role autofluorescence"
+            f" in {cfg['panel']} (found {len(af_rows)})"
+        )
     if check_images:
         for sample in samples:
-            if not sample.image.exists() and image_will_exist and image_will_exist(sample.image):
+            paths = [p for p in (sample.image, sample.unstained) if p is not None]
+            if image_will_exist and any(not p.exists() and image_will_exist(p) for p in paths):
                 continue
             check_image(result, sample)
     return result
@@ -503,13 +527,17 @@ def check_image(cfg: Config, sample: Sample) -> tuple[tuple[int, ...], float]:
     """Check a sample's image header against the library; return its shape and pixel size (µm)."""
     from qdquant.io import read_cube_header
 
-    shape, _, meta_px = read_cube_header(sample.image)
     n_bands = len(cfg.library.wavelengths_nm)
-    if shape[0] != n_bands:
-        raise InputError(
-            f"{sample.image}: {shape[0]} bands but the spectral library has {n_bands} rows"
-            f" (sample '{sample.sample_id}')"
-        )
+    for image, what in ((sample.unstained, "unstained control"), (sample.image, "image")):
+        if image is None:
+            continue
+        header = read_cube_header(image)
+        if header[0][0] != n_bands:
+            raise InputError(
+                f"{image}: {header[0][0]} bands but the spectral library has {n_bands} rows"
+                f" ({what} of sample '{sample.sample_id}')"
+            )
+    shape, _, meta_px = header
     return shape, pixel_size_for(cfg, sample, meta_px)
 
 
@@ -520,3 +548,62 @@ def pixel_size_for(cfg: Config, sample: Sample, metadata_um: float | None) -> fl
     if sample.pixel_size_um:
         return float(sample.pixel_size_um)
     return cfg.pixel_size_um
+
+
+# ----------------------------------------------------------------------------
+# chunk size from the memory a step is given
+
+#: Bytes a dask worker holds per pixel and band of its chunk in the unmix step,
+#: the heaviest step: the raw chunk and its rechunked copy, numba's float64
+#: per-pixel work, the float32 abundances and residual, the residual-QC
+#: recompute and zarr's write buffers. Measured with
+#: ``benchmarks/bench_wholeslide.py`` (4096², 31 bands, 2 workers, 2048-px
+#: chunks: peak RSS 2821 MiB, about 9.8 bytes per pixel and band including the
+#: interpreter), rounded up.
+UNMIX_BYTES_PER_PX_PER_BAND = 10.0
+#: Share of ``mem_mb`` the workers' chunks may fill; the rest is headroom.
+CHUNK_MEMORY_FRACTION = 0.8
+#: Chunk edges chosen from memory are multiples of this (and at least this).
+CHUNK_QUANTUM = 256
+
+
+def chunk_size_for(
+    chunk_size: int,
+    n_bands: int,
+    n_workers: int,
+    mem_mb: float | None,
+    *,
+    bytes_per_px_per_band: float = UNMIX_BYTES_PER_PX_PER_BAND,
+    memory_fraction: float = CHUNK_MEMORY_FRACTION,
+) -> int:
+    """The chunk edge a step uses: ``chunk_size``, shrunk to fit ``mem_mb``.
+
+    The working set is estimated as ``n_workers * edge² * n_bands *
+    bytes_per_px_per_band`` bytes and must fit in ``memory_fraction`` of
+    ``mem_mb`` (megabytes, 10⁶ bytes, as Snakemake's ``mem_mb``). When the
+    configured edge does not fit it is shrunk to the largest multiple of 256
+    that does, but never below 256 (nor above ``chunk_size``: a configured
+    edge is never grown). ``mem_mb=None`` (not given) keeps ``chunk_size``.
+    """
+    chunk_size = int(chunk_size)
+    if mem_mb is None:
+        return chunk_size
+    per_px = max(int(n_workers), 1) * max(int(n_bands), 1) * float(bytes_per_px_per_band)
+    budget = float(mem_mb) * 1e6 * memory_fraction
+    if chunk_size**2 * per_px <= budget:
+        return chunk_size
+    edge = int(math.sqrt(max(budget, 0.0) / per_px)) // CHUNK_QUANTUM * CHUNK_QUANTUM
+    return min(chunk_size, max(CHUNK_QUANTUM, edge))
+
+
+def chunk_mem_mb(
+    chunk_size: int,
+    n_bands: int,
+    n_workers: int,
+    *,
+    bytes_per_px_per_band: float = UNMIX_BYTES_PER_PX_PER_BAND,
+    memory_fraction: float = CHUNK_MEMORY_FRACTION,
+) -> int:
+    """The smallest ``mem_mb`` for which :func:`chunk_size_for` keeps ``chunk_size`` (for the rules)."""
+    per_px = max(int(n_workers), 1) * max(int(n_bands), 1) * float(bytes_per_px_per_band)
+    return int(math.ceil(int(chunk_size) ** 2 * per_px / memory_fraction / 1e6))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -128,13 +129,54 @@ def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
     """
     path = Path(path)
     _, _, pixel_size = read_cube_header(path)
-    tif = tifffile.TiffFile(path)
-    series = tif.series[0]
-    data = da.from_zarr(zarr.open(series.aszarr(level=0), mode="r"))
-    if _band_axis_last(series.axes):
+    level0 = _TiffLevel0(path)
+    data = da.from_array(level0, chunks=level0.chunks, asarray=True, meta=np.empty((0,) * level0.ndim, level0.dtype))
+    if _band_axis_last(level0.axes):
         data = data.transpose(2, 0, 1)
     data = data.rechunk((data.shape[0], chunk_size, chunk_size))
-    return Cube(data=data, pixel_size_um=pixel_size, path=path, _handle=tif)
+    return Cube(data=data, pixel_size_um=pixel_size, path=path, _handle=level0)
+
+
+class _TiffLevel0:
+    """Level 0 of a TIFF's first series, read through tifffile's zarr store, as a picklable array.
+
+    A copy sent to another process (dask's ``processes`` scheduler, a
+    ``dask.distributed`` worker) reopens the file there by its path on its
+    first read, so a lazily read cube can be computed anywhere the path is.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.__setstate__({"path": self.path})
+        array = self._open()
+        self.shape, self.dtype, self.ndim, self.chunks = array.shape, array.dtype, array.ndim, array.chunks
+        self.axes = self._tif.series[0].axes
+
+    def _open(self):
+        with self._lock:
+            if self._array is None:
+                self._tif = tifffile.TiffFile(self.path)
+                self._array = zarr.open(self._tif.series[0].aszarr(level=0), mode="r")
+            return self._array
+
+    def __getitem__(self, key):
+        return self._open()[key]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tif", "_array")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _tif=None, _array=None)
+
+    def __dask_tokenize__(self):
+        stat = self.path.stat()
+        return ("qdquant-tiff-level0", str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tif is not None:
+                self._tif.close()
+            self._tif = self._array = None
 
 
 def write_ome_tiff(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import trim_mean
 
 from qdquant.errors import InputError
 from qdquant.unmixing import estimate_offset
@@ -171,6 +172,56 @@ def build_library(
     out = pd.DataFrame({"wavelength_nm": wl, **columns})
     out.attrs["n_pixels"] = n_pixels
     return out
+
+
+def autofluorescence_spectrum(unstained, *, saturation=None):
+    """The tissue autofluorescence spectrum of an unstained control slide.
+
+    Parameters
+    ----------
+    unstained : (C, Y, X) array
+        Camera counts of an unstained section of the same tissue, scanned
+        with the same settings (a sample of it is enough: a few windows of a
+        whole slide).
+    saturation : float, optional
+        Counts at which a band saturates; default the dtype's maximum for
+        integer images.
+
+    Returns
+    -------
+    (C,) float64 array
+        Peak-normalised spectrum (peak 1), on the image's bands.
+
+    Notes
+    -----
+    Autofluorescence is faint (a few counts per band), so a dark offset
+    estimated to within the noise would still bend its spectrum. The
+    spectrum is instead the band-wise mean of the bright pixels (total
+    counts between the 70th and 90th percentiles) minus that of the dim ones
+    (10th to 30th): the offset cancels exactly. Means trimmed by 10 % at
+    each end (not medians, which integer counts quantise) keep the shape of
+    the bulk of the tissue, which a few bright objects of another colour
+    (red blood cells, lipofuscin granules) do not pull.
+    """
+    shape = np.shape(unstained)
+    if len(shape) != 3:
+        raise InputError(f"control 'unstained': must be a 3-D (C, Y, X) array, got shape {shape}")
+    raw = np.asarray(unstained).reshape(shape[0], -1)
+    if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+        raise InputError(f"control 'unstained': contains NaN or inf; shape {shape}")
+    if saturation is None and np.issubdtype(raw.dtype, np.integer):
+        saturation = np.iinfo(raw.dtype).max
+    raw = raw.astype(np.float64)
+    if saturation is not None:
+        raw = raw[:, ~(raw >= saturation).any(axis=0)]
+    if raw.shape[1] < 100:
+        raise InputError(f"control 'unstained': {raw.shape[1]} unsaturated pixels, need at least 100")
+    total = raw.sum(axis=0)
+    q = np.percentile(total, [10, 30, 70, 90])
+    dim = raw[:, (total >= q[0]) & (total <= q[1])]
+    bright = raw[:, (total >= q[2]) & (total <= q[3])]
+    spectrum = trim_mean(bright, 0.1, axis=1) - trim_mean(dim, 0.1, axis=1)
+    return _peak_normalised(spectrum, "unstained")
 
 
 def plot_library(library, path, *, title=None):

@@ -94,7 +94,23 @@ def _pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384) -> li
     return out
 
 
-def _library_for(cfg: Config, data: da.Array, qc_dir: Path):
+def _with_control_autofluorescence(cfg: Config, sample, library):
+    """The library with its autofluorescence endmember measured on the sample's unstained control."""
+    if sample.unstained is None:
+        return library
+    from qdquant.library import autofluorescence_spectrum
+
+    (row,) = [r for r in cfg.panel if r.role == "autofluorescence"]
+    with io.open_cube(sample.unstained, chunk_size=cfg.chunk_size) as control, _about(sample.unstained):
+        af = autofluorescence_spectrum(_pixel_sample(control.data)[0])
+    spectra = library.spectra.copy()
+    spectra[:, library.names.index(row.endmember)] = af
+    log.info("autofluorescence '%s' from the unstained control %s (peak %.0f nm)", row.endmember,
+             sample.unstained, library.wavelengths_nm[np.argmax(af)])
+    return replace(library, spectra=spectra)
+
+
+def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
     """The library the fit uses: refined on the slide when the config says so.
 
     ``refine_library: auto`` keeps the refined spectra only when they lower
@@ -102,7 +118,7 @@ def _library_for(cfg: Config, data: da.Array, qc_dir: Path):
     """
     from qdquant import report
 
-    library, mode = cfg.library, cfg.unmixing.refine_library
+    mode = cfg.unmixing.refine_library
     if mode is False:
         return library
     refined, shifts = unmixing.refine_library(
@@ -128,7 +144,8 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
     _, pixel_size = check_image(cfg, sample)
     with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, _about(sample.image):
         unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
-        library = _library_for(cfg, cube.data, out["unmixing_qc"].parent)
+        library = _with_control_autofluorescence(cfg, sample, cfg.library)
+        library = _library_for(cfg, library, cube.data, out["unmixing_qc"].parent)
         log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
                  "x".join(map(str, cube.data.shape[1:])), len(library.names))
         abundances, residual = unmixing.unmix(

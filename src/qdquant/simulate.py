@@ -174,8 +174,11 @@ def default_panel() -> pd.DataFrame:
     )
 
 
-def reference_spectra() -> pd.DataFrame:
+def reference_spectra(af_mix: dict[str, float] | None = None) -> pd.DataFrame:
     """The bundled FPbase emission spectra at 1 nm, plus the mixed ``AF`` column.
+
+    ``af_mix``: weights of the tissue fluorophores (``NADH``, ``Riboflavin``)
+    in ``AF``; default :data:`AF_MIX`.
 
     Returns
     -------
@@ -190,7 +193,7 @@ def reference_spectra() -> pd.DataFrame:
     out = pd.DataFrame({"wavelength_nm": raw["wavelength_nm"].to_numpy(float)})
     for name, col in _SOURCE_COLUMN.items():
         out[name] = raw[col].to_numpy(float) / raw[col].max()
-    af = sum(w * raw[c].to_numpy(float) / raw[c].max() for c, w in AF_MIX.items())
+    af = sum(w * raw[c].to_numpy(float) / raw[c].max() for c, w in (af_mix or AF_MIX).items())
     out["AF"] = af / af.max()
     return out
 
@@ -208,6 +211,7 @@ def band_spectra(
     shift_nm: dict[str, float] | None = None,
     width_factor: dict[str, float] | None = None,
     wavelengths_nm: np.ndarray = BAND_WAVELENGTHS_NM,
+    af_mix: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Endmember spectra on the camera's band grid, in the library's format.
 
@@ -221,6 +225,8 @@ def band_spectra(
         wider).
     wavelengths_nm : (C,) array
         Band centres, nm.
+    af_mix : dict, optional
+        Composition of ``AF`` (see :func:`reference_spectra`).
 
     Returns
     -------
@@ -230,7 +236,7 @@ def band_spectra(
     """
     shift_nm = shift_nm or {}
     width_factor = width_factor or {}
-    ref = reference_spectra()
+    ref = reference_spectra(af_mix)
     wl = ref["wavelength_nm"].to_numpy(float)
     centres = np.asarray(wavelengths_nm, dtype=float)
     out = pd.DataFrame({"wavelength_nm": centres})
@@ -877,6 +883,9 @@ def simulate_slide(
     nest_fraction: float = 0.6,
     psf_sigma_px: float = 0.8,
     fov_px: int = 256,
+    af_mix: dict[str, float] | None = None,
+    unstained: bool = False,
+    exact_library: bool = False,
 ) -> SimulatedSlide:
     """Simulate a multispectral QD-stained breast carcinoma slide with ground truth.
 
@@ -933,6 +942,18 @@ def simulate_slide(
         Gaussian PSF, pixels.
     fov_px : int
         Edge of a camera field of view, pixels (shading tiles).
+    af_mix : dict, optional
+        Composition of the tissue autofluorescence that generates the cube
+        (weights of ``NADH`` and ``Riboflavin``); the library keeps the
+        default :data:`AF_MIX`, so a different mix is an autofluorescence the
+        library misdescribes.
+    unstained : bool
+        An unstained control section: the same tissue, autofluorescence
+        (and off-library objects) only, no stain (no DAPI, no QD). It is a
+        control image; its truth tables are not meaningful.
+    exact_library : bool
+        Generate the cube with exactly the library's spectra (no lot-to-lot
+        spread, no drift; needs ``drift_nm=0`` and no ``af_mix``).
 
     Returns
     -------
@@ -1092,6 +1113,8 @@ def simulate_slide(
 
     abund = _abundance_stack(shape, offset_counts, DAPI=dapi_img, QD525=mtor_img, QD565=er_img, QD585=ki_img,
                              QD605=pr_img, QD655=her2_img, QD705=ecad_img, AF=af_img)
+    if unstained:  # autofluorescence and camera offset only
+        abund[[i for i, e in enumerate(ENDMEMBERS) if e not in ("AF", "Offset")]] = 0.0
 
     # --- off-library autofluorescence ---------------------------------------
     off = np.zeros((2,) + shape, np.float32)
@@ -1121,7 +1144,10 @@ def simulate_slide(
     # --- spectra and camera --------------------------------------------------
     library = band_spectra()
     shifts, widths = _spectral_perturbation(rng, drift_nm)
-    true_spectra = band_spectra(shifts, widths)
+    if exact_library:
+        _check(drift_nm == 0 and af_mix is None, "exact_library: needs drift_nm=0 and no af_mix")
+        shifts, widths = {k: 0.0 for k in shifts}, {k: 1.0 for k in widths}
+    true_spectra = band_spectra(shifts, widths, af_mix=af_mix)
     shade = _shading_map(shape, shading, fov_px) if shading > 0 else np.ones(shape, np.float32)
     non_offset = [i for i, e in enumerate(ENDMEMBERS) if e != "Offset"]
     cube = _render_cube(
@@ -1203,6 +1229,8 @@ def simulate_slide(
                 "crowded": bool(crowded), "her2_incomplete_fraction": float(her2_incomplete_fraction),
                 "receptor_split": [float(x) for x in split], "nest_fraction": float(nest_fraction),
                 "psf_sigma_px": float(psf_sigma_px), "fov_px": int(fov_px),
+                "af_mix": dict(af_mix or AF_MIX), "unstained": bool(unstained),
+                "exact_library": bool(exact_library),
             },
             "her2_thresholds": {k: HER2_DEFAULTS[k] for k in HER2_DEFAULTS},
             "pixel_size_um": float(pixel_size_um),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from qdquant.config import SCHEMA_PATH, load_config
+from qdquant.config import SCHEMA_PATH, chunk_mem_mb, load_config
 from qdquant.errors import InputError
 
 
@@ -43,14 +43,20 @@ RESULTS = str(CFG.results)
 SAMPLES = [s.sample_id for s in CFG.samples]
 CONTROLS = [s.sample_id for s in CFG.controls]
 IMAGES = {s.sample_id: str(s.image) for s in CFG.samples}
+# unmix inputs per sample: the image, and its unstained control where the sheet names one
+UNMIX_IMAGES = {s.sample_id: [str(p) for p in (s.image, s.unstained) if p is not None] for s in CFG.samples}
 
 
 def step(name, sample=True):
     """The rule's command: the same one a user runs by hand (config files merged in order, as here)."""
     configs = " ".join(f"--config {path}" for path in CONFIG_FILES)
-    return f"qdquant {name} {configs}" + (" --sample {wildcards.sample}" if sample else "")
+    per_sample = " --sample {wildcards.sample} --threads {threads} --mem-mb {resources.mem_mb}"
+    return f"qdquant {name} {configs}" + (per_sample if sample else "")
 
 
-def mem_mb(base_mb, per_chunk_mb):
-    """Memory of a step: a base plus what one dask chunk of the slide needs."""
-    return base_mb + per_chunk_mb * (CFG.chunk_size / 2048) ** 2
+def mem_mb(base_mb, per_chunk_mb, threads=1):
+    """Memory of a step: a base plus what one dask chunk of the slide needs, and at least what
+    qdquant's chunk-size estimate needs to keep the configured chunk_size with this many
+    threads (a step given less --mem-mb shrinks its chunks: qdquant.config.chunk_size_for)."""
+    needed = chunk_mem_mb(CFG.chunk_size, len(CFG.library.wavelengths_nm), threads)
+    return int(max(base_mb + per_chunk_mb * (CFG.chunk_size / 2048) ** 2, needed))

@@ -10,6 +10,6 @@ rule quantify:
         "benchmarks/snakemake/quantify/{sample}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda wc: mem_mb(1000, 1500),
+        mem_mb=lambda wc, threads: mem_mb(1000, 1500, threads),
     shell:
         step("quantify") + " 2> {log}"

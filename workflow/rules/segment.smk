@@ -11,6 +11,6 @@ rule segment:
         "benchmarks/snakemake/segment/{sample}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda wc: mem_mb(1000, 2000),
+        mem_mb=lambda wc, threads: mem_mb(1000, 2000, threads),
     shell:
         step("segment") + " 2> {log}"

@@ -1,6 +1,6 @@
 rule unmix:
     input:
-        image=lambda wc: IMAGES[wc.sample],
+        images=lambda wc: UNMIX_IMAGES[wc.sample],
         spectra=config["spectra"],
         panel=config["panel"],
     output:
@@ -13,6 +13,6 @@ rule unmix:
         "benchmarks/snakemake/unmix/{sample}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda wc: mem_mb(1000, 2500),
+        mem_mb=lambda wc, threads: mem_mb(1000, 2500, threads),
     shell:
         step("unmix") + " 2> {log}"

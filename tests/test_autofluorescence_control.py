@@ -1,0 +1,105 @@
+"""Autofluorescence measured on an unstained control slide named in the sample sheet."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, write_project
+from qdquant import io, pipeline, simulate
+from qdquant.config import load_config
+from qdquant.errors import InputError
+from qdquant.library import autofluorescence_spectrum
+
+#: a tissue whose autofluorescence is mostly flavin, where the library's AF is mostly NADH
+FLAVIN_RICH = {"NADH": 0.15, "Riboflavin": 0.85}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """A stained HER2-null slide and an unstained section, both with the flavin-rich AF."""
+    root = tmp_path_factory.mktemp("af_control")
+    stained = simulate.simulate_slide(her2_score="null", shape=(384, 384), seed=31, af_mix=FLAVIN_RICH)
+    unstained = simulate.simulate_slide(her2_score="null", shape=(384, 384), seed=32, af_mix=FLAVIN_RICH,
+                                        unstained=True)
+    paths = {"stained": simulate.write_slide(stained, root, "stained")["image"],
+             "unstained": simulate.write_slide(unstained, root, "unstained")["image"]}
+    return root, stained, paths
+
+
+def test_spectrum_of_an_unstained_slide_with_red_cells_and_few_photons():
+    slide = simulate.simulate_slide(her2_score="null", shape=(512, 512), seed=7, af_mix=FLAVIN_RICH,
+                                    unstained=True, off_library_af=True, photons_per_count=2.0)
+    assert slide.abundance("QD655").max() == 0 and slide.abundance("DAPI").max() == 0
+    true = slide.true_spectra["AF"].to_numpy()
+    assert np.abs(slide.library["AF"].to_numpy() - true).max() > 0.4  # the library is far off
+    estimate = autofluorescence_spectrum(slide.cube)
+    assert estimate.max() == 1.0
+    assert np.abs(estimate - true).max() < 0.03
+
+
+def test_spectrum_errors():
+    with pytest.raises(InputError, match="3-D"):
+        autofluorescence_spectrum(np.zeros((8, 8)))
+    with pytest.raises(InputError, match="NaN"):
+        autofluorescence_spectrum(np.full((4, 16, 16), np.nan))
+    with pytest.raises(InputError, match="unsaturated"):
+        autofluorescence_spectrum(np.full((4, 16, 16), 65535, np.uint16))
+    with pytest.raises(InputError, match="no signal"):
+        autofluorescence_spectrum(np.full((4, 16, 16), 100, np.uint16))
+
+
+def _unmix(root, paths, with_control):
+    control = paths["unstained"] if with_control else ""
+    (root / "samples.tsv").write_text(f"sample_id\timage\tunstained\ns\t{paths['stained']}\t{control}\n")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(samples=str(root / "samples.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
+                  panel=str(REPO / "config" / "panel.tsv"), results=str(root / f"results{int(with_control)}"),
+                  unmixing={"refine_library": False})
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(root / "config.yaml")
+    assert (cfg.samples[0].unstained is not None) == with_control
+    pipeline.unmix_sample(cfg, "s")
+    out = pipeline.outputs(cfg, "s")
+    image, names = io.read_ome_zarr(out["zarr"])
+    return pd.read_csv(out["spectra_used"]), np.asarray(image), names
+
+
+def test_unmix_uses_the_controls_autofluorescence(slides):
+    root, truth, paths = slides
+    results = {flag: _unmix(root, paths, flag) for flag in (False, True)}
+    true_af = truth.true_spectra["AF"].to_numpy()
+    af_error = {f: np.abs(used["AF"].to_numpy() - true_af).max() for f, (used, _, _) in results.items()}
+    assert af_error[True] < 0.1 < 0.4 < af_error[False], af_error
+    # the other endmembers are the library's, untouched
+    used = results[True][0]
+    library = pd.read_csv(REPO / "config" / "spectra.csv")
+    np.testing.assert_allclose(used["QD655"], library["QD655"])
+    # a better AF spectrum: a smaller residual, and less autofluorescence read as HER2 on a HER2-null slide
+    residual = {f: np.median(img[-1]) for f, (_, img, _) in results.items()}
+    her2_error = {f: np.abs(img[names.index("QD655")] - truth.abundance("QD655")).mean()
+                  for f, (_, img, names) in results.items()}
+    assert residual[True] < 0.9 * residual[False], residual
+    assert her2_error[True] < 0.75 * her2_error[False], her2_error
+
+
+def test_sheet_errors(tmp_path):
+    config = write_project(tmp_path / "p")
+    root = config.parent
+    sheet = root / "samples.tsv"
+    image = root / "s1.ome.tif"
+    # the tiny panel has no autofluorescence row
+    sheet.write_text(f"sample_id\timage\tunstained\ns1\t{image}\t{image}\n")
+    with pytest.raises(InputError, match="role autofluorescence"):
+        load_config(config)
+    library = pd.read_csv(root / "spectra.csv")
+    library["AF"] = np.linspace(1.0, 0.2, len(library))
+    library.to_csv(root / "spectra.csv", index=False)
+    (root / "panel.tsv").write_text((root / "panel.tsv").read_text() + "AF\tAF\tautofluorescence\t\tnone\t\t\t\n")
+    sheet.write_text(f"sample_id\timage\tunstained\ns1\t{image}\t{root / 'missing.ome.tif'}\n")
+    with pytest.raises(InputError, match="missing.ome.tif"):
+        load_config(config, check_images=True)
+    io.write_ome_tiff(root / "five_bands.ome.tif", np.ones((5, 16, 16), np.uint16), pixel_size_um=0.5)
+    sheet.write_text(f"sample_id\timage\tunstained\ns1\t{image}\t{root / 'five_bands.ome.tif'}\n")
+    with pytest.raises(InputError, match=r"five_bands.ome.tif: 5 bands .*unstained control"):
+        load_config(config, check_images=True)
