@@ -3,8 +3,10 @@
 For each size (default 4096², 8192², 16384², 31 bands) a slide is simulated
 tile by tile (``qdquant simulate --size N``), then each step runs as its own
 process (``qdquant <step>``, exactly as the workflow runs it) and reports its
-wall time, Mpx/s and peak RSS. Targets: peak RSS <= 4 GiB and flat (within
-20 %) from 8192² to 16384²; time about linear in area.
+wall time, Mpx/s, CPU time (user + system over all threads: unlike wall
+time, it does not grow when other jobs share the machine) and peak RSS.
+Targets: peak RSS <= 4 GiB and flat (within 20 %) from 8192² to 16384²;
+time about linear in area.
 
     python benchmarks/bench_wholeslide.py [--sizes 4096 8192 16384] [--work /tmp/qdquant-wholeslide]
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,14 +39,20 @@ CHILD = (
 )
 
 
-def run(args: list[str]) -> tuple[float, float]:
-    t0 = time.perf_counter()
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(args: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system, all threads) and peak RSS (MiB) of one CLI command."""
+    t0, c0 = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _children_cpu_s() - c0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     peak = [float(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_MIB")]
-    return seconds, peak[-1]
+    return seconds, cpu, peak[-1]
 
 
 def main() -> None:
@@ -58,7 +67,7 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         name = f"ws{size}"
-        t_sim, _ = run(["simulate", "--size", str(size), "--seed", "7", "--out", str(work), "--name", name])
+        t_sim, _, _ = run(["simulate", "--size", str(size), "--seed", "7", "--out", str(work), "--name", name])
         (work / f"{name}.tsv").write_text(f"sample_id\timage\n{name}\t{work / name}.ome.tif\n")
         config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
         config.update(samples=str(work / f"{name}.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
@@ -69,16 +78,18 @@ def main() -> None:
         mpx = size * size / 1e6
         print(f"\n{size}x{size} ({mpx:.0f} Mpx), simulated in {t_sim:.0f} s", flush=True)
         for step in STEPS:
-            seconds, peak = run([step, "--config", str(cfg_path), "--sample", name])
-            rows.append({"size": size, "step": step, "seconds": seconds, "Mpx_per_s": mpx / seconds,
-                         "peak_rss_MiB": peak})
-            print(f"  {step:9s} {seconds:8.1f} s {mpx / seconds:8.2f} Mpx/s  peak RSS {peak:7.0f} MiB", flush=True)
+            seconds, cpu, peak = run([step, "--config", str(cfg_path), "--sample", name])
+            rows.append({"size": size, "step": step, "seconds": seconds, "cpu_seconds": cpu,
+                         "Mpx_per_s": mpx / seconds, "cpu_s_per_Mpx": cpu / mpx, "peak_rss_MiB": peak})
+            print(f"  {step:9s} {seconds:8.1f} s {mpx / seconds:8.2f} Mpx/s  CPU {cpu:8.1f} s"
+                  f" ({cpu / mpx:6.2f} s/Mpx)  peak RSS {peak:7.0f} MiB", flush=True)
         if not args.keep:
             shutil.rmtree(work / "results" / name, ignore_errors=True)
             (work / f"{name}.ome.tif").unlink(missing_ok=True)
-    print("\n| size | step | time (s) | Mpx/s | peak RSS (MiB) |\n|---|---|---|---|---|")
+    print("\n| size | step | time (s) | Mpx/s | CPU (s) | CPU s/Mpx | peak RSS (MiB) |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']}² | {r['step']} | {r['seconds']:.1f} | {r['Mpx_per_s']:.2f} | {r['peak_rss_MiB']:.0f} |")
+        print(f"| {r['size']}² | {r['step']} | {r['seconds']:.1f} | {r['Mpx_per_s']:.2f} | {r['cpu_seconds']:.0f}"
+              f" | {r['cpu_s_per_Mpx']:.2f} | {r['peak_rss_MiB']:.0f} |")
     (work / "bench_wholeslide.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -182,8 +182,10 @@ def test_clinical_sections(tiny_project, section, fragment):
     assert_one_line(e, fragment)
 
 
-def test_unimplemented_illumination_is_a_clear_error(tiny_project):
+def test_illumination_values(tiny_project):
     edit_yaml(tiny_project, illumination="estimate")
+    assert load_config(tiny_project).illumination == "estimate"
+    edit_yaml(tiny_project, illumination="flatfield")
     with pytest.raises(InputError) as e:
         load_config(tiny_project)
-    assert_one_line(e, "illumination", "not implemented")
+    assert_one_line(e, "illumination")

@@ -466,11 +466,6 @@ def load_config(
             + ("" if her2 else " (the config has no 'her2' section)")
         )
 
-    if cfg["illumination"] != "none":
-        raise InputError(
-            f"{source}: key 'illumination': '{cfg['illumination']}' is not implemented yet in this version"
-            " (use 'none')"
-        )
     markers = {r.marker for r in panel}
     binned = {r.marker for r in panel if r.score in BINNED_SCORES}
     tumour = None

@@ -135,6 +135,23 @@ def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
     return replace(library, spectra=refined[list(library.names)].to_numpy()) if kept else library
 
 
+def _shading_corrected(cfg: Config, library, data: da.Array, qc_dir: Path) -> da.Array:
+    """The cube with the field-of-view shading estimated on it divided out (``illumination: estimate``)."""
+    if cfg.illumination != "estimate":
+        return data
+    from qdquant import illumination, report
+
+    row = cfg.panel_row(role="nuclear_stain")
+    k = library.names.index(row.endmember)
+    offset = unmixing.estimate_offset(data)
+    brightness = illumination.nuclear_brightness(
+        data, np.linalg.pinv(library.spectra)[k], library.spectra[:, k], offset
+    )
+    shading = illumination.estimate_shading(brightness)
+    report.plot_shading(shading, brightness, qc_dir / "illumination.png")
+    return data if shading.is_flat else illumination.correct_shading(data, shading, offset)
+
+
 def unmix_sample(cfg: Config, sample_id: str) -> None:
     """Unmix a sample's cube into ``unmixed.ome.zarr`` (abundances + residual)."""
     from qdquant import report
@@ -145,11 +162,12 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
     with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, _about(sample.image):
         unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
         library = _with_control_autofluorescence(cfg, sample, cfg.library)
-        library = _library_for(cfg, library, cube.data, out["unmixing_qc"].parent)
-        log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
-                 "x".join(map(str, cube.data.shape[1:])), len(library.names))
+        data = _shading_corrected(cfg, library, cube.data, out["unmixing_qc"].parent)
+        library = _library_for(cfg, library, data, out["unmixing_qc"].parent)
+        log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, data.shape[0],
+                 "x".join(map(str, data.shape[1:])), len(library.names))
         abundances, residual = unmixing.unmix(
-            cube.data,
+            data,
             library.spectra,
             weights="poisson" if cfg.unmixing.poisson_weights else None,
         )
@@ -164,10 +182,10 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         io.write_csv(library.to_frame(), out["spectra_used"])
         stored, _ = io.read_ome_zarr(out["zarr"])
         # pixels the library cannot explain (residual far above photon + read noise)
-        noise = unmixing.noise_model(*_pixel_sample(cube.data, stored[-1]))
-        flagged = unmixing.flag_poor_fit(cube.data, stored[-1], noise)
+        noise = unmixing.noise_model(*_pixel_sample(data, stored[-1]))
+        flagged = unmixing.flag_poor_fit(data, stored[-1], noise)
         io.write_labels(out["zarr"], {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
-        stats = report.plot_unmixing_qc(cube.data, stored, library, out["unmixing_qc"],
+        stats = report.plot_unmixing_qc(data, stored, library, out["unmixing_qc"],
                                         flagged=io.read_labels(out["zarr"], "flagged"), noise=noise)
         log.info("unmixed %s: median relative residual %.3f, %.2f%% pixels flagged", sample_id,
                  stats["relative_residual_median"], 100 * stats["fraction_flagged"])

@@ -116,6 +116,35 @@ def plot_library_refinement(library, refined, shifts, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_shading(shading, brightness, path: Path) -> None:
+    """The field-of-view shading found on the slide, and the nuclear brightness it was fitted on.
+
+    Also writes ``illumination.json`` next to the PNG: the FOV size, whether
+    a correction was applied, the profile's darkest point and the held-out
+    explained variance.
+    """
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.2))
+    with np.errstate(all="ignore"):
+        shown = np.log(np.where(brightness > 0, brightness, np.nan))
+    im = ax0.imshow(shown, cmap="magma")
+    fig.colorbar(im, ax=ax0, label="log nuclear brightness")
+    ax0.set_title("nuclear-stain brightness per block")
+    ax0.axis("off")
+    if shading.is_flat:
+        ax1.text(0.5, 0.5, "no field-of-view shading found:\nnone applied", ha="center", va="center")
+        ax1.axis("off")
+    else:
+        im = ax1.imshow(shading.profile, cmap="viridis", vmax=1.0)
+        fig.colorbar(im, ax=ax1, label="relative sensitivity")
+        ax1.set_title(f"shading of one FOV ({shading.fov_px[0]} x {shading.fov_px[1]} px), "
+                      f"min {shading.profile.min():.2f}")
+    _save(fig, path)
+    stats = {"fov_px": list(shading.fov_px), "applied": not shading.is_flat,
+             "profile_min": float(shading.profile.min()), "explained_heldout": float(shading.explained)}
+    with io.atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(stats, indent=1))
+
+
 def _outline(labels: np.ndarray) -> np.ndarray:
     from skimage.segmentation import find_boundaries
 

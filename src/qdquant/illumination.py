@@ -1,0 +1,347 @@
+"""Field-of-view shading: estimated from the slide itself, divided out before unmixing.
+
+Slide scanners and multispectral microscopes image a slide as a mosaic of
+fields of view (FOVs); each FOV is darker towards its corners (vignetting),
+and what a flat-field calibration leaves of it repeats with the FOV period.
+As in BaSiC (Peng et al. 2017, Nat Commun 8:14836), the profile is estimated
+from the many FOVs of the slide: they share it, while the tissue under them
+differs. Here the profile is a smooth low-order surface of the position in
+the FOV, fitted to the logarithm of the slide's total intensity (all bands,
+dark offset removed), after removing each FOV's own mean, so tissue
+differences between FOVs do not enter. The FOV size is found from the data:
+the period whose profile best predicts FOVs it was not fitted on.
+
+Shading multiplies the signal, not the camera's dark offset, and is taken
+as the same in every band. Vignetting only loses light, so the profile is
+scaled to 1 at its brightest point: corrected counts are what the FOV
+centre would have recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+
+from qdquant.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Degree of the polynomial shading surface (per axis and total).
+ORDER = 2
+#: Edge of the blocks the shading is fitted on, pixels.
+BIN_PX = 16
+#: Held-out explained variance (of within-FOV log intensity) below which no shading is found.
+MIN_EXPLAINED = 0.01
+#: Share of a pixel's signal from the nuclear stain for it to count as nuclear.
+MIN_NUCLEAR_SHARE = 0.75
+#: Nuclear pixels a block needs for its brightness to count.
+MIN_NUCLEAR_PX = 48
+#: Smallest and largest FOV edge tried, pixels.
+MIN_FOV_PX = 64
+MAX_FOV_PX = 2048
+#: Edge of the fixed regions whose own tissue level is removed when FOV sizes are compared, pixels.
+REGION_PX = 512
+#: Blocks the FOV size is searched on (a random subset beyond this many).
+MAX_DETECTION_BLOCKS = 40_000
+
+
+@dataclass(frozen=True)
+class Shading:
+    """A field-of-view shading model.
+
+    Attributes
+    ----------
+    fov_px : (int, int)
+        FOV size (Y, X), pixels; the FOV grid starts at pixel (0, 0).
+    profile : (fov_px[0], fov_px[1]) float32 array
+        Relative sensitivity over one FOV, maximum 1.
+    explained : float
+        Fraction of the within-FOV variance of the log intensity that the
+        profile explains on FOVs it was not fitted on (0 when none found).
+    """
+
+    fov_px: tuple[int, int]
+    profile: np.ndarray
+
+    explained: float = 0.0
+
+    @property
+    def is_flat(self) -> bool:
+        return bool(self.profile.min() >= 1.0)
+
+
+def _poly_terms(u: np.ndarray, v: np.ndarray | None, order: int = ORDER) -> np.ndarray:
+    """Monomials of (u, v) in [-0.5, 0.5) up to total degree ``order``, without the constant."""
+    cols = []
+    for total in range(1, order + 1):
+        for i in range(total + 1):
+            j = total - i
+            if v is None and j:
+                continue
+            cols.append(u**i * (1.0 if v is None else v**j))
+    return np.stack(cols, axis=-1)
+
+
+def _demean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``values`` minus the mean of its group (groups: small non-negative ints)."""
+    sums = np.bincount(groups, values)
+    counts = np.bincount(groups)
+    return values - (sums / np.maximum(counts, 1))[groups]
+
+
+def _fit(terms: np.ndarray, values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of ``values`` on ``terms``, both demeaned per group."""
+    t = np.stack([_demean(terms[:, i], groups) for i in range(terms.shape[1])], axis=1)
+    coef, *_ = np.linalg.lstsq(t, _demean(values, groups), rcond=None)
+    return coef
+
+
+def _explained(terms, values, tile, train) -> float:
+    """Held-out R² of a within-tile fit trained on tiles ``train`` and scored on the others."""
+    if train.all() or not train.any():
+        return 0.0
+    coef = _fit(terms[train], values[train], tile[train])
+    test = ~train
+    y = _demean(values[test], tile[test])
+    pred = _demean(terms[test] @ coef, tile[test])
+    denom = float((y * y).sum())
+    return 0.0 if denom <= 0 else 1.0 - float(((y - pred) ** 2).sum()) / denom
+
+
+def _period_score(coords: np.ndarray, values: np.ndarray, period: int, region: int) -> float:
+    """Held-out R² of a 1-D within-FOV profile of this period.
+
+    Tissue level is removed per fixed ``region`` strip and the strips are
+    split even/odd (both ways), the same for every period, so the scores of
+    different periods compare the same data.
+    """
+    strip = (coords // region).astype(np.intp)
+    if strip.max() < 1:
+        return 0.0
+    terms = _poly_terms((coords % period) / period - 0.5, None)
+    even = strip % 2 == 0
+    return 0.5 * (_explained(terms, values, strip, even) + _explained(terms, values, strip, ~even))
+
+
+def _period_1d(coords: np.ndarray, values: np.ndarray, length: int) -> tuple[int, float]:
+    """The FOV period along one axis that best predicts held-out FOVs (0 when none explains enough).
+
+    Every period (pixels) from :data:`MIN_FOV_PX` to half the slide (at most
+    :data:`MAX_FOV_PX`) is tried: over many FOVs, a period off by one pixel
+    already puts the last FOVs out of phase.
+    """
+    if coords.size > MAX_DETECTION_BLOCKS:  # plenty to find a period on
+        pick = np.random.default_rng(0).choice(coords.size, MAX_DETECTION_BLOCKS, replace=False)
+        coords, values = coords[pick], values[pick]
+    periods = range(MIN_FOV_PX, min(length // 2, MAX_FOV_PX) + 1)
+    region = min(REGION_PX, length // 2)
+    scores = [_period_score(coords, values, p, region) for p in periods]
+    if not scores or max(scores) < MIN_EXPLAINED:
+        return 0, max(scores, default=0.0)
+    best = int(np.argmax(scores))
+    return periods[best], float(scores[best])
+
+
+def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
+    """Surface coefficients for FOVs of ``fov_px``, and their held-out explained variance (2-D).
+
+    The fit removes each FOV's own level and leaves out blocks that straddle
+    an FOV border. The score (for comparing FOV sizes) keeps every block and
+    removes the level of fixed ``region``² squares instead, split as a
+    checkerboard, so that it compares every size on the same data.
+    """
+    py, px = fov_px
+    terms = _poly_terms((ys % py) / py - 0.5, (xs % px) / px - 0.5)
+    half = bin_px / 2
+    inside = ((ys % py) >= half) & ((ys % py) < py - half) & ((xs % px) >= half) & ((xs % px) < px - half)
+    ty, tx = (ys // py).astype(np.intp), (xs // px).astype(np.intp)
+    fov = ty * (tx.max() + 1) + tx
+    coef = _fit(terms[inside], values[inside], fov[inside])
+    if region is None:
+        region = max(py, px)
+    ry, rx = (ys // region).astype(np.intp), (xs // region).astype(np.intp)
+    squares = ry * (rx.max() + 1) + rx
+    checker = (ry + rx) % 2 == 0
+    explained = 0.5 * (_explained(terms, values, squares, checker) + _explained(terms, values, squares, ~checker))
+    return coef, explained
+
+
+def nuclear_brightness(
+    cube: np.ndarray | da.Array,
+    weights: np.ndarray,
+    spectrum: np.ndarray,
+    offset: np.ndarray,
+    *,
+    bin_px: int = BIN_PX,
+    min_share: float = MIN_NUCLEAR_SHARE,
+    min_pixels: int = MIN_NUCLEAR_PX,
+) -> np.ndarray:
+    """The brightness of the nuclear stain in ``bin_px``² blocks of a slide.
+
+    Per pixel, the nuclear stain's abundance by plain least squares
+    (``weights`` · the offset-removed spectrum: one row of the library's
+    pseudo-inverse) and its share of the pixel's signal; per block, the
+    median abundance over its nuclear pixels (share >= ``min_share``).
+    Nuclei are stained to much the same level all over a section, unlike
+    the tissue's total intensity (nests, stroma, glass), so this is the
+    statistic the shading is fitted on. Pixels are picked by a ratio, which
+    shading does not change: picking them by brightness would keep only the
+    brightest nuclei in the dark corners of a field and hide its shading.
+
+    Parameters
+    ----------
+    cube : (C, Y, X) numpy or dask array
+        Camera counts; a dask cube is read once, chunk by chunk.
+    weights : (C,) array
+        The nuclear stain's row of the library's pseudo-inverse.
+    spectrum : (C,) array
+        The nuclear stain's spectrum (library units).
+    offset : (C,) array
+        Dark offset per band, counts.
+    bin_px : int
+        Block edge, pixels. Pixels beyond the last whole block of a chunk
+        are left out.
+    min_share : float
+        Share of a pixel's signal the nuclear stain must have.
+    min_pixels : int
+        Nuclear pixels a block needs.
+
+    Returns
+    -------
+    (Y // bin_px, X // bin_px) float64 array
+        Block brightness, abundance units; NaN where a block has too few
+        nuclear pixels (or a chunk edge cuts it).
+    """
+    weights = np.asarray(weights, dtype=np.float32)
+    offset = np.asarray(offset, dtype=np.float32)
+    scale = float(np.sum(spectrum))  # signal of one abundance unit of pure stain
+
+    def block(x):
+        _, h, w = x.shape
+        hb, wb = h // bin_px, w // bin_px
+        out = np.full((-(-h // bin_px), -(-w // bin_px)), np.nan)
+        if hb and wb:
+            y = x[:, : hb * bin_px, : wb * bin_px].astype(np.float32) - offset[:, None, None]
+            nuc = np.tensordot(weights, y, 1)
+            nuclear = nuc * scale >= min_share * np.maximum(y.sum(axis=0), 1e-6)
+            values = np.where(nuclear & (nuc > 0), nuc, np.nan)
+            tiles = values.reshape(hb, bin_px, wb, bin_px).transpose(0, 2, 1, 3).reshape(hb, wb, -1)
+            enough = np.isfinite(tiles).sum(axis=2) >= min_pixels
+            med = np.full((hb, wb), np.nan)
+            med[enough] = np.nanmedian(tiles[enough], axis=1)
+            out[:hb, :wb] = med
+        return out
+
+    if isinstance(cube, da.Array):
+        c = cube.rechunk({0: -1})
+        chunks = tuple(tuple(-(-n // bin_px) for n in axis) for axis in c.chunks[1:])
+        coarse = c.map_blocks(block, chunks=chunks, drop_axis=0, dtype=np.float64).compute()
+    else:
+        coarse = block(np.asarray(cube))
+    return coarse[: cube.shape[1] // bin_px, : cube.shape[2] // bin_px]
+
+
+def estimate_shading(
+    brightness: np.ndarray,
+    *,
+    fov_px: tuple[int, int] | None = None,
+    bin_px: int = BIN_PX,
+) -> Shading:
+    """Estimate the field-of-view shading of a slide from block brightness.
+
+    Parameters
+    ----------
+    brightness : (Y // bin_px, X // bin_px) array
+        A statistic of each block whose expectation is the same all over
+        the tissue but for the shading (:func:`nuclear_brightness`); NaN or
+        <= 0 where there is none.
+    fov_px : (int, int), optional
+        FOV size (Y, X), pixels, when known; default: found from the data
+        (every period from 64 pixels to half the slide, at most 2048).
+    bin_px : int
+        Block edge of ``brightness``, pixels.
+
+    Returns
+    -------
+    Shading
+        Flat (all ones) when no period explains at least
+        :data:`MIN_EXPLAINED` of the held-out within-FOV variance.
+    """
+    brightness = np.asarray(brightness, dtype=np.float64)
+    if brightness.ndim != 2:
+        raise InputError(f"brightness must be 2-D, got shape {brightness.shape}")
+    hc, wc = brightness.shape
+    h, w = hc * bin_px, wc * bin_px
+    flat = Shading((max(h, 1), max(w, 1)), np.ones((max(h, 1), max(w, 1)), np.float32))
+    valid = np.isfinite(brightness) & (brightness > 0)
+    if valid.sum() < 64:
+        log.warning("illumination: too few blocks with a nucleus (%d) to estimate shading; none applied",
+                    valid.sum())
+        return flat
+    yc, xc = np.nonzero(valid)
+    values = np.log(brightness[yc, xc])
+    ys, xs = (yc + 0.5) * bin_px - 0.5, (xc + 0.5) * bin_px - 0.5  # block centres, pixels
+
+    if fov_px is None:
+        py, sy = _period_1d(ys, values, h)
+        px, sx = _period_1d(xs, values, w)
+        if not (py and px):
+            log.warning("illumination: no field-of-view shading found (held-out explained variance "
+                        "Y %.3f, X %.3f); none applied", sy, sx)
+            return flat
+        fov_px = (py, px)
+        # the 1-D searches see each axis through the other's noise: settle both together
+        region = min(REGION_PX, h // 2, w // 2)
+        fov_px = max(((a, b) for a in range(py - 3, py + 4) for b in range(px - 3, px + 4)),
+                     key=lambda f: _fov_fit(ys, xs, values, f, bin_px, region)[1])
+    py, px = (int(v) for v in fov_px)
+    if py < 1 or px < 1:
+        raise InputError(f"fov_px must be positive, got {fov_px}")
+    coef, explained = _fov_fit(ys, xs, values, (py, px), bin_px, min(REGION_PX, h // 2, w // 2))
+    if not explained >= MIN_EXPLAINED:  # what the profile would explain is noise: leave the slide as it is
+        log.warning("illumination: a %d x %d px FOV profile explains %.3f of held-out variance (< %.2f); "
+                    "none applied", py, px, explained, MIN_EXPLAINED)
+        return flat
+    gy, gx = np.meshgrid(np.arange(py) / py - 0.5, np.arange(px) / px - 0.5, indexing="ij")
+    surface = (_poly_terms(gy.ravel(), gx.ravel()) @ coef).reshape(py, px)
+    profile = np.exp(surface - surface.max()).astype(np.float32)
+    log.info("illumination: FOV %d x %d px, darkest point at %.0f %% of the brightest, "
+             "held-out explained variance %.3f", py, px, 100 * profile.min(), explained)
+    return Shading((py, px), profile, float(explained))
+
+
+def shading_field(shading: Shading, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """The shading profile tiled over the rows ``y0:y1`` and columns ``x0:x1`` of the slide."""
+    py, px = shading.fov_px
+    return shading.profile[np.arange(y0, y1)[:, None] % py, np.arange(x0, x1)[None, :] % px]
+
+
+def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.Array:
+    """Divide the shading out of a (C, Y, X) cube's signal, lazily.
+
+    Parameters
+    ----------
+    cube : (C, Y, X) dask array
+        Camera counts.
+    shading : Shading
+        From :func:`estimate_shading`.
+    offset : (C,) array
+        Dark offset per band, counts: not shaded, so kept as it is.
+
+    Returns
+    -------
+    (C, Y, X) float32 dask array
+        ``offset + (cube - offset) / profile``, chunked like ``cube``.
+    """
+    offset = np.asarray(offset, dtype=np.float32)[:, None, None]
+
+    def block(x, block_info=None):
+        (_, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
+        field = shading_field(shading, y0, y1, x0, x1)
+        return (offset + (x.astype(np.float32) - offset) / field).astype(np.float32)
+
+    cube = da.asarray(cube)
+    return cube.map_blocks(block, dtype=np.float32)

@@ -1,0 +1,118 @@
+"""Field-of-view shading, estimated from the slide and divided out before unmixing."""
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO
+from qdquant import illumination, io, pipeline, simulate
+from qdquant.config import load_config
+from qdquant.unmixing import estimate_offset
+
+
+def _vignetting(shape, fov, amount):
+    """1 at each FOV centre, 1 - amount at its corners (FOVs of fov = (height, width) pixels)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = (fov[0] - 1) / 2, (fov[1] - 1) / 2
+    r2 = ((yy % fov[0] - cy) / cy) ** 2 / 2 + ((xx % fov[1] - cx) / cx) ** 2 / 2
+    return 1.0 - amount * r2
+
+
+def _max_error(shading, truth):
+    est = illumination.shading_field(shading, 0, truth.shape[0], 0, truth.shape[1])
+    return float(np.abs(est / truth - 1).max())
+
+
+def test_recovers_a_non_square_fov_from_textured_brightness():
+    """Block brightness = shading x log-normal tissue texture: FOV size and profile come back."""
+    shape, fov = (1920, 2048), (120, 160)
+    truth = _vignetting(shape, fov, 0.25)
+    rng = np.random.default_rng(0)
+    b = 16
+    blocks = truth.reshape(shape[0] // b, b, shape[1] // b, b).mean(axis=(1, 3))
+    brightness = blocks * np.exp(rng.normal(0, 0.3, blocks.shape))
+    brightness[rng.random(blocks.shape) < 0.3] = np.nan  # blocks without a nucleus
+    # the FOV size, when given: the profile to within 5 % (it spans 25 %)
+    shading = illumination.estimate_shading(brightness, bin_px=b, fov_px=fov)
+    assert _max_error(shading, truth) < 0.05
+    assert shading.profile.max() == pytest.approx(1.0)
+    # found from the data: to within a few pixels
+    found = illumination.estimate_shading(brightness, bin_px=b)
+    assert found.fov_px == fov
+    assert not found.is_flat
+
+
+def test_no_shading_no_correction():
+    slide = simulate.simulate_slide(her2_score="2+", shape=(512, 512), seed=11, crowded=True)
+    k = list(slide.library.columns[1:]).index("DAPI")
+    a = slide.library.drop(columns="wavelength_nm").to_numpy()
+    brightness = illumination.nuclear_brightness(slide.cube, np.linalg.pinv(a)[k], a[:, k],
+                                                 estimate_offset(slide.cube))
+    shading = illumination.estimate_shading(brightness)
+    assert shading.is_flat
+
+
+def test_correct_shading_is_lazy_and_exact():
+    rng = np.random.default_rng(1)
+    signal = rng.uniform(50, 500, (3, 200, 300)).astype(np.float32)
+    offset = np.array([100.0, 90.0, 110.0])
+    truth = _vignetting((200, 300), (64, 96), 0.2).astype(np.float32)
+    cube = da.from_array(offset[:, None, None] + signal * truth, chunks=(3, 70, 110))
+    profile = truth[:64, :96] / truth[:64, :96].max()
+    corrected = illumination.correct_shading(cube, illumination.Shading((64, 96), profile), offset)
+    assert isinstance(corrected, da.Array) and corrected.chunks == cube.chunks
+    np.testing.assert_allclose(corrected.compute(), offset[:, None, None] + signal * truth.max(), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def shaded_slide(tmp_path_factory):
+    """A messy 2048² slide of 192-px fields of view (about 110 of them), 20 % darker corners."""
+    root = tmp_path_factory.mktemp("shading")
+    slide = simulate.simulate_slide(her2_score="2+", shape=(2048, 2048), seed=3, shading=0.2, fov_px=192,
+                                    crowded=True, off_library_af=True, photons_per_count=2.0, drift_nm=3.0)
+    path = simulate.write_slide(slide, root, "shaded")["image"]
+    return root, slide, path
+
+
+def test_estimated_from_a_messy_slide(shaded_slide):
+    _, slide, _ = shaded_slide
+    names = list(slide.library.columns[1:])
+    a = slide.library.drop(columns="wavelength_nm").to_numpy()
+    k = names.index("DAPI")
+    cube = da.from_array(slide.cube, chunks=(31, 512, 512))
+    brightness = illumination.nuclear_brightness(cube, np.linalg.pinv(a)[k], a[:, k], estimate_offset(cube))
+    shading = illumination.estimate_shading(brightness)
+    assert abs(shading.fov_px[0] - 192) <= 3 and abs(shading.fov_px[1] - 192) <= 3, shading.fov_px
+    # uncorrected, intensities are off by up to 25 % (1 / 0.8); corrected, by less than 10 %
+    assert _max_error(illumination.Shading((2048, 2048), np.ones((2048, 2048), np.float32)), slide.shading) > 0.24
+    assert _max_error(shading, slide.shading) < 0.1
+
+
+def test_unmix_step_applies_it(shaded_slide):
+    root, slide, path = shaded_slide
+    (root / "samples.tsv").write_text(f"sample_id\timage\nshaded\t{path}\n")
+    dapi = {}
+    for mode in ("none", "estimate"):
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        config.update(samples=str(root / "samples.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
+                      panel=str(REPO / "config" / "panel.tsv"), results=str(root / mode), illumination=mode,
+                      unmixing={"refine_library": False})
+        (root / f"{mode}.yaml").write_text(yaml.safe_dump(config))
+        cfg = load_config(root / f"{mode}.yaml")
+        pipeline.unmix_sample(cfg, "shaded")
+        image, names = io.read_ome_zarr(pipeline.outputs(cfg, "shaded")["zarr"])
+        dapi[mode] = np.asarray(image[names.index("DAPI")])
+    qc = json.loads((root / "estimate" / "shaded" / "qc" / "illumination.json").read_text())
+    assert qc["applied"] and (root / "estimate" / "shaded" / "qc" / "illumination.png").is_file()
+    # DAPI over the nuclei vs its unshaded truth: in the FOV corners (shading < 0.88) relative
+    # to the FOV centres (> 0.97); other misfits (3 nm of drift) bias both alike
+    true = slide.abundance("DAPI")
+    nuclei = true > 60
+    corners, centres = nuclei & (slide.shading < 0.88), nuclei & (slide.shading > 0.97)
+    falloff = {m: np.median(d[corners] / true[corners]) / np.median(d[centres] / true[centres])
+               for m, d in dapi.items()}
+    assert falloff["none"] < 0.9, falloff
+    assert abs(falloff["estimate"] - 1) < 0.4 * abs(falloff["none"] - 1), falloff
