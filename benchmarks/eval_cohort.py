@@ -7,6 +7,12 @@ kappa (cells matched by the true cell under the measured centroid), and
 nuclei / cell F1 at IoU 0.5.
 
     python benchmarks/eval_cohort.py [--out results/eval] [--config config/config.yaml] [--only her2_3plus]
+                                     [--cohort test|messy] [--set KEY=YAML ...]
+
+``--cohort messy``: :func:`qdquant.simulate.messy_cohort` (five slides, null
+to 3+, each with all four real-slide phenomena), simulated into
+``test_data/messy_slides/`` on first use. The per-slide table is also
+written to ``{out}/eval.csv``.
 """
 
 from __future__ import annotations
@@ -71,12 +77,15 @@ def main() -> None:
     parser.add_argument("--out", default="results/eval")
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--cohort", choices=["test", "messy"], default="test",
+                        help="the bundled test cohort, or the messy one (all four real-slide phenomena)")
+    parser.add_argument("--slides", default=None, help="folder of the simulated slides (default per cohort)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                         help="config overrides, e.g. illumination=estimate unmixing.refine_library=false")
     args = parser.parse_args()
     out = Path(args.out)
-    slides = Path("test_data/slides")
-    cohort = simulate.test_cohort()
+    cohort = simulate.test_cohort() if args.cohort == "test" else simulate.messy_cohort()
+    slides = Path(args.slides or ("test_data/slides" if args.cohort == "test" else "test_data/messy_slides"))
     names = args.only or list(cohort)
     for name in names:
         if not (slides / f"{name}.ome.tif").exists():
@@ -104,6 +113,7 @@ def main() -> None:
             pipeline.STEPS[step](cfg, name)
         rows.append({**evaluate(cfg, name, slides), "seconds": time.perf_counter() - t0})
     table = pd.DataFrame(rows)
+    table.to_csv(out / "eval.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"all HER2 scores right: {bool((table.her2_true == table.her2_got).all())}; "
           f"min agreement {table.agreement.min():.3f}; min kappa {table.kappa.min():.3f}; "

@@ -44,3 +44,17 @@ def test_refinement_leaves_an_undrifted_library_unchanged():
     assert change["AF"] <= 0.05, change
     # the fit gains nothing beyond noise
     assert report.attrs["residual_after"] >= 0.99 * report.attrs["residual_before"]
+
+
+def test_an_endmember_with_too_few_pixels_keeps_its_library_spectrum():
+    """On a HER2-null slide the few HER2-dominated pixels are noise: QD655 is not moved."""
+    slide = simulate.simulate_slide(her2_score="null", shape=(384, 384), seed=24, drift_nm=4.0,
+                                    off_library_af=True, photons_per_count=1.5)
+    refined, report = refine_library(
+        slide.cube, slide.library, slide.wavelengths_nm, max_shift_nm=6, n_pixels=100_000, min_share=0.25
+    )
+    report = report.set_index("endmember")
+    assert report.loc["QD655", "n_pixels"] < 200
+    assert report.loc["QD655", "shift_nm"] == 0.0
+    np.testing.assert_array_equal(refined["QD655"], slide.library["QD655"])
+    assert report.loc["DAPI", "n_pixels"] >= 200 and report.loc["DAPI", "shift_nm"] != 0.0

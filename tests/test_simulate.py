@@ -394,3 +394,12 @@ def test_write_cohort(tmp_path):
     table = pd.read_csv(out["_cohort"]["truth"])
     assert list(table["sample_id"]) == ["tiny"]
     assert "her2_score_all" in table and "her2_score_tumour" in table
+
+
+def test_messy_cohort_has_every_phenomenon_on_every_reading():
+    cohort = sim.messy_cohort()
+    assert [kw["her2_score"] for kw in cohort.values()] == ["null", "ultralow", "1+", "2+", "3+"]
+    for kwargs in cohort.values():
+        assert kwargs["crowded"] and kwargs["off_library_af"]
+        assert kwargs["drift_nm"] >= 4 and kwargs["shading"] >= 0.2 and kwargs["photons_per_count"] <= 1.5
+    assert len({kw["seed"] for kw in cohort.values()} | {kw["seed"] for kw in sim.test_cohort().values()}) == 11

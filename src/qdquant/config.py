@@ -102,6 +102,7 @@ class Unmixing:
     refine_library: str | bool = "auto"
     max_shift_nm: float = 6.0
     poisson_weights: bool = False
+    flag_poor_fit: bool = True
 
 
 @dataclass(frozen=True)

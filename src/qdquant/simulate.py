@@ -1550,6 +1550,25 @@ def test_cohort() -> dict[str, dict]:
 test_cohort.__test__ = False  # not a pytest test, despite its name
 
 
+#: The four real-slide phenomena of :func:`messy_cohort`, each at the top of its documented range.
+MESSY = dict(crowded=True, drift_nm=4.0, shading=0.2, off_library_af=True, photons_per_count=1.5)
+
+
+def messy_cohort() -> dict[str, dict]:
+    """Sample id → :func:`simulate_slide` keyword arguments of a messy cohort.
+
+    One 512² slide per HER2 reading (null, ultralow, 1+, 2+, 3+), every one
+    with all four real-slide phenomena (:data:`MESSY`): crowded nests with
+    touching nuclei, 4 nm of spectral drift, 20 % darker FOV corners,
+    off-library autofluorescent discs and 1.5 electrons per count.
+    Receptor designs as in :func:`test_cohort`; seeds of their own.
+    """
+    cohort = {}
+    for i, (name, kwargs) in enumerate(list(test_cohort().items())[:5]):
+        cohort[f"messy_{name.removeprefix('her2_')}"] = {**kwargs, **MESSY, "seed": 301 + i}
+    return cohort
+
+
 def write_cohort(
     directory: str | os.PathLike, cohort: dict[str, dict] | None = None
 ) -> dict[str, dict[str, Path]]:

@@ -1308,6 +1308,7 @@ def refine_library(
     offset=None,
     n_pixels=20000,
     min_share=0.5,
+    min_pixels=200,
 ):
     """Adjust each endmember's spectrum to the slide, within a small shift.
 
@@ -1341,12 +1342,17 @@ def refine_library(
     min_share : float, optional
         A pixel is dominated by endmember k when k's share of its modelled
         signal is at least this. Default 0.5.
+    min_pixels : int, optional
+        An endmember is refined only when it dominates at least this many
+        pixels of the subsample (default 200): a shift fitted on a handful
+        of pixels (a HER2-null slide's few HER2-dominated pixels are noise
+        and stray objects) moves the spectrum anywhere within the bound.
 
     Returns
     -------
     refined : (C, K) array or DataFrame
         The refined library, same kind as ``spectra``; flat endmembers and
-        endmembers that dominate fewer than 10 pixels are unchanged.
+        endmembers that dominate fewer than ``min_pixels`` pixels are unchanged.
     report : pandas.DataFrame
         Per endmember: ``endmember``, ``shift_nm``, ``widen``, ``n_pixels``
         (dominated pixels used), ``residual_before`` and ``residual_after``
@@ -1403,7 +1409,7 @@ def refine_library(
             if flat[j]:
                 continue
             sel = dominated(x, j, a)
-            if sel.size < 10:
+            if sel.size < min_pixels:
                 continue
             bj = b[:, sel]
 
