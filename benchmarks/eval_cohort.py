@@ -45,19 +45,28 @@ def quadratic_kappa(truth, pred) -> float:
     return 1.0 - (weights * observed).sum() / denom if denom else 1.0
 
 
-def evaluate(cfg, sample_id: str, slides: Path) -> dict:
-    truth = json.loads((slides / f"{sample_id}_truth.json").read_text())
+def matched_classes(cells_csv: Path, sample_id: str, slides: Path):
+    """True and measured HER2 class of every measured cell whose centroid lies in a true cell.
+
+    Returns the two class arrays and the fraction of measured cells matched.
+    """
     truth_cells = pd.read_csv(slides / f"{sample_id}_truth_cells.csv", dtype={"her2_class": str})
     labels = tifffile.imread(slides / f"{sample_id}_truth_labels.tif")
-    out = pipeline.outputs(cfg, sample_id)
-    cells = pd.read_csv(out["cells"], dtype={"her2_class": str})
-    summary = pd.read_csv(out["summary"], dtype={"her2_score": str}).iloc[0]
+    cells = pd.read_csv(cells_csv, dtype={"her2_class": str})
     y = cells["Y_centroid"].round().astype(int)
     x = cells["X_centroid"].round().astype(int)
     true_id = labels[1][y, x]
     matched = true_id > 0
     true_class = truth_cells.set_index("CellID").loc[true_id[matched], "her2_class"].to_numpy()
-    got_class = cells.loc[matched, "her2_class"].to_numpy()
+    return true_class, cells.loc[matched, "her2_class"].to_numpy(), float(matched.mean())
+
+
+def evaluate(cfg, sample_id: str, slides: Path) -> dict:
+    truth = json.loads((slides / f"{sample_id}_truth.json").read_text())
+    labels = tifffile.imread(slides / f"{sample_id}_truth_labels.tif")
+    out = pipeline.outputs(cfg, sample_id)
+    summary = pd.read_csv(out["summary"], dtype={"her2_score": str}).iloc[0]
+    true_class, got_class, matched = matched_classes(out["cells"], sample_id, slides)
     nuclei = io.read_labels(out["zarr"], "nuclei").compute()
     seg_cells = io.read_labels(out["zarr"], "cells").compute()
     return {
@@ -66,7 +75,7 @@ def evaluate(cfg, sample_id: str, slides: Path) -> dict:
         "her2_got": summary["her2_score"],
         "agreement": float(np.mean(true_class == got_class)),
         "kappa": quadratic_kappa(true_class, got_class),
-        "matched": float(matched.mean()),
+        "matched": matched,
         "nuclei_f1": match_instances(labels[0], nuclei, iou_threshold=0.5)["f1"],
         "cell_f1": match_instances(labels[1], seg_cells, iou_threshold=0.5)["f1"],
     }

@@ -39,6 +39,8 @@ MIN_EXPLAINED = 0.01
 MIN_NUCLEAR_SHARE = 0.75
 #: Nuclear pixels a block needs for its brightness to count.
 MIN_NUCLEAR_PX = 48
+#: Fields of view a slide must hold along each axis for their size to be searched.
+MIN_FOVS_PER_AXIS = 4
 #: Smallest and largest FOV edge tried, pixels.
 MIN_FOV_PX = 64
 MAX_FOV_PX = 2048
@@ -129,14 +131,15 @@ def _period_score(coords: np.ndarray, values: np.ndarray, period: int, region: i
 def _period_1d(coords: np.ndarray, values: np.ndarray, length: int) -> tuple[int, float]:
     """The FOV period along one axis that best predicts held-out FOVs (0 when none explains enough).
 
-    Every period (pixels) from :data:`MIN_FOV_PX` to half the slide (at most
-    :data:`MAX_FOV_PX`) is tried: over many FOVs, a period off by one pixel
-    already puts the last FOVs out of phase.
+    Every period (pixels) from :data:`MIN_FOV_PX` to a quarter of the slide
+    (:data:`MIN_FOVS_PER_AXIS`; at most :data:`MAX_FOV_PX`) is tried: over
+    many FOVs, a period off by one pixel already puts the last FOVs out of
+    phase. Fewer FOVs than that do not tell a shading from the tissue.
     """
     if coords.size > MAX_DETECTION_BLOCKS:  # plenty to find a period on
         pick = np.random.default_rng(0).choice(coords.size, MAX_DETECTION_BLOCKS, replace=False)
         coords, values = coords[pick], values[pick]
-    periods = range(MIN_FOV_PX, min(length // 2, MAX_FOV_PX) + 1)
+    periods = range(MIN_FOV_PX, min(length // MIN_FOVS_PER_AXIS, MAX_FOV_PX) + 1)
     region = min(REGION_PX, length // 2)
     scores = [_period_score(coords, values, p, region) for p in periods]
     if not scores or max(scores) < MIN_EXPLAINED:
@@ -260,7 +263,8 @@ def estimate_shading(
         <= 0 where there is none.
     fov_px : (int, int), optional
         FOV size (Y, X), pixels, when known; default: found from the data
-        (every period from 64 pixels to half the slide, at most 2048).
+        (every period from 64 pixels to a quarter of the slide, at most
+        2048: a slide with fewer than 4 FOVs along an axis gets none).
     bin_px : int
         Block edge of ``brightness``, pixels.
 
