@@ -5,11 +5,15 @@ fields of view (FOVs); each FOV is darker towards its corners (vignetting),
 and what a flat-field calibration leaves of it repeats with the FOV period.
 As in BaSiC (Peng et al. 2017, Nat Commun 8:14836), the profile is estimated
 from the many FOVs of the slide: they share it, while the tissue under them
-differs. Here the profile is a smooth low-order surface of the position in
-the FOV, fitted to the logarithm of the slide's total intensity (all bands,
-dark offset removed), after removing each FOV's own mean, so tissue
-differences between FOVs do not enter. The FOV size is found from the data:
-the period whose profile best predicts FOVs it was not fitted on.
+differs. Here the profile is a quadratic surface of the position in the
+FOV, fitted to the logarithm of the nuclear stain's brightness in small
+blocks (:func:`nuclear_brightness`: nuclei are stained much alike all over
+a section, unlike the tissue's total intensity), after removing each FOV's
+own level, so tissue differences between FOVs do not enter. The FOV size is
+found from the data: the period whose profile best predicts regions it was
+not fitted on. The tissue's own brightness still varies on the scale of a
+field, so the estimate needs many FOVs (a whole slide has hundreds); with
+too few, or no profile that predicts held-out data, nothing is applied.
 
 Shading multiplies the signal, not the camera's dark offset, and is taken
 as the same in every band. Vignetting only loses light, so the profile is
@@ -29,7 +33,7 @@ from qdquant.errors import InputError
 
 log = logging.getLogger(__name__)
 
-#: Degree of the polynomial shading surface (per axis and total).
+#: Degree of the polynomial shading surface (higher orders fit the tissue, not the shading).
 ORDER = 2
 #: Edge of the blocks the shading is fitted on, pixels.
 BIN_PX = 16

@@ -183,9 +183,10 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         stored, _ = io.read_ome_zarr(out["zarr"])
         # pixels the library cannot explain (residual far above photon + read noise)
         noise = unmixing.noise_model(*_pixel_sample(data, stored[-1]))
-        flagged = unmixing.flag_poor_fit(data, stored[-1], noise)
-        if not cfg.unmixing.flag_poor_fit:  # switched off: the mask stays, empty
-            flagged = da.zeros_like(flagged)
+        if cfg.unmixing.flag_poor_fit:
+            flagged = unmixing.flag_poor_fit(data, stored[-1], noise)
+        else:  # switched off: the mask stays, empty
+            flagged = da.zeros(stored.shape[1:], dtype=bool, chunks=stored.chunks[1:])
         io.write_labels(out["zarr"], {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
         stats = report.plot_unmixing_qc(data, stored, library, out["unmixing_qc"],
                                         flagged=io.read_labels(out["zarr"], "flagged"), noise=noise)
