@@ -98,3 +98,23 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("boom")
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
+
+
+def test_large_cubes_are_written_as_bigtiff(tmp_path, monkeypatch):
+    """Past 4 GiB a classic TIFF's offsets overflow: such cubes go to BigTIFF (threshold lowered here)."""
+    import tifffile
+
+    from qdquant import io as qio
+
+    cube = np.arange(3 * 40 * 50, dtype=np.uint16).reshape(3, 40, 50)
+    qio.write_ome_tiff(tmp_path / "small.ome.tif", cube, pixel_size_um=0.5)
+    monkeypatch.setattr(qio, "BIGTIFF_BYTES", cube.nbytes - 1)
+    for interleaved in (False, True):
+        path = tmp_path / f"big{interleaved}.ome.tif"
+        qio.write_ome_tiff(path, cube, pixel_size_um=0.5, interleaved=interleaved, tile=32)
+        with tifffile.TiffFile(path) as tif:
+            assert tif.is_bigtiff
+        with qio.open_cube(path, chunk_size=32) as read:
+            np.testing.assert_array_equal(read.data.compute(), cube)
+    with tifffile.TiffFile(tmp_path / "small.ome.tif") as tif:
+        assert not tif.is_bigtiff

@@ -179,6 +179,10 @@ class _TiffLevel0:
             self._tif = self._array = None
 
 
+#: Image data beyond this many bytes is written as BigTIFF (classic TIFF stops at 4 GiB).
+BIGTIFF_BYTES = 2**32 - 2**25
+
+
 def write_ome_tiff(
     path: str | os.PathLike,
     cube,
@@ -231,6 +235,9 @@ def write_ome_tiff(
         tifffile.imwrite(
             tmp,
             interleaved_tiles() if interleaved else planar_tiles(),
+            # classic TIFF offsets are 32-bit: a whole slide needs BigTIFF (tifffile
+            # cannot tell from tiles coming out of a generator)
+            bigtiff=cube.dtype.itemsize * n_channels * height * width > BIGTIFF_BYTES,
             shape=(height, width, n_channels) if interleaved else cube.shape,
             dtype=cube.dtype,
             tile=(tile, tile),
