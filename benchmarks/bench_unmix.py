@@ -99,8 +99,8 @@ def corrections(size: int) -> int:
     import dask.array as da
 
     from qdquant import illumination, simulate
-    from qdquant.pipeline import _pixel_sample
-    from qdquant.unmixing import estimate_offset, refine_library
+    from qdquant.pipeline import REFINE_SAMPLING, _pixel_sample
+    from qdquant.unmixing import refine_library
 
     t = time.perf_counter()
     slide = simulate.simulate_slide(her2_score="2+", shape=(size, size), seed=3, shading=0.2, fov_px=192,
@@ -121,15 +121,9 @@ def corrections(size: int) -> int:
 
     _, t_unmix = timed(lambda: da.compute(*unmix(cube, a)))
     _, t_refine = timed(lambda: refine_library(_pixel_sample(cube)[0], library, slide.wavelengths_nm,
-                                               max_shift_nm=6, n_pixels=100_000, min_share=0.25))
-    k = names.index("DAPI")
-
-    def estimate():
-        offset = estimate_offset(cube)
-        brightness = illumination.nuclear_brightness(cube, np.linalg.pinv(a)[k], a[:, k], offset)
-        return illumination.estimate_shading(brightness), offset
-
-    (shading, offset), t_estimate = timed(estimate)
+                                               max_shift_nm=6, **REFINE_SAMPLING))
+    (shading, _, offset), t_estimate = timed(
+        lambda: illumination.estimate_slide_shading(cube, a, names.index("DAPI")))
     corrected = illumination.correct_shading(cube, shading, offset)
     _, t_unmix_corrected = timed(lambda: da.compute(*unmix(corrected, a)))
     t_apply = max(t_unmix_corrected - t_unmix, 0.0)

@@ -45,13 +45,15 @@ def quadratic_kappa(truth, pred) -> float:
     return 1.0 - (weights * observed).sum() / denom if denom else 1.0
 
 
-def matched_classes(cells_csv: Path, sample_id: str, slides: Path):
+def matched_classes(cells_csv: Path, sample_id: str, slides: Path, labels=None):
     """True and measured HER2 class of every measured cell whose centroid lies in a true cell.
 
+    ``labels``: the slide's true (nuclei, cells) labels, when already read.
     Returns the two class arrays and the fraction of measured cells matched.
     """
     truth_cells = pd.read_csv(slides / f"{sample_id}_truth_cells.csv", dtype={"her2_class": str})
-    labels = tifffile.imread(slides / f"{sample_id}_truth_labels.tif")
+    if labels is None:
+        labels = tifffile.imread(slides / f"{sample_id}_truth_labels.tif")
     cells = pd.read_csv(cells_csv, dtype={"her2_class": str})
     y = cells["Y_centroid"].round().astype(int)
     x = cells["X_centroid"].round().astype(int)
@@ -66,7 +68,7 @@ def evaluate(cfg, sample_id: str, slides: Path) -> dict:
     labels = tifffile.imread(slides / f"{sample_id}_truth_labels.tif")
     out = pipeline.outputs(cfg, sample_id)
     summary = pd.read_csv(out["summary"], dtype={"her2_score": str}).iloc[0]
-    true_class, got_class, matched = matched_classes(out["cells"], sample_id, slides)
+    true_class, got_class, matched = matched_classes(out["cells"], sample_id, slides, labels)
     nuclei = io.read_labels(out["zarr"], "nuclei").compute()
     seg_cells = io.read_labels(out["zarr"], "cells").compute()
     return {

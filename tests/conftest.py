@@ -58,6 +58,15 @@ def write_project(root: Path, *, config_extra: dict | None = None, n_image_bands
     return path
 
 
+def repo_config(path: Path, samples: Path, results: Path, **overrides) -> Path:
+    """Write the repository's config/config.yaml with its tables, this sample sheet and results folder."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(samples=str(samples), spectra=str(REPO / "config" / "spectra.csv"),
+                  panel=str(REPO / "config" / "panel.tsv"), results=str(results), **overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture
 def tiny_project(tmp_path) -> Path:
     return write_project(tmp_path / "project")

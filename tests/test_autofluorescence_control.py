@@ -3,9 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import REPO, write_project
+from conftest import REPO, repo_config, write_project
 from qdquant import io, pipeline, simulate
 from qdquant.config import load_config
 from qdquant.errors import InputError
@@ -52,12 +51,8 @@ def test_spectrum_errors():
 def _unmix(root, paths, with_control):
     control = paths["unstained"] if with_control else ""
     (root / "samples.tsv").write_text(f"sample_id\timage\tunstained\ns\t{paths['stained']}\t{control}\n")
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(samples=str(root / "samples.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
-                  panel=str(REPO / "config" / "panel.tsv"), results=str(root / f"results{int(with_control)}"),
-                  unmixing={"refine_library": False})
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(root / "config.yaml")
+    cfg = load_config(repo_config(root / "config.yaml", root / "samples.tsv", root / f"results{int(with_control)}",
+                                  unmixing={"refine_library": False}))
     assert (cfg.samples[0].unstained is not None) == with_control
     pipeline.unmix_sample(cfg, "s")
     out = pipeline.outputs(cfg, "s")

@@ -5,12 +5,10 @@ import json
 import dask.array as da
 import numpy as np
 import pytest
-import yaml
 
-from conftest import REPO
+from conftest import repo_config
 from qdquant import illumination, io, pipeline, simulate
 from qdquant.config import load_config
-from qdquant.unmixing import estimate_offset
 
 
 def _vignetting(shape, fov, amount):
@@ -47,11 +45,8 @@ def test_recovers_a_non_square_fov_from_textured_brightness():
 
 def test_no_shading_no_correction():
     slide = simulate.simulate_slide(her2_score="2+", shape=(512, 512), seed=11, crowded=True)
-    k = list(slide.library.columns[1:]).index("DAPI")
     a = slide.library.drop(columns="wavelength_nm").to_numpy()
-    brightness = illumination.nuclear_brightness(slide.cube, np.linalg.pinv(a)[k], a[:, k],
-                                                 estimate_offset(slide.cube))
-    shading = illumination.estimate_shading(brightness)
+    shading, _, _ = illumination.estimate_slide_shading(slide.cube, a, list(slide.library.columns[1:]).index("DAPI"))
     assert shading.is_flat
 
 
@@ -79,12 +74,9 @@ def shaded_slide(tmp_path_factory):
 
 def test_estimated_from_a_messy_slide(shaded_slide):
     _, slide, _ = shaded_slide
-    names = list(slide.library.columns[1:])
     a = slide.library.drop(columns="wavelength_nm").to_numpy()
-    k = names.index("DAPI")
     cube = da.from_array(slide.cube, chunks=(31, 512, 512))
-    brightness = illumination.nuclear_brightness(cube, np.linalg.pinv(a)[k], a[:, k], estimate_offset(cube))
-    shading = illumination.estimate_shading(brightness)
+    shading, _, _ = illumination.estimate_slide_shading(cube, a, list(slide.library.columns[1:]).index("DAPI"))
     assert abs(shading.fov_px[0] - 192) <= 3 and abs(shading.fov_px[1] - 192) <= 3, shading.fov_px
     # uncorrected, intensities are off by up to 25 % (1 / 0.8); corrected, by less than 10 %
     assert _max_error(illumination.Shading((2048, 2048), np.ones((2048, 2048), np.float32)), slide.shading) > 0.24
@@ -96,12 +88,8 @@ def test_unmix_step_applies_it(shaded_slide):
     (root / "samples.tsv").write_text(f"sample_id\timage\nshaded\t{path}\n")
     dapi = {}
     for mode in ("none", "estimate"):
-        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-        config.update(samples=str(root / "samples.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
-                      panel=str(REPO / "config" / "panel.tsv"), results=str(root / mode), illumination=mode,
-                      unmixing={"refine_library": False})
-        (root / f"{mode}.yaml").write_text(yaml.safe_dump(config))
-        cfg = load_config(root / f"{mode}.yaml")
+        cfg = load_config(repo_config(root / f"{mode}.yaml", root / "samples.tsv", root / mode,
+                                      illumination=mode, unmixing={"refine_library": False}))
         pipeline.unmix_sample(cfg, "shaded")
         image, names = io.read_ome_zarr(pipeline.outputs(cfg, "shaded")["zarr"])
         dapi[mode] = np.asarray(image[names.index("DAPI")])

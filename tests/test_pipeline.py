@@ -73,16 +73,13 @@ def test_chunked_pipeline_equals_one_chunk(tmp_path):
 
     slide = simulate.simulate_slide(her2_score="2+", shape=(320, 320), seed=11)
     paths = simulate.write_slide(slide, tmp_path / "slides", "small")
-    from conftest import REPO as repo
+    from conftest import repo_config
     tables = {}
     for chunk in (2048, 128):
         (tmp_path / "samples.tsv").write_text(f"sample_id\timage\nsmall\t{paths['image']}\n")
-        config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
-        config.update(samples=str(tmp_path / "samples.tsv"), spectra=str(repo / "config" / "spectra.csv"),
-                      panel=str(repo / "config" / "panel.tsv"), results=str(tmp_path / f"results{chunk}"),
-                      chunk_size=chunk, unmixing={"refine_library": False})
-        (tmp_path / f"config{chunk}.yaml").write_text(yaml.safe_dump(config))
-        cfg = load_config(tmp_path / f"config{chunk}.yaml")
+        cfg = load_config(repo_config(tmp_path / f"config{chunk}.yaml", tmp_path / "samples.tsv",
+                                      tmp_path / f"results{chunk}", chunk_size=chunk,
+                                      unmixing={"refine_library": False}))
         for step in ("unmix", "segment", "quantify", "score"):
             pipeline.STEPS[step](cfg, "small")
         table = pd.read_csv(pipeline.outputs(cfg, "small")["cells"], dtype={"her2_class": str})

@@ -279,15 +279,9 @@ def small_slide(tmp_path_factory):
 
 
 def _repo_config(root, name):
-    from conftest import REPO
+    from conftest import repo_config
 
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(samples=str(root / "samples.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
-                  panel=str(REPO / "config" / "panel.tsv"), results=str(root / name),
-                  unmixing={"refine_library": False})
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return repo_config(root / f"{name}.yaml", root / "samples.tsv", root / name, unmixing={"refine_library": False})
 
 
 def test_step_with_little_memory_uses_smaller_chunks_and_same_outputs(small_slide, monkeypatch, capsys, caplog):

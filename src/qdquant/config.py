@@ -524,16 +524,19 @@ def check_image(cfg: Config, sample: Sample) -> tuple[tuple[int, ...], float]:
     from qdquant.io import read_cube_header
 
     n_bands = len(cfg.library.wavelengths_nm)
-    for image, what in ((sample.unstained, "unstained control"), (sample.image, "image")):
-        if image is None:
-            continue
-        header = read_cube_header(image)
-        if header[0][0] != n_bands:
+
+    def header(image, what):
+        shape, dtype, meta_px = read_cube_header(image)
+        if shape[0] != n_bands:
             raise InputError(
-                f"{image}: {header[0][0]} bands but the spectral library has {n_bands} rows"
+                f"{image}: {shape[0]} bands but the spectral library has {n_bands} rows"
                 f" ({what} of sample '{sample.sample_id}')"
             )
-    shape, _, meta_px = header
+        return shape, meta_px
+
+    if sample.unstained is not None:
+        header(sample.unstained, "unstained control")
+    shape, meta_px = header(sample.image, "image")
     return shape, pixel_size_for(cfg, sample, meta_px)
 
 

@@ -117,6 +117,11 @@ def _explained(terms, values, tile, train) -> float:
     return 0.0 if denom <= 0 else 1.0 - float(((y - pred) ** 2).sum()) / denom
 
 
+def _cross_explained(terms, values, tile, half) -> float:
+    """Mean held-out R² of a within-tile fit over the two folds ``half`` and ``~half``."""
+    return 0.5 * (_explained(terms, values, tile, half) + _explained(terms, values, tile, ~half))
+
+
 def _period_score(coords: np.ndarray, values: np.ndarray, period: int, region: int) -> float:
     """Held-out R² of a 1-D within-FOV profile of this period.
 
@@ -129,7 +134,7 @@ def _period_score(coords: np.ndarray, values: np.ndarray, period: int, region: i
         return 0.0
     terms = _poly_terms((coords % period) / period - 0.5, None)
     even = strip % 2 == 0
-    return 0.5 * (_explained(terms, values, strip, even) + _explained(terms, values, strip, ~even))
+    return _cross_explained(terms, values, strip, even)
 
 
 def _period_1d(coords: np.ndarray, values: np.ndarray, length: int) -> tuple[int, float]:
@@ -172,7 +177,7 @@ def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
     ry, rx = (ys // region).astype(np.intp), (xs // region).astype(np.intp)
     squares = ry * (rx.max() + 1) + rx
     checker = (ry + rx) % 2 == 0
-    explained = 0.5 * (_explained(terms, values, squares, checker) + _explained(terms, values, squares, ~checker))
+    explained = _cross_explained(terms, values, squares, checker)
     return coef, explained
 
 
@@ -319,6 +324,20 @@ def estimate_shading(
     log.info("illumination: FOV %d x %d px, darkest point at %.0f %% of the brightest, "
              "held-out explained variance %.3f", py, px, 100 * profile.min(), explained)
     return Shading((py, px), profile, float(explained))
+
+
+def estimate_slide_shading(cube, spectra: np.ndarray, nuclear: int) -> tuple[Shading, np.ndarray, np.ndarray]:
+    """Shading of a (C, Y, X) slide from its nuclear stain (endmember ``nuclear`` of ``spectra``, (C, K)).
+
+    Returns the :class:`Shading`, the block brightness it was fitted on
+    (:func:`nuclear_brightness`) and the dark offset per band (counts),
+    which :func:`correct_shading` keeps unshaded.
+    """
+    from qdquant.unmixing import estimate_offset
+
+    offset = estimate_offset(cube)
+    brightness = nuclear_brightness(cube, np.linalg.pinv(spectra)[nuclear], spectra[:, nuclear], offset)
+    return estimate_shading(brightness), brightness, offset
 
 
 def shading_field(shading: Shading, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

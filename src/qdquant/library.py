@@ -42,8 +42,8 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
-def _control_pixels(cube, name, n_bands, saturation):
-    """Offset-removed (C, n) float64 pixels of a control and their saturation mask."""
+def _checked_control(cube, name, n_bands):
+    """A control image as a numpy (C, Y, X) array, or a clear error."""
     shape = getattr(cube, "shape", None)
     if shape is None or len(shape) != 3:
         raise InputError(f"control {name!r}: must be a 3-D (C, Y, X) array, got shape {shape}")
@@ -54,12 +54,21 @@ def _control_pixels(cube, name, n_bands, saturation):
     cube = np.asarray(cube)
     if np.issubdtype(cube.dtype, np.floating) and not np.isfinite(cube).all():
         raise InputError(f"control {name!r}: contains NaN or inf; shape {shape}")
-    if saturation is None and np.issubdtype(cube.dtype, np.integer):
-        saturation = np.iinfo(cube.dtype).max
+    return cube
+
+
+def _saturated(raw, saturation):
+    """Pixels of ``raw`` (C, n) with a band at ``saturation`` (default: the integer dtype's maximum)."""
+    if saturation is None and np.issubdtype(raw.dtype, np.integer):
+        saturation = np.iinfo(raw.dtype).max
+    return (raw >= saturation).any(axis=0) if saturation is not None else np.zeros(raw.shape[1], bool)
+
+
+def _control_pixels(cube, name, n_bands, saturation):
+    """Offset-removed (C, n) float64 pixels of a control and their saturation mask."""
+    cube = _checked_control(cube, name, n_bands)
     raw = cube.reshape(n_bands, -1)
-    saturated = (raw >= saturation).any(axis=0) if saturation is not None else np.zeros(raw.shape[1], bool)
-    pixels = raw.astype(np.float64) - estimate_offset(cube)[:, None]
-    return pixels, saturated
+    return raw.astype(np.float64) - estimate_offset(cube)[:, None], _saturated(raw, saturation)
 
 
 def _bright_mean(pixels, saturated, bright_percentile, name):
@@ -203,17 +212,9 @@ def autofluorescence_spectrum(unstained, *, saturation=None):
     the bulk of the tissue, which a few bright objects of another colour
     (red blood cells, lipofuscin granules) do not pull.
     """
-    shape = np.shape(unstained)
-    if len(shape) != 3:
-        raise InputError(f"control 'unstained': must be a 3-D (C, Y, X) array, got shape {shape}")
-    raw = np.asarray(unstained).reshape(shape[0], -1)
-    if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
-        raise InputError(f"control 'unstained': contains NaN or inf; shape {shape}")
-    if saturation is None and np.issubdtype(raw.dtype, np.integer):
-        saturation = np.iinfo(raw.dtype).max
-    raw = raw.astype(np.float64)
-    if saturation is not None:
-        raw = raw[:, ~(raw >= saturation).any(axis=0)]
+    cube = _checked_control(unstained, "unstained", np.shape(unstained)[0] if np.ndim(unstained) == 3 else None)
+    raw = cube.reshape(cube.shape[0], -1)
+    raw = raw[:, ~_saturated(raw, saturation)].astype(np.float64)
     if raw.shape[1] < 100:
         raise InputError(f"control 'unstained': {raw.shape[1]} unsaturated pixels, need at least 100")
     total = raw.sum(axis=0)

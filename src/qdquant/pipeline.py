@@ -100,7 +100,7 @@ def _with_control_autofluorescence(cfg: Config, sample, library):
         return library
     from qdquant.library import autofluorescence_spectrum
 
-    (row,) = [r for r in cfg.panel if r.role == "autofluorescence"]
+    row = cfg.panel_row(role="autofluorescence")  # exactly one: checked by load_config
     with io.open_cube(sample.unstained, chunk_size=cfg.chunk_size) as control, _about(sample.unstained):
         af = autofluorescence_spectrum(_pixel_sample(control.data)[0])
     spectra = library.spectra.copy()
@@ -108,6 +108,10 @@ def _with_control_autofluorescence(cfg: Config, sample, library):
     log.info("autofluorescence '%s' from the unstained control %s (peak %.0f nm)", row.endmember,
              sample.unstained, library.wavelengths_nm[np.argmax(af)])
     return replace(library, spectra=spectra)
+
+
+#: How the unmix step samples the slide's pixels for library refinement.
+REFINE_SAMPLING = dict(n_pixels=100_000, min_share=0.25)
 
 
 def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
@@ -123,7 +127,7 @@ def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
         return library
     refined, shifts = unmixing.refine_library(
         _pixel_sample(data)[0], library.to_frame(), library.wavelengths_nm,
-        max_shift_nm=cfg.unmixing.max_shift_nm, n_pixels=100_000, min_share=0.25,
+        max_shift_nm=cfg.unmixing.max_shift_nm, **REFINE_SAMPLING,
     )
     before, after = shifts.attrs["residual_before"], shifts.attrs["residual_after"]
     kept = mode is True or after < before
@@ -141,13 +145,8 @@ def _shading_corrected(cfg: Config, library, data: da.Array, qc_dir: Path) -> da
         return data
     from qdquant import illumination, report
 
-    row = cfg.panel_row(role="nuclear_stain")
-    k = library.names.index(row.endmember)
-    offset = unmixing.estimate_offset(data)
-    brightness = illumination.nuclear_brightness(
-        data, np.linalg.pinv(library.spectra)[k], library.spectra[:, k], offset
-    )
-    shading = illumination.estimate_shading(brightness)
+    nuclear = library.names.index(cfg.panel_row(role="nuclear_stain").endmember)
+    shading, brightness, offset = illumination.estimate_slide_shading(data, library.spectra, nuclear)
     report.plot_shading(shading, brightness, qc_dir / "illumination.png")
     return data if shading.is_flat else illumination.correct_shading(data, shading, offset)
 
