@@ -61,13 +61,20 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/qdquant-wholeslide")
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--keep", action="store_true", help="keep the slides and outputs")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                        help="steps to run (later steps need the outputs of earlier ones: use with --keep)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a slide simulated by an earlier --keep run instead of simulating it again")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.sizes:
         name = f"ws{size}"
-        t_sim, _, _ = run(["simulate", "--size", str(size), "--seed", "7", "--out", str(work), "--name", name])
+        if args.reuse and (work / f"{name}.ome.tif").exists():
+            t_sim = 0.0
+        else:
+            t_sim, _, _ = run(["simulate", "--size", str(size), "--seed", "7", "--out", str(work), "--name", name])
         (work / f"{name}.tsv").write_text(f"sample_id\timage\n{name}\t{work / name}.ome.tif\n")
         config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
         config.update(samples=str(work / f"{name}.tsv"), spectra=str(REPO / "config" / "spectra.csv"),
@@ -76,8 +83,8 @@ def main() -> None:
         cfg_path = work / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         mpx = size * size / 1e6
-        print(f"\n{size}x{size} ({mpx:.0f} Mpx), simulated in {t_sim:.0f} s", flush=True)
-        for step in STEPS:
+        print(f"\n{size}x{size} ({mpx:.0f} Mpx), simulated in {t_sim:.0f} s" + (" (reused)" if not t_sim else ""), flush=True)
+        for step in args.steps:
             seconds, cpu, peak = run([step, "--config", str(cfg_path), "--sample", name])
             rows.append({"size": size, "step": step, "seconds": seconds, "cpu_seconds": cpu,
                          "Mpx_per_s": mpx / seconds, "cpu_s_per_Mpx": cpu / mpx, "peak_rss_MiB": peak})
@@ -90,7 +97,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['size']}² | {r['step']} | {r['seconds']:.1f} | {r['Mpx_per_s']:.2f} | {r['cpu_seconds']:.0f}"
               f" | {r['cpu_s_per_Mpx']:.2f} | {r['peak_rss_MiB']:.0f} |")
-    (work / "bench_wholeslide.json").write_text(json.dumps(rows, indent=1))
+    (work / f"bench_wholeslide_{'_'.join(args.steps)}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -67,15 +67,19 @@ def test_missing_channel_is_a_clear_error(tiny_project, tmp_path):
         pipeline.quantify_sample(cfg, "s1")
 
 
-def test_chunked_pipeline_equals_one_chunk(tmp_path):
-    """A slide processed in 128-px chunks gives the cells.csv of one chunk (ids aside)."""
+def test_chunked_pipeline_equals_one_chunk(tmp_path, monkeypatch):
+    """A slide processed in 128-px chunks, and scored 7 rows at a time, gives
+    the cells.csv, cells.h5ad and summary of one chunk (ids aside)."""
+    import anndata
+
     from qdquant import simulate
 
     slide = simulate.simulate_slide(her2_score="2+", shape=(320, 320), seed=11)
     paths = simulate.write_slide(slide, tmp_path / "slides", "small")
     from conftest import repo_config
-    tables = {}
+    tables, summaries, h5ads = {}, {}, {}
     for chunk in (2048, 128):
+        monkeypatch.setattr(pipeline, "SCORE_ROWS", 7 if chunk == 128 else 10**6)
         (tmp_path / "samples.tsv").write_text(f"sample_id\timage\nsmall\t{paths['image']}\n")
         cfg = load_config(repo_config(tmp_path / f"config{chunk}.yaml", tmp_path / "samples.tsv",
                                       tmp_path / f"results{chunk}", chunk_size=chunk,
@@ -84,8 +88,32 @@ def test_chunked_pipeline_equals_one_chunk(tmp_path):
             pipeline.STEPS[step](cfg, "small")
         table = pd.read_csv(pipeline.outputs(cfg, "small")["cells"], dtype={"her2_class": str})
         tables[chunk] = table.assign(y=table.Y_centroid.round(3), x=table.X_centroid.round(3)).sort_values(["y", "x"])
+        summaries[chunk] = pd.read_csv(pipeline.outputs(cfg, "small")["summary"]).iloc[0]
+        h5ads[chunk] = anndata.read_h5ad(pipeline.outputs(cfg, "small")["h5ad"]), table
     whole, chunked = tables[2048], tables[128]
     assert len(whole) > 50 and len(whole) == len(chunked)
     numeric = [c for c in whole.columns if c not in ("CellID", "her2_class")]
     np.testing.assert_allclose(whole[numeric].to_numpy(float), chunked[numeric].to_numpy(float), rtol=1e-5, atol=1e-5)
     assert (whole["her2_class"].to_numpy() == chunked["her2_class"].to_numpy()).all()
+    for key, value in summaries[2048].items():
+        if isinstance(value, float):
+            assert summaries[128][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+        else:
+            assert summaries[128][key] == value, key
+    # The h5ad written in slices holds every cell once, in cells.csv's order.
+    for adata, table in h5ads.values():
+        assert adata.n_obs == len(table)
+        np.testing.assert_allclose(adata.obsm["spatial"], table[["X_um", "Y_um"]].to_numpy(), rtol=1e-6)
+        assert (adata.obs["her2_class"].astype(str).to_numpy() == table["her2_class"].to_numpy()).all()
+
+
+def test_report_scatter_draws_a_bounded_subset_of_the_selected_cells(monkeypatch):
+    from qdquant import report
+
+    monkeypatch.setattr(report, "MAX_POINTS", 50)
+    selected = np.arange(1000) % 3 == 0
+    drawn = report._drawn(selected)
+    assert drawn.sum() <= 50 and not (drawn & ~selected).any()
+    assert (report._drawn(selected) == drawn).all()  # reproducible
+    small = np.arange(40) % 2 == 0
+    assert (report._drawn(small) == small).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 import xml.etree.ElementTree as ET
@@ -365,39 +366,48 @@ def write_labels(
 
     ``labels`` maps names to numpy or dask arrays; they are computed together
     in one pass (label images that share a lazy graph, as nuclei and cells
-    do, are segmented once). Each is written beside the others under a
-    temporary name and renamed into place, so readers never see a partial
-    label image.
+    do, are segmented once) and staged at full resolution in a temporary
+    directory (``$TMPDIR``), from which the pyramid is then built: the peak
+    memory is that of the larger of the two passes, not of both at once.
+    Each is written beside the others under a temporary name and renamed
+    into place, so readers never see a partial label image.
     """
-    import dask
     from ome_zarr.format import FormatV04
-    from ome_zarr.writer import write_labels as _write_labels
+    from ome_zarr.writer import write_label_metadata, write_multiscale
 
     zarr_path = Path(zarr_path)
     root = zarr.open_group(str(zarr_path), mode="r+")
     tmp_names = {name: f".{name}.tmp-{uuid.uuid4().hex[:8]}" for name in labels}
+    staging = tempfile.TemporaryDirectory(prefix="qdquant-labels-")
     try:
-        delayed = []
+        staged = {}
         for name, image in labels.items():
-            factors = tuple(2**i for i in range(1, 4) if min(image.shape) // 2**i >= 16)
-            delayed += _write_labels(
-                image,
-                root,
-                name=tmp_names[name],
-                axes="yx",
-                fmt=FormatV04(),
-                scaler=None,
-                scale_factors=factors,
-                storage_options={"chunks": (chunk_size, chunk_size)},
-                compute=False,
+            staged[name] = zarr.open_array(
+                str(Path(staging.name) / name), mode="w", shape=image.shape, dtype=image.dtype,
+                chunks=(chunk_size, chunk_size), fill_value=0,
             )
-        dask.compute(*delayed)
+        da.store([da.asarray(image, chunks=chunk_size) for image in labels.values()], list(staged.values()),
+                 lock=False)
+        labels_group = root.require_group("labels")
+        for name, level0 in staged.items():
+            # Nearest-neighbour levels, each read from the staged level 0 and
+            # written in turn, so that no level waits in memory for another.
+            factors = [2**i for i in range(1, 4) if min(level0.shape) // 2**i >= 16]
+            pyramid = [da.from_zarr(level0)] + [
+                da.from_zarr(level0)[f // 2 :: f, f // 2 :: f].rechunk(chunk_size) for f in factors
+            ]
+            write_multiscale(
+                pyramid, labels_group.require_group(tmp_names[name]), fmt=FormatV04(), axes="yx", name=name,
+                storage_options={"chunks": (chunk_size, chunk_size)},
+            )
+            write_label_metadata(labels_group, tmp_names[name], fmt=FormatV04())
         for name, tmp in tmp_names.items():
             final = zarr_path / "labels" / name
             if final.exists():
                 shutil.rmtree(final)
             os.replace(zarr_path / "labels" / tmp, final)
     finally:
+        staging.cleanup()
         for tmp in tmp_names.values():
             shutil.rmtree(zarr_path / "labels" / tmp, ignore_errors=True)
         group = zarr.open_group(str(zarr_path / "labels"), mode="r+")
@@ -424,21 +434,22 @@ def read_pixel_size_um(zarr_path: str | os.PathLike) -> float:
     raise InputError(f"{zarr_path}: no pixel size in the multiscale metadata")
 
 
-def read_csv(path: str | os.PathLike, what: str = "table") -> pd.DataFrame:
-    """Read a CSV written by an earlier step, with a clear error when it is missing."""
+def read_csv(path: str | os.PathLike, what: str = "table", **kwargs):
+    """Read a CSV written by an earlier step, with a clear error when it is missing.
+
+    ``kwargs`` go to :func:`pandas.read_csv` (e.g. ``usecols``, or
+    ``chunksize`` for an iterator of tables).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found (run the earlier steps first)")
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path, **kwargs)
+    except ValueError as exc:  # e.g. a column of usecols missing
+        raise InputError(f"{path}: {what}: {exc}") from None
 
 
-def write_h5ad(cells: pd.DataFrame, markers: list[str], path: str | os.PathLike, *, sample_id: str) -> None:
-    """Write ``cells.csv``'s content as AnnData for scanpy / squidpy / scimap users.
-
-    ``X`` holds the whole-cell marker means (cells x markers), ``layers`` the
-    compartment means, ``obs`` every other column (plus ``imageid``) and
-    ``obsm["spatial"]`` the centroids in micrometres.
-    """
+def _anndata(cells: pd.DataFrame, markers: list[str], sample_id: str):
     import anndata
 
     obs_columns = [c for c in cells.columns if c not in markers and not c.endswith("_mean") and c != "CellID"]
@@ -446,9 +457,9 @@ def write_h5ad(cells: pd.DataFrame, markers: list[str], path: str | os.PathLike,
     for column in obs.columns:
         if obs[column].dtype == object or pd.api.types.is_string_dtype(obs[column]):
             obs[column] = obs[column].astype(str).astype("category")
-    obs["imageid"] = sample_id
+    obs["imageid"] = pd.Categorical([sample_id] * len(obs))
     obs.index = [f"{sample_id}_{i}" for i in cells["CellID"]]
-    adata = anndata.AnnData(
+    return anndata.AnnData(
         X=cells[markers].to_numpy(np.float32),
         obs=obs,
         var=pd.DataFrame(index=markers),
@@ -458,5 +469,51 @@ def write_h5ad(cells: pd.DataFrame, markers: list[str], path: str | os.PathLike,
             for compartment in ("nucleus", "cytoplasm", "membrane")
         },
     )
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+
+
+def write_h5ad(cells: pd.DataFrame, markers: list[str], path: str | os.PathLike, *, sample_id: str) -> None:
+    """Write ``cells.csv``'s content as AnnData for scanpy / squidpy / scimap users.
+
+    ``X`` holds the whole-cell marker means (cells x markers), ``layers`` the
+    compartment means, ``obs`` every other column (plus ``imageid``) and
+    ``obsm["spatial"]`` the centroids in micrometres.
+    """
+    with H5adWriter(path, sample_id=sample_id) as writer:
+        writer.append(cells, markers)
+
+
+class H5adWriter:
+    """Write an ``.h5ad`` (as :func:`write_h5ad`) from tables of cells appended one at a time.
+
+    Each table is written to a temporary file as it comes; on leaving the
+    ``with`` block they are concatenated on disk (``anndata``'s
+    ``concat_on_disk``, in bounded memory) and the result renamed into
+    place. On an exception nothing is written.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, sample_id: str):
+        self.path, self.sample_id = Path(path), sample_id
+        self._parts: list[Path] = []
+
+    def __enter__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="qdquant-h5ad-")
+        return self
+
+    def append(self, cells: pd.DataFrame, markers: list[str]) -> None:
+        part = Path(self._dir.name) / f"{len(self._parts)}.h5ad"
+        _anndata(cells, markers, self.sample_id).write_h5ad(part)
+        self._parts.append(part)
+
+    def __exit__(self, exc_type, *_):
+        try:
+            if exc_type is None:
+                from anndata.experimental import concat_on_disk
+
+                with atomic_path(self.path) as tmp:
+                    if len(self._parts) == 1:
+                        shutil.copyfile(self._parts[0], tmp)
+                    else:
+                        concat_on_disk(self._parts, tmp, max_loaded_elems=10_000_000, merge="same")
+        finally:
+            self._dir.cleanup()
+        return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -219,15 +220,18 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
     nuclear = abundances[_panel_channel(cfg, names, "nuclear_stain", out["zarr"])]
     membrane_idx = _panel_channel(cfg, names, "membrane_stain", out["zarr"])
     membrane = None if membrane_idx is None else abundances[membrane_idx]
-    nuclei, cells = segmentation.segment_chunked(
-        nuclear,
-        membrane,
-        pixel_size_um=pixel_size,
-        nucleus_diameter_um=seg.nucleus_diameter_um,
-        cell_expansion_um=seg.cell_expansion_um,
-        chunk_size=cfg.chunk_size,
-    )
-    io.write_labels(out["zarr"], {"nuclei": nuclei, "cells": cells}, chunk_size=cfg.chunk_size)
+    # Tiles wait for their neighbours on local disk ($TMPDIR), not in memory.
+    with tempfile.TemporaryDirectory(prefix="qdquant-segment-") as scratch:
+        nuclei, cells = segmentation.segment_chunked(
+            nuclear,
+            membrane,
+            pixel_size_um=pixel_size,
+            nucleus_diameter_um=seg.nucleus_diameter_um,
+            cell_expansion_um=seg.cell_expansion_um,
+            chunk_size=cfg.chunk_size,
+            scratch=scratch,
+        )
+        io.write_labels(out["zarr"], {"nuclei": nuclei, "cells": cells}, chunk_size=cfg.chunk_size)
     report.plot_segmentation_qc(
         nuclear, io.read_labels(out["zarr"], "nuclei"), io.read_labels(out["zarr"], "cells"),
         out["segmentation_qc"],
@@ -317,53 +321,73 @@ def her2_thresholds(cfg: Config) -> tuple[dict, str]:
     return {k: float(fitted[k]) for k in config_values}, "calibrated on control slides"
 
 
-def score_cells(cfg: Config, table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """From measurements to the contract's ``cells.csv`` columns and ``summary.csv`` row.
+def _gate_column(cfg: Config) -> str:
+    return f"{cfg.tumour.marker}_membrane_mean"
 
-    Pure: a table in, a table and a dict out (used by :func:`score_sample`).
+
+def _scored_column(row) -> str:
+    return row.marker if row.compartment == "cell" else f"{row.marker}_{row.compartment}_mean"
+
+
+def tumour_threshold(cfg: Config, gate: np.ndarray) -> float | None:
+    """The tumour gate's threshold: from the config, or fitted on ``gate`` (every cell's gate value)."""
+    if cfg.tumour is None:
+        return None
+    return scoring.tumour_threshold_auto(gate) if cfg.tumour.threshold == "auto" else float(cfg.tumour.threshold)
+
+
+def score_cell_rows(cfg: Config, table: pd.DataFrame, threshold: float | None, her2: dict | None) -> pd.DataFrame:
+    """The contract's ``cells.csv`` columns for some rows of the measurements.
+
+    Per cell only, so any slice of the rows gives the same result for its
+    cells: ``threshold`` is the tumour gate's (:func:`tumour_threshold`),
+    ``her2`` the HER2 thresholds in force (:func:`her2_thresholds`).
     """
-    measured = cfg.measured
-    markers = [r.marker for r in measured]
+    markers = [r.marker for r in cfg.measured]
     front = ["CellID", *markers, *(f"{m}_{c}_mean" for m in markers for c in quantification.COMPARTMENTS)]
     geometry = ["X_centroid", "Y_centroid", "X_um", "Y_um", "Area", "NucleusArea", "n_flagged_px"]
     cells = table[front + geometry].copy()
-    summary: dict = {"n_cells": len(cells)}
-
-    population = np.ones(len(cells), dtype=bool)
     if cfg.tumour is not None:
-        gate = table[f"{cfg.tumour.marker}_membrane_mean"].to_numpy(np.float64)
-        threshold = (
-            scoring.tumour_threshold_auto(gate) if cfg.tumour.threshold == "auto" else float(cfg.tumour.threshold)
-        )
-        population = scoring.is_tumour(gate, threshold)
-        cells["is_tumour"] = population
-        summary["n_tumour_cells"] = int(population.sum())
-        summary["tumour_threshold"] = threshold
-
+        cells["is_tumour"] = scoring.is_tumour(table[_gate_column(cfg)].to_numpy(np.float64), threshold)
     if cfg.her2 is not None:
-        t, source = her2_thresholds(cfg)
         sums, npx = _sector_arrays(table, cfg.her2.sectors)
         intensity, completeness, klass = scoring.her2_cell_scores(
-            sums, npx, **t, complete_fraction=cfg.her2.complete_fraction
+            sums, npx, **her2, complete_fraction=cfg.her2.complete_fraction
         )
         cells["her2_membrane_intensity"] = intensity
         cells["her2_completeness"] = completeness
         cells["her2_class"] = klass
-        summary.update(
-            scoring.her2_sample_score(klass[population], ultralow_min_pct=cfg.her2.ultralow_min_pct)
-        )
-        summary.update({f"her2_{k}": v for k, v in t.items()})
-        summary["her2_thresholds_source"] = source
+    return cells
 
+
+def _summary_columns(cfg: Config) -> list[str]:
+    """The columns of the scored cells that :func:`summarise_cells` reads."""
+    columns = ["is_tumour"] if cfg.tumour is not None else []
+    columns += ["her2_class"] if cfg.her2 is not None else []
+    return columns + [_scored_column(row) for row in cfg.scored]
+
+
+def summarise_cells(cfg: Config, cells: pd.DataFrame, threshold: float | None, her2: dict | None,
+                    her2_source: str | None) -> dict:
+    """The ``summary.csv`` row from every cell's :func:`_summary_columns` (the scored cells)."""
+    summary: dict = {"n_cells": len(cells)}
+    population = np.ones(len(cells), dtype=bool)
+    if cfg.tumour is not None:
+        population = cells["is_tumour"].to_numpy(bool)
+        summary["n_tumour_cells"] = int(population.sum())
+        summary["tumour_threshold"] = threshold
+    if cfg.her2 is not None:
+        klass = cells["her2_class"].to_numpy()
+        summary.update(scoring.her2_sample_score(klass[population], ultralow_min_pct=cfg.her2.ultralow_min_pct))
+        summary.update({f"her2_{k}": v for k, v in her2.items()})
+        summary["her2_thresholds_source"] = her2_source
     for row in cfg.scored:
-        column = row.marker if row.compartment == "cell" else f"{row.marker}_{row.compartment}_mean"
         scores = scoring.marker_sample_scores(
-            table[column].to_numpy(np.float64)[population],
+            cells[_scored_column(row)].to_numpy(np.float64)[population],
             score=row.score, t1=row.t1, t2=row.t2, t3=row.t3, marker=row.marker,
         )
         summary.update(scores)
         summary[f"{row.marker}_status"] = scoring.receptor_status(scores[f"{row.marker}_pct_positive"])
-
     if cfg.subtype is not None:
         st = cfg.subtype
         summary["surrogate_subtype"] = scoring.surrogate_subtype(
@@ -374,18 +398,57 @@ def score_cells(cfg: Config, table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
             pr_cutoff_pct=st.pr_cutoff_pct,
             ki67_cutoff_pct=st.ki67_cutoff_pct,
         )
-    return cells, summary
+    return summary
+
+
+def score_cells(cfg: Config, table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """From measurements to the contract's ``cells.csv`` columns and ``summary.csv`` row.
+
+    Pure: a table in, a table and a dict out. :func:`score_sample` does the
+    same in slices of rows, for tables larger than memory.
+    """
+    threshold = tumour_threshold(cfg, table[_gate_column(cfg)].to_numpy(np.float64)) if cfg.tumour else None
+    her2, source = her2_thresholds(cfg) if cfg.her2 is not None else (None, None)
+    cells = score_cell_rows(cfg, table, threshold, her2)
+    return cells, summarise_cells(cfg, cells, threshold, her2, source)
+
+
+#: Rows of the measurements scored at a time by :func:`score_sample`.
+SCORE_ROWS = 100_000
 
 
 def score_sample(cfg: Config, sample_id: str) -> None:
-    """Write ``cells.csv`` and ``summary.csv`` from the sample's measurements."""
+    """Write ``cells.csv``, ``cells.h5ad`` and ``summary.csv`` from the sample's measurements.
+
+    The measurements are read ``SCORE_ROWS`` rows at a time and the scored
+    rows appended to the outputs as they come; only the few columns the
+    summary needs (:func:`_summary_columns`) are kept for every cell, so
+    the memory hardly grows with the number of cells.
+    """
     out = outputs(cfg, sample_id)
-    table = io.read_csv(out["measurements"], "measurements")
-    cells, summary = score_cells(cfg, table)
+    threshold = None
+    if cfg.tumour is not None:
+        gate = io.read_csv(out["measurements"], "measurements", usecols=[_gate_column(cfg)])
+        threshold = tumour_threshold(cfg, gate[_gate_column(cfg)].to_numpy(np.float64))
+        del gate
+    her2, source = her2_thresholds(cfg) if cfg.her2 is not None else (None, None)
+    kept = []
+    with io.atomic_path(out["cells"]) as cells_tmp, io.H5adWriter(out["h5ad"], sample_id=sample_id) as h5ad:
+        header = True
+        for table in io.read_csv(out["measurements"], "measurements", chunksize=SCORE_ROWS):
+            cells = score_cell_rows(cfg, table, threshold, her2)
+            cells.to_csv(cells_tmp, mode="w" if header else "a", header=header, index=False)
+            header = False
+            h5ad.append(cells, [r.marker for r in cfg.measured])
+            kept.append(cells[_summary_columns(cfg)])
+        if header:  # no rows at all: the header of an empty table
+            empty = score_cell_rows(cfg, io.read_csv(out["measurements"], "measurements"), threshold, her2)
+            empty.to_csv(cells_tmp, index=False)
+            h5ad.append(empty, [r.marker for r in cfg.measured])
+            kept.append(empty[_summary_columns(cfg)])
+    summary = summarise_cells(cfg, pd.concat(kept, ignore_index=True), threshold, her2, source)
     if summary["n_cells"] == 0:
         warnings.warn(f"{sample_id}: no cells were found; the scores are not assessable", stacklevel=1)
-    io.write_csv(cells, out["cells"])
-    io.write_h5ad(cells, [r.marker for r in cfg.measured], out["h5ad"], sample_id=sample_id)
     io.write_csv(pd.DataFrame([{"sample_id": sample_id, **summary}]), out["summary"])
 
 

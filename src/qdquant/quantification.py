@@ -8,6 +8,7 @@ straddles block borders gets exactly the sums it would get in one piece.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import dask
@@ -34,11 +35,18 @@ def _blocks(shape: tuple[int, int], block: int, halo: int) -> Iterator[tuple[tup
             )
 
 
-def _per_block(func, shape: tuple[int, int], block: int, halo: int) -> tuple:
-    """``func(padded, core)`` on every block (dask's threads), results in block order."""
-    return dask.compute(
-        *[dask.delayed(func)(p, c) for p, c in _blocks(shape, block, halo)], scheduler="threads"
-    )
+def _per_block(func, shape: tuple[int, int], block: int, halo: int) -> Iterator:
+    """``func(padded, core)`` on every block, results yielded in block order.
+
+    Blocks run on dask's threads a few at a time, so only a batch of results
+    is alive at once when the caller folds them in as they come.
+    """
+    batch = 2 * max(dask.config.get("num_workers", None) or os.cpu_count() or 1, 1)
+    blocks = list(_blocks(shape, block, halo))
+    for start in range(0, len(blocks), batch):
+        yield from dask.compute(
+            *[dask.delayed(func)(p, c) for p, c in blocks[start : start + batch]], scheduler="threads"
+        )
 
 
 def _check_inputs(cells, nuclei, abundances, names) -> None:
@@ -257,17 +265,15 @@ def membrane_sectors(
         pos = pos[known]
         angle = np.arctan2(ys - centroids_yx[pos, 0], xs - centroids_yx[pos, 1]) % (2 * np.pi)
         sector = np.minimum((angle * sectors / (2 * np.pi)).astype(np.int64), sectors - 1)
-        index = pos * sectors + sector
+        # Sums over this block's cells only, so that a result's size does not grow with the slide.
+        index, inv = np.unique(pos * sectors + sector, return_inverse=True)
         v = np.asarray(values[padded], dtype=np.float64)[core][ring][known]
-        return (
-            np.bincount(index, weights=v, minlength=n * sectors),
-            np.bincount(index, minlength=n * sectors),
-        )
+        return index, np.bincount(inv, weights=v, minlength=len(index)), np.bincount(inv, minlength=len(index))
 
     sums = np.zeros(n * sectors)
     npx = np.zeros(n * sectors, dtype=np.int64)
     if n:
-        for s, c in _per_block(one, cells.shape, block_size, halo):
-            sums += s
-            npx += c
+        for index, s, c in _per_block(one, cells.shape, block_size, halo):
+            sums[index] += s  # indices are unique within a block
+            npx[index] += c
     return sums.reshape(n, sectors), npx.reshape(n, sectors)

@@ -188,14 +188,29 @@ def plot_calibration(controls, fitted: dict, path: Path) -> None:
 # per-sample figures and page
 
 
+#: Most points a scatter plot draws (a random subset beyond; counts stay exact).
+MAX_POINTS = 100_000
+
+
+def _drawn(selected: np.ndarray) -> np.ndarray:
+    """``selected`` thinned at random to :data:`MAX_POINTS` of the table's rows, reproducibly."""
+    n = len(selected)
+    if n <= MAX_POINTS:
+        return selected
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng(0).choice(n, MAX_POINTS, replace=False)] = True
+    return selected & keep
+
+
 def _class_map(cells: pd.DataFrame, background, path: Path, *, column: str, colours: dict, title: str) -> None:
     step = _stride(background.shape)
     fig, ax = plt.subplots(figsize=(7, 7))
     thumb = _thumb(background, step)
     ax.imshow(thumb, cmap="gray", vmax=np.percentile(thumb, 99.5) if thumb.size else 1)
     for value, colour in colours.items():
-        sel = cells[column].astype(str) == value
-        ax.scatter(cells.loc[sel, "X_centroid"] / step, cells.loc[sel, "Y_centroid"] / step,
+        sel = (cells[column].astype(str) == value).to_numpy()
+        drawn = _drawn(sel)
+        ax.scatter(cells.loc[drawn, "X_centroid"] / step, cells.loc[drawn, "Y_centroid"] / step,
                    s=6, c=colour, label=f"{value} ({int(sel.sum())})")
     ax.legend(loc="upper right", fontsize=8, markerscale=2)
     ax.set_title(title)
@@ -220,8 +235,8 @@ def _her2_figures(cells: pd.DataFrame, marker: str, thresholds: dict, complete_f
     _save(fig, hist)
     fig, ax = plt.subplots(figsize=(7, 4))
     for klass, colour in CLASS_COLOURS.items():
-        sel = cells["her2_class"].astype(str) == klass
-        ax.scatter(values[sel], cells.loc[sel, "her2_completeness"], s=5, c=colour, label=klass)
+        drawn = _drawn((cells["her2_class"].astype(str) == klass).to_numpy())
+        ax.scatter(values[drawn], cells.loc[drawn, "her2_completeness"], s=5, c=colour, label=klass)
     ax.set_xscale("symlog", linthresh=10)
     ax.axhline(complete_fraction, color="k", ls=":")
     for value in thresholds.values():
@@ -284,7 +299,14 @@ def sample_warnings(summary: dict, stats: dict | None, cfg) -> list[str]:
 def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
     """Draw the per-sample QC figures and write the one-page ``report.html``."""
     qc = paths["report"].parent / "qc"
-    cells = io.read_csv(paths["cells"], "cells table")
+    # Only the columns the figures draw: the report's memory then grows by
+    # ~50 bytes per cell, not by the whole table.
+    columns = ["X_centroid", "Y_centroid"]
+    if cfg.her2 is not None:
+        columns += ["her2_class", "her2_membrane_intensity", "her2_completeness", f"{cfg.her2.marker}_membrane_mean"]
+    if cfg.tumour is not None:
+        columns += ["is_tumour"]
+    cells = io.read_csv(paths["cells"], "cells table", usecols=columns)
     summary = io.read_csv(paths["summary"], "summary").iloc[0].to_dict()
     stats_path = paths["unmixing_qc"].with_suffix(".json")
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None

@@ -31,6 +31,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import zarr
 from scipy import ndimage as ndi
 from skimage import filters, segmentation
 
@@ -757,58 +758,62 @@ def segment_cells(nuclei, membrane=None, *, pixel_size_um: float, cell_expansion
 # --------------------------------------------------------------------------
 
 
-def _tile_task(nuc_tile, mem_tile, nstats, mstats, *, r, ps, dist_px, origin, core, id_base, id_stride):
-    """Segment one padded tile; keep the objects whose nucleus centroid is in ``core``.
+def _tile_task(nuc_tile, mem_tile, nstats, mstats, *, scratch, index, r, ps, dist_px, origin, core,
+               id_base, id_stride):
+    """Segment one padded tile; store the objects whose nucleus centroid is in ``core``.
 
-    Returns (nuclei, cells) of the padded tile, int32, owned objects only,
-    with ids ``id_base + 1 ..``.
+    The owned objects (ids ``id_base + 1 ..``, int32, at the padded tile's
+    full extent) are written to ``scratch[index]`` -- nuclei in plane 0,
+    cells in plane 1 -- so that dask holds only the returned ``index``
+    between this task and the blocks that read the tile back.
     """
     py0, px0 = origin
     (cy0, cy1), (cx0, cx1) = core
     nuc = _nuclei_tile(_as_float(nuc_tile), nstats, r, py0, px0)
     cells = _cells_tile(nuc, mem_tile, mstats, ps, dist_px, py0, px0)
     n = int(nuc.max())
-    if n == 0:
-        return nuc, cells
     if n >= id_stride:  # cannot happen: objects are disjoint and >= the minimum area
         raise RuntimeError(f"tile at {origin} has {n} nuclei, more than its id range {id_stride}")
-    yy, xx = np.nonzero(nuc)
-    lab = nuc[yy, xx]
-    area = np.bincount(lab, minlength=n + 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cy = np.floor(np.bincount(lab, yy, n + 1) / area) + py0
-        cx = np.floor(np.bincount(lab, xx, n + 1) / area) + px0
-    own = (area > 0) & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
-    own[0] = False
-    lut = np.zeros(n + 1, dtype=np.int32)
-    ids = np.flatnonzero(own)
-    lut[ids] = id_base + np.arange(1, len(ids) + 1, dtype=np.int64)
-    return lut[nuc], lut[cells]
+    if n:
+        yy, xx = np.nonzero(nuc)
+        lab = nuc[yy, xx]
+        area = np.bincount(lab, minlength=n + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cy = np.floor(np.bincount(lab, yy, n + 1) / area) + py0
+            cx = np.floor(np.bincount(lab, xx, n + 1) / area) + px0
+        own = (area > 0) & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
+        own[0] = False
+        lut = np.zeros(n + 1, dtype=np.int32)
+        ids = np.flatnonzero(own)
+        lut[ids] = id_base + np.arange(1, len(ids) + 1, dtype=np.int64)
+        h, w = nuc.shape
+        scratch[index + (slice(None), slice(0, h), slice(0, w))] = np.stack([lut[nuc], lut[cells]])
+    return index
 
 
-def _assemble_task(core, *tiles):
+def _assemble_task(core, scratch, tiles, *written):
     """Compose one output block from the owned objects of the tiles around it.
 
-    ``tiles`` alternates (origin, (nuclei, cells)) for the block's own tile
-    first, then its neighbours in raster order; a pixel claimed by several
-    tiles goes to the first (the own tile, then raster order), cell and
-    nucleus together, so a nucleus pixel always lies in the cell of its id.
+    ``tiles`` lists ``(index, origin, shape)`` of the block's own tile first,
+    then its neighbours in raster order; each is read back from ``scratch``
+    (only the part over the block; ``written`` are the tile tasks' results,
+    there to order this task after them). A pixel claimed by several tiles
+    goes to the first (the own tile, then raster order), cell and nucleus
+    together, so a nucleus pixel always lies in the cell of its id.
     """
     (y0, y1), (x0, x1) = core
     nuc_out = np.zeros((y1 - y0, x1 - x0), dtype=np.int32)
     cell_out = np.zeros_like(nuc_out)
-    for origin, (nuc, cells) in zip(tiles[0::2], tiles[1::2]):
-        oy, ox = origin
+    for index, (oy, ox), (h, w) in tiles:
         ty0, tx0 = max(y0, oy), max(x0, ox)
-        ty1, tx1 = min(y1, oy + cells.shape[0]), min(x1, ox + cells.shape[1])
+        ty1, tx1 = min(y1, oy + h), min(x1, ox + w)
         if ty0 >= ty1 or tx0 >= tx1:
             continue
-        src = (slice(ty0 - oy, ty1 - oy), slice(tx0 - ox, tx1 - ox))
+        nuc, cells = scratch[index + (slice(None), slice(ty0 - oy, ty1 - oy), slice(tx0 - ox, tx1 - ox))]
         dst = (slice(ty0 - y0, ty1 - y0), slice(tx0 - x0, tx1 - x0))
-        c = cells[src]
-        free = (cell_out[dst] == 0) & (c > 0)
-        cell_out[dst] = np.where(free, c, cell_out[dst])
-        nuc_out[dst] = np.where(free, nuc[src], nuc_out[dst])
+        free = (cell_out[dst] == 0) & (cells > 0)
+        cell_out[dst] = np.where(free, cells, cell_out[dst])
+        nuc_out[dst] = np.where(free, nuc, nuc_out[dst])
     return nuc_out, cell_out
 
 
@@ -821,6 +826,7 @@ def segment_chunked(
     cell_expansion_um: float = 5,
     chunk_size: int = 2048,
     overlap_px: int | None = None,
+    scratch=None,
 ):
     """Segment nuclei and cells of a whole slide tile by tile, lazily.
 
@@ -856,6 +862,11 @@ def segment_chunked(
         cell_expansion_um) / pixel_size_um)``, capped at ``chunk_size``.
         An object whose nucleus is larger than the overlap may be cut at a
         tile edge.
+    scratch : str, path or zarr store, optional
+        Where the tiles' labels wait for their neighbours (an empty or
+        absent directory; it must outlive the computation of the results,
+        and may be deleted after). Default: in memory, which grows with
+        the slide; whole slides should pass a directory on local disk.
 
     Returns
     -------
@@ -873,15 +884,16 @@ def segment_chunked(
 
     Notes
     -----
-    Memory: a tile task holds its padded tile (``(chunk_size + 2 *
-    overlap_px)**2`` pixels) as float32 and about a dozen same-sized work
-    arrays (~60 bytes per pixel, ~300 MB at the defaults); a block task holds
-    the label pairs of up to nine padded tiles (8 bytes per pixel each);
-    dask runs one task per worker thread at a time. Computing ``nuclei`` and
-    ``cells`` separately segments every tile twice: compute or store them
-    together (``dask.compute(nuclei, cells)``, ``dask.array.store``). The
-    whole-slide statistics need one extra read of the slide at block-mean
-    resolution, within the same graph.
+    Memory does not grow with the slide: a tile task holds its padded tile
+    (``(chunk_size + 2 * overlap_px)**2`` pixels) as float32 and about a
+    dozen same-sized work arrays (~60 bytes per pixel, ~300 MB at the
+    defaults) and writes its labels to ``scratch``; a block task reads back
+    only the parts of its nine tiles that cover it (about 16 bytes per block
+    pixel); dask runs one task per worker thread at a time. Computing
+    ``nuclei`` and ``cells`` separately segments every tile twice: compute or
+    store them together (``dask.compute(nuclei, cells)``,
+    ``dask.array.store``). The whole-slide statistics need one extra read of
+    the slide at block-mean resolution, within the same graph.
     """
     import dask
     import dask.array as da
@@ -927,14 +939,19 @@ def segment_chunked(
     m, n = shape
     ty = [(y, min(y + chunk_size, m)) for y in range(0, m, chunk_size)]
     tx = [(x, min(x + chunk_size, n)) for x in range(0, n, chunk_size)]
-    padded_area = (min(chunk_size + 2 * overlap_px, m)) * (min(chunk_size + 2 * overlap_px, n))
+    pad = (min(chunk_size + 2 * overlap_px, m), min(chunk_size + 2 * overlap_px, n))
+    padded_area = pad[0] * pad[1]
     stride = int(padded_area // max(_MIN_AREA_Q * math.pi * r * r, 1.0)) + 1
     if len(ty) * len(tx) * stride >= 2**31 - 1:
         raise InputError(
             f"slide of shape {shape} needs more than int32 ids with {len(ty) * len(tx)} tiles "
             f"of up to {stride} nuclei; use a larger nucleus_diameter_um or pixel_size_um"
         )
-    task = dask.delayed(_tile_task, pure=True, nout=2)
+    scratch = zarr.open_array(
+        zarr.storage.MemoryStore() if scratch is None else scratch, mode="w",
+        shape=(len(ty), len(tx), 2, *pad), chunks=(1, 1, 2, *pad), dtype=np.int32, fill_value=0,
+    )
+    task = dask.delayed(_tile_task, pure=True)
     tiles = {}
     for i, (y0, y1) in enumerate(ty):
         for j, (x0, x1) in enumerate(tx):
@@ -943,10 +960,11 @@ def segment_chunked(
             nt = nuclear[py0:py1, px0:px1]
             mt = membrane[py0:py1, px0:px1] if membrane is not None else None
             k = i * len(tx) + j
-            tiles[i, j] = ((py0, px0), task(
-                nt, mt, nstats, mstats, r=r, ps=ps, dist_px=dist_px, origin=(py0, px0),
-                core=((y0, y1), (x0, x1)), id_base=k * stride, id_stride=stride,
-            ))
+            written = task(
+                nt, mt, nstats, mstats, scratch=scratch, index=(i, j), r=r, ps=ps, dist_px=dist_px,
+                origin=(py0, px0), core=((y0, y1), (x0, x1)), id_base=k * stride, id_stride=stride,
+            )
+            tiles[i, j] = ((i, j), (py0, px0), (py1 - py0, px1 - px0)), written
     assemble = dask.delayed(_assemble_task, pure=True, nout=2)
     nuc_rows, cell_rows = [], []
     for i, (y0, y1) in enumerate(ty):
@@ -956,10 +974,9 @@ def segment_chunked(
                 (i + di, j + dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)
                 if (di or dj) and (i + di, j + dj) in tiles
             ]
-            args = []
-            for key in order:
-                args.extend(tiles[key])
-            nb, cb = assemble(((y0, y1), (x0, x1)), *args)
+            nb, cb = assemble(
+                ((y0, y1), (x0, x1)), scratch, [tiles[key][0] for key in order], *[tiles[key][1] for key in order]
+            )
             nuc_row.append(da.from_delayed(nb, shape=(y1 - y0, x1 - x0), dtype=np.int32))
             cell_row.append(da.from_delayed(cb, shape=(y1 - y0, x1 - x0), dtype=np.int32))
         nuc_rows.append(nuc_row)
