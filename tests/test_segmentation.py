@@ -319,6 +319,33 @@ def test_membrane_stain_moves_cell_borders_onto_the_membrane():
     assert f_with >= f_without + 0.1, (f_with, f_without)
 
 
+def test_cells_without_membrane_stain_keep_a_thin_rim():
+    """Stromal and immune cells (no membrane stain) do not grow to the expansion limit."""
+    _, truth, mem, _ = synthetic_tissue((128, 256), seed=4, membrane=True)
+    stained = np.zeros(truth.shape, bool)
+    stained[:, :128] = True
+    ids = np.unique(truth[truth > 0])
+    xs = ndi.labeled_comprehension(np.indices(truth.shape)[1], truth, ids, np.min, float, 0)
+    xe = ndi.labeled_comprehension(np.indices(truth.shape)[1], truth, ids, np.max, float, 0)
+    left, right = xe < 128 - 12, xs >= 128 + 12  # clear of the edge of the stain by two expansions
+    bare_mem = np.where(stained, mem, np.median(mem))  # right half: background level only, no stain
+    cells = segment_cells(truth, bare_mem, pixel_size_um=0.5, cell_expansion_um=3)
+    rim = expand_labels_of(truth, 1.0 / 0.5)
+    grown = np.bincount(cells.ravel(), minlength=truth.max() + 1)[ids]
+    rim_area = np.bincount(rim.ravel(), minlength=truth.max() + 1)[ids]
+    # bare cells: nucleus plus at most the 1 um rim; stained cells grow past it
+    assert right.sum() > 10 and left.sum() > 10
+    assert (grown[right] <= rim_area[right]).all()
+    assert np.mean(grown[left] > rim_area[left]) > 0.7
+    assert np.array_equal(cells[truth > 0], truth[truth > 0])
+
+
+def expand_labels_of(labels, distance):
+    from skimage.segmentation import expand_labels
+
+    return expand_labels(labels, distance)
+
+
 def test_mibi_cells_against_mesmer():
     """MIBI-TOF TNBC fov8 (ark-analysis): whole cells vs Mesmer's (a model's) masks.
 

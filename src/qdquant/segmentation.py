@@ -67,6 +67,12 @@ _PCT_Z = 1.2816  # standard-normal quantile of _BG_PERCENTILE (bias correction)
 _SAMPLE_MAX = 4_000_000  # most block means used for the global statistics
 _MEMBRANE_SMOOTH_UM = 0.75  # membrane pre-smoothing sigma, micrometres
 _MEMBRANE_WEIGHT = 4.0  # weight of the membrane term against the distance term
+# A cell whose cytoplasm carries essentially no membrane stain (mean
+# saturated score m / (1 + m) below this, i.e. m ~ 1/20 of the Otsu level)
+# keeps only a rim of cytoplasm this wide, micrometres. Higher levels also
+# trim the sparse-count cells of the MIBI data set (tests/test_segmentation.py).
+_BARE_LEVEL = 0.05
+_BARE_RIM_UM = 1.0
 
 
 # --------------------------------------------------------------------------
@@ -681,7 +687,8 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     m = np.clip(mem / np.float32(mstats.level), 0, None)
     m = m / (1 + m)
     land = _MEMBRANE_WEIGHT * m + dist / np.float32(dist_px)
-    del m, mem
+    m_sat = m
+    del mem
     # The background floods too, from every pixel farther than dist_px from
     # all nuclei: a cell reaches the expansion limit where nothing stops it,
     # but the pocket beyond its own membrane (lower than the ridge) goes to
@@ -690,6 +697,19 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     markers = np.where(dist > dist_px, bg, nuclei)
     lab = segmentation.watershed(land, markers)
     lab[lab == bg] = 0
+    if _BARE_LEVEL > 0:
+        # Cells without membrane stain around their nucleus (stroma, immune
+        # cells: the stain marks epithelium) keep only a thin rim of cytoplasm
+        # instead of growing to the expansion limit.
+        n = bg
+        cyto = (lab > 0) & (nuclei == 0)
+        score = np.bincount(lab[cyto], weights=m_sat[cyto], minlength=n) / np.maximum(
+            np.bincount(lab[cyto], minlength=n), 1)
+        bare = score < _BARE_LEVEL
+        bare[0] = False
+        if bare.any():
+            rim = segmentation.expand_labels(nuclei, distance=_BARE_RIM_UM / ps)
+            lab[bare[lab] & (rim != lab)] = 0
     return lab.astype(np.int32)
 
 
@@ -704,8 +724,12 @@ def segment_cells(nuclei, membrane=None, *, pixel_size_um: float, cell_expansion
     between nuclei where it is not. The background, seeded at every pixel
     farther than ``D`` from all nuclei, floods the same landscape: a cell
     with a stained membrane ends on it (the pocket beyond goes to the
-    background), a cell without one grows to ``D``. Without a membrane
-    image, nuclei are expanded by ``D``
+    background), a cell without one grows to ``D``. A cell whose cytoplasm
+    then carries essentially no membrane stain (mean ``m / (1 + m)`` below
+    0.05: stromal and immune cells, where the stain marks epithelium) is cut
+    back to its nucleus and a 1 um rim, the thin cytoplasm such cells have,
+    instead of a ``D``-wide halo. Without a membrane image, nuclei are
+    expanded by ``D``
     (:func:`skimage.segmentation.expand_labels`). Either way a cell never
     takes a pixel farther than ``D`` from every nucleus, never takes another
     cell's pixels, keeps its whole nucleus, is connected where its nucleus
