@@ -81,12 +81,12 @@ def test_outputs_follow_the_contract(run):
 
 
 def test_scores_match_truth(run):
-    """Every HER2 score right; per-cell class agreement >= 90 %; nuclei F1 >= 0.9 and cell F1 >= 0.85.
+    """Every HER2 score right; per-cell class agreement >= 90 %; nuclei F1 >= 0.9 and cell F1 >= 0.9.
 
     The messy slide (crowded nests, 3 nm drift, 20 % shading, off-library
-    autofluorescence, 2 e-/count) must score right too; its per-cell bars are
-    lower (agreement 0.85, cell F1 0.8: touching cells in packed nests) and
-    raising them is the open work of the real-slide issue.
+    autofluorescence, 2 e-/count) must score right too, with cell F1 >= 0.85
+    (reached 0.870; the clean slides 0.925-0.951) and a lower agreement bar
+    (0.85: touching cells in packed nests).
     """
     from qdquant import io
 
@@ -117,8 +117,8 @@ def test_scores_match_truth(run):
     assert (table.loc[~clean, "agreement"] >= 0.85).all(), table
     assert (table["matched"] >= 0.90).all(), table
     assert (table["nuclei_f1"] >= 0.90).all(), table
-    assert (table.loc[clean, "cell_f1"] >= 0.85).all(), table
-    assert (table.loc[~clean, "cell_f1"] >= 0.80).all(), table
+    assert (table.loc[clean, "cell_f1"] >= 0.90).all(), table
+    assert (table.loc[~clean, "cell_f1"] >= 0.85).all(), table
 
 
 def test_rerun_is_a_no_op(run):
