@@ -414,7 +414,7 @@ def score_cells(cfg: Config, table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 
 #: Rows of the measurements scored at a time by :func:`score_sample`.
-SCORE_ROWS = 100_000
+SCORE_ROWS = 20_000
 
 
 def score_sample(cfg: Config, sample_id: str) -> None:
