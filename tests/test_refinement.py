@@ -58,3 +58,22 @@ def test_an_endmember_with_too_few_pixels_keeps_its_library_spectrum():
     assert report.loc["QD655", "shift_nm"] == 0.0
     np.testing.assert_array_equal(refined["QD655"], slide.library["QD655"])
     assert report.loc["DAPI", "n_pixels"] >= 200 and report.loc["DAPI", "shift_nm"] != 0.0
+
+
+@pytest.mark.parametrize("endmember", ["DAPI", "QD705", "AF"])
+@pytest.mark.parametrize("shift", [-4.0, 4.0])
+def test_shift_model_reproduces_band_integrated_drift_at_the_grid_edges(endmember, shift):
+    """A shift brings light in from beyond the first or last band: the moved
+    band spectrum must match the band integral of the moved emission
+    spectrum there too (holding the edge value made DAPI's 420-nm band 5 %
+    too bright at +4 nm, QD705's 720-nm band at -4 nm)."""
+    from qdquant import simulate
+    from qdquant.unmixing import _shifted
+
+    library = simulate.band_spectra()
+    wl = library["wavelength_nm"].to_numpy(float)
+    truth = simulate.band_spectra({endmember: shift}, {endmember: 1.02})[endmember].to_numpy(float)
+    model = _shifted(library[endmember].to_numpy(float), wl, shift, 1.02)
+    edges = np.r_[0:2, -2:0]
+    assert np.abs(model - truth)[edges].max() < 0.01
+    assert np.abs(model - truth).max() < 0.02
