@@ -2,14 +2,16 @@
 
 Runs ``eval_cohort.py --cohort messy`` once with every correction on and
 once with each switched off (library refinement, shading correction,
-residual masking), then prints one row per run: HER2 scores right, per-cell
+residual masking, Poisson weighting of the fit), then prints one row per run: HER2 scores right, per-cell
 quadratic weighted kappa and class agreement over the cohort's cells
 (pooled: a HER2-null slide alone has one class and no kappa), the lowest
 slide agreement, and nuclei and cell F1 at IoU 0.5 (lowest slide).
 
-    python benchmarks/ablation.py [--out results/ablation] [--only messy_2plus ...]
+    python benchmarks/ablation.py [--out results/ablation] [--size 2048] [--only messy_2plus ...]
 
-Each run takes about as long as the pipeline on five 512² slides.
+2048² slides (the default) hold 8 x 8 fields of view of 256 px, enough to
+estimate shading from; each run takes about as long as the pipeline on
+five such slides.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import eval_cohort  # noqa: E402
 
-SLIDES = Path("test_data/messy_slides")
-
-ALL_ON = ["unmixing.refine_library=auto", "illumination=estimate", "unmixing.flag_poor_fit=true"]
+ALL_ON = ["unmixing.refine_library=auto", "illumination=estimate", "unmixing.flag_poor_fit=true",
+          "unmixing.poisson_weights=true"]
 RUNS = {
     "all corrections": ALL_ON,
     "no library refinement": [*ALL_ON, "unmixing.refine_library=false"],
     "no shading correction": [*ALL_ON, "illumination=none"],
     "no residual masking": [*ALL_ON, "unmixing.flag_poor_fit=false"],
-    "none of them": ["unmixing.refine_library=false", "illumination=none", "unmixing.flag_poor_fit=false"],
+    "no Poisson weighting": [*ALL_ON, "unmixing.poisson_weights=false"],
+    "none of them": ["unmixing.refine_library=false", "illumination=none", "unmixing.flag_poor_fit=false",
+                     "unmixing.poisson_weights=false"],
 }
 
 
@@ -42,14 +45,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/ablation")
     parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument("--size", type=int, default=2048, help="slide edge, pixels (2048: 8 x 8 FOVs of 256 px)")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--table-only", action="store_true", help="only tabulate the runs already in --out")
     args = parser.parse_args()
     rows = []
     for name in args.runs:
         out = Path(args.out) / name.replace(" ", "_")
-        cmd = [sys.executable, str(HERE / "eval_cohort.py"), "--cohort", "messy", "--out", str(out),
-               "--set", *RUNS[name]]
+        cmd = [sys.executable, str(HERE / "eval_cohort.py"), "--cohort", "messy", "--size", str(args.size),
+               "--out", str(out), "--set", *RUNS[name]]
         if args.only:
             cmd += ["--only", *args.only]
         if not args.table_only:
@@ -57,7 +61,8 @@ def main() -> None:
             subprocess.run(cmd, check=True)
         t = pd.read_csv(out / "eval.csv", dtype={"her2_true": str, "her2_got": str})
         # per-cell classes of the whole cohort (a one-class slide, e.g. HER2-null, has no kappa of its own)
-        pairs = [eval_cohort.matched_classes(out / s / "cells.csv", s, SLIDES) for s in t["sample"]]
+        slides = eval_cohort.messy_slides(args.size)
+        pairs = [eval_cohort.matched_classes(out / s / "cells.csv", s, slides) for s in t["sample"]]
         truth, got = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
         rows.append({
             "run": name,

@@ -10,8 +10,9 @@ nuclei / cell F1 at IoU 0.5.
                                      [--cohort test|messy] [--set KEY=YAML ...]
 
 ``--cohort messy``: :func:`qdquant.simulate.messy_cohort` (five slides, null
-to 3+, each with all four real-slide phenomena), simulated into
-``test_data/messy_slides/`` on first use. The per-slide table is also
+to 3+, each with all four real-slide phenomena; ``--size`` pixels square,
+default 512), simulated into ``test_data/messy_slides/`` (``_{size}``
+appended for other sizes) on first use. The per-slide table is also
 written to ``{out}/eval.csv``.
 """
 
@@ -83,6 +84,11 @@ def evaluate(cfg, sample_id: str, slides: Path) -> dict:
     }
 
 
+def messy_slides(size: int) -> Path:
+    """Where the messy cohort of ``size``² slides is simulated to."""
+    return Path("test_data/messy_slides" + ("" if size == 512 else f"_{size}"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/eval")
@@ -91,12 +97,13 @@ def main() -> None:
     parser.add_argument("--cohort", choices=["test", "messy"], default="test",
                         help="the bundled test cohort, or the messy one (all four real-slide phenomena)")
     parser.add_argument("--slides", default=None, help="folder of the simulated slides (default per cohort)")
+    parser.add_argument("--size", type=int, default=512, help="messy cohort: slide edge, pixels")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                         help="config overrides, e.g. illumination=estimate unmixing.refine_library=false")
     args = parser.parse_args()
     out = Path(args.out)
-    cohort = simulate.test_cohort() if args.cohort == "test" else simulate.messy_cohort()
-    slides = Path(args.slides or ("test_data/slides" if args.cohort == "test" else "test_data/messy_slides"))
+    cohort = simulate.test_cohort() if args.cohort == "test" else simulate.messy_cohort(args.size)
+    slides = Path(args.slides or ("test_data/slides" if args.cohort == "test" else messy_slides(args.size)))
     names = args.only or list(cohort)
     for name in names:
         if not (slides / f"{name}.ome.tif").exists():

@@ -77,3 +77,27 @@ def test_shift_model_reproduces_band_integrated_drift_at_the_grid_edges(endmembe
     edges = np.r_[0:2, -2:0]
     assert np.abs(model - truth)[edges].max() < 0.01
     assert np.abs(model - truth).max() < 0.02
+
+
+def test_a_shift_pressed_against_the_bound_keeps_the_library_spectrum():
+    """QDs drifted by more than the bound allows: their best shift lies on the
+    bound, which is not a drift within it, so they keep the library's
+    spectrum (and say so) while those drifted less are refined."""
+    slide = simulate.simulate_slide(her2_score="3+", shape=(256, 256), seed=21, drift_nm=4.0)
+    bound = 3.0
+    refined, report = refine_library(
+        slide.cube, slide.library, slide.wavelengths_nm, max_shift_nm=bound, n_pixels=50_000, min_share=0.25
+    )
+    report = report.set_index("endmember")
+    true = {k: abs(v) for k, v in slide.truth["spectral_shift_nm"].items()
+            if k.startswith("QD") and report.loc[k, "n_pixels"] >= 250}
+    beyond = [k for k, v in true.items() if v > bound + 0.3]
+    within = [k for k, v in true.items() if v < bound - 0.5]
+    assert beyond and within
+    # (a later round, the others refined, may find a drifted QD a shift inside the bound)
+    assert report.loc[beyond, "at_bound"].sum() >= 2
+    pressed = report.index[report["at_bound"]]
+    assert (report.loc[pressed, "shift_nm"] == 0).all()
+    for k in pressed:
+        np.testing.assert_array_equal(refined[k], slide.library[k])
+    assert not report.loc[within, "at_bound"].any() and (report.loc[within, "shift_nm"] != 0).all()

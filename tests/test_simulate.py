@@ -179,6 +179,14 @@ def test_switches_change_the_cube():
     assert (off.cube[:, discs].astype(float).mean() - 100) > 50
     assert off.truth["n_rbc"] + off.truth["n_lipofuscin"] > 0
 
+    inside = sim.simulate_slide(shape=(256, 256), seed=5, off_library_af=True, lipofuscin_in_cells=True)
+    lipofuscin = inside.off_library[1] > 50
+    tumour_ids = inside.cells_truth.loc[inside.cells_truth.is_tumour, "CellID"].to_numpy()
+    assert inside.truth["n_lipofuscin"] > 0 and lipofuscin.any()
+    # granules in tumour cells' cytoplasm; red blood cells still in stroma
+    assert np.isin(inside.cells[lipofuscin], tumour_ids).mean() > 0.9
+    assert not np.any(inside.cells[inside.off_library[0] > 50])
+
 
 def test_low_photon_counts_and_crowding():
     noisy = sim.simulate_slide(shape=(160, 160), seed=2, photons_per_count=1.5, crowded=True)

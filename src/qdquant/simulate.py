@@ -876,6 +876,7 @@ def simulate_slide(
     drift_nm: float = 0.0,
     shading: float = 0.0,
     off_library_af: bool = False,
+    lipofuscin_in_cells: bool = False,
     crowded: bool = False,
     her2_mix: tuple[float, float, float, float] | None = None,
     her2_incomplete_fraction: float = 0.4,
@@ -924,6 +925,10 @@ def simulate_slide(
     off_library_af : bool
         Add bright autofluorescent discs in stroma (red blood cells,
         lipofuscin granules) whose spectra are not in the library.
+    lipofuscin_in_cells : bool
+        With ``off_library_af``, put the lipofuscin granules in the cytoplasm
+        of tumour cells (where lipofuscin accumulates), close to or on their
+        membrane ring, instead of in stroma: the case residual masking is for.
     crowded : bool
         Packed nests: touching nuclei, 1–2 µm of cytoplasm.
     her2_mix : 4 floats, optional
@@ -1125,8 +1130,15 @@ def simulate_slide(
         n_rbc = max(1, int(round(14 * shape[0] * shape[1] / 512**2)))
         n_lip = max(1, int(round(10 * shape[0] * shape[1] / 512**2)))
         cand = _poisson_disc(rng, _candidates(rng, free, 3 * um), 9 * um)
-        cand = cand[rng.permutation(len(cand))[: n_rbc + n_lip]]
-        n_rbc = min(n_rbc, len(cand))
+        if lipofuscin_in_cells:
+            cytoplasm = np.r_[False, ctype == 0][cells] & (nuclei == 0) & inner
+            lip = _poisson_disc(rng, _candidates(rng, cytoplasm, 1 * um), 9 * um)
+            rbc = cand[rng.permutation(len(cand))[:n_rbc]]
+            cand = np.concatenate([rbc, lip[rng.permutation(len(lip))[:n_lip]]])
+            n_rbc = len(rbc)
+        else:
+            cand = cand[rng.permutation(len(cand))[: n_rbc + n_lip]]
+            n_rbc = min(n_rbc, len(cand))
         rad = np.concatenate([rng.uniform(3.3, 3.8, n_rbc), rng.uniform(0.8, 1.6, len(cand) - n_rbc)]) * um
         amp_d = np.concatenate([rng.uniform(150, 300, n_rbc), rng.uniform(250, 500, len(cand) - n_rbc)])
         dseed = np.zeros(shape, np.int32)
@@ -1215,7 +1227,7 @@ def simulate_slide(
             "shading_fov_px": int(fov_px),
             "shading_model": "signal x (1 - shading * r^2), r = distance from the FOV centre "
                              "normalised to 1 at its corners; offset not shaded",
-            "off_library_af": bool(off_library_af),
+            "off_library_af": bool(off_library_af), "lipofuscin_in_cells": bool(lipofuscin_in_cells),
             **off_info,
             "params": {
                 "her2_score": key, "shape": list(shape), "seed": int(seed),
@@ -1226,7 +1238,7 @@ def simulate_slide(
                 "photons_per_count": float(photons_per_count), "read_noise": float(read_noise),
                 "offset_counts": float(offset_counts), "drift_nm": float(drift_nm),
                 "shading": float(shading), "off_library_af": bool(off_library_af),
-                "crowded": bool(crowded), "her2_incomplete_fraction": float(her2_incomplete_fraction),
+                "lipofuscin_in_cells": bool(lipofuscin_in_cells), "crowded": bool(crowded), "her2_incomplete_fraction": float(her2_incomplete_fraction),
                 "receptor_split": [float(x) for x in split], "nest_fraction": float(nest_fraction),
                 "psf_sigma_px": float(psf_sigma_px), "fov_px": int(fov_px),
                 "af_mix": dict(af_mix or AF_MIX), "unstained": bool(unstained),
@@ -1554,18 +1566,24 @@ test_cohort.__test__ = False  # not a pytest test, despite its name
 MESSY = dict(crowded=True, drift_nm=4.0, shading=0.2, off_library_af=True, photons_per_count=1.5)
 
 
-def messy_cohort() -> dict[str, dict]:
+def messy_cohort(size: int = 512, fov_px: int = 256) -> dict[str, dict]:
     """Sample id → :func:`simulate_slide` keyword arguments of a messy cohort.
 
-    One 512² slide per HER2 reading (null, ultralow, 1+, 2+, 3+), every one
-    with all four real-slide phenomena (:data:`MESSY`): crowded nests with
-    touching nuclei, 4 nm of spectral drift, 20 % darker FOV corners,
-    off-library autofluorescent discs and 1.5 electrons per count.
-    Receptor designs as in :func:`test_cohort`; seeds of their own.
+    One ``size``² slide per HER2 reading (null, ultralow, 1+, 2+, 3+), every
+    one with all four real-slide phenomena (:data:`MESSY`): crowded nests
+    with touching nuclei, 4 nm of spectral drift, 20 % darker corners of
+    ``fov_px`` fields of view, off-library autofluorescence (red blood cells
+    in stroma, lipofuscin granules in tumour cells' cytoplasm) and 1.5
+    electrons per count. Receptor designs as in :func:`test_cohort`; seeds
+    of their own. Shading can be estimated from about 8 x 8 FOVs of 256 px
+    (``size=2048``); a 512² slide holds too few.
     """
     cohort = {}
     for i, (name, kwargs) in enumerate(list(test_cohort().items())[:5]):
-        cohort[f"messy_{name.removeprefix('her2_')}"] = {**kwargs, **MESSY, "seed": 301 + i}
+        cohort[f"messy_{name.removeprefix('her2_')}"] = {
+            **kwargs, **MESSY, "lipofuscin_in_cells": True, "shape": (size, size), "fov_px": fov_px,
+            "seed": 301 + i,
+        }
     return cohort
 
 

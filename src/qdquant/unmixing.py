@@ -1304,6 +1304,10 @@ def _rss(b, a):
     return float((r.astype(np.float64) ** 2).sum() * b.shape[0])
 
 
+#: A fitted shift within this of ``max_shift_nm`` counts as on the bound, nm.
+_AT_BOUND_NM = 0.05
+
+
 def refine_library(
     cube_sample,
     spectra,
@@ -1324,7 +1328,11 @@ def refine_library(
     factor ``w_k`` (``|w_k - 1| <= max_widen``) about its peak. The fit
     alternates NNLS unmixing of a subsample of pixels with, for each
     endmember in turn, a bounded 1-D search of ``s_k`` (then ``w_k``) that
-    minimises the residual of the pixels that endmember dominates.
+    minimises the residual of the pixels that endmember dominates. An
+    endmember whose best shift lies on the bound keeps its library spectrum:
+    a real drift lies within the bound, and a fit pressed against it is the
+    spectrum absorbing other light (a stain absent from the slide fitting
+    leakage, an autofluorescence unlike the library's).
 
     Parameters
     ----------
@@ -1361,7 +1369,8 @@ def refine_library(
         The refined library, same kind as ``spectra``; flat endmembers and
         endmembers that dominate fewer than ``min_pixels`` pixels are unchanged.
     report : pandas.DataFrame
-        Per endmember: ``endmember``, ``shift_nm``, ``widen``, ``n_pixels``
+        Per endmember: ``endmember``, ``shift_nm``, ``widen``, ``at_bound``
+        (its best shift was on the bound, so it kept the library's), ``n_pixels``
         (dominated pixels used), ``residual_before`` and ``residual_after``
         (RMS residual over those pixels, counts, with the library and with
         the refined spectra). ``report.attrs`` has ``residual_before`` and
@@ -1398,6 +1407,7 @@ def refine_library(
         b = b - offset[:, None]
     flat = np.ptp(a0, axis=0) <= 1e-9 * a0.max(axis=0)
     shift, widen = np.zeros(k), np.ones(k)
+    at_bound = np.zeros(k, dtype=bool)
     a = a0.copy()
 
     def column(j, s, w):
@@ -1435,6 +1445,15 @@ def refine_library(
                 res = minimize_scalar(lambda s: cost(s, widen[j]), bounds=(lo, hi),
                                       method="bounded", options={"xatol": 0.01})
                 shift[j] = res.x if res.fun <= costs[i] else grid[i]
+                # A best fit on the bound is not a drift the bound allows: the
+                # spectrum is absorbing light of another kind (leakage on a
+                # slide without the stain, off-library emitters), so keep the
+                # library's.
+                at_bound[j] = abs(shift[j]) >= max_shift_nm - _AT_BOUND_NM
+                if at_bound[j]:
+                    shift[j], widen[j] = 0.0, 1.0
+                    a[:, j] = a0[:, j]
+                    continue
             if max_widen > 0:
                 res = minimize_scalar(lambda w: cost(shift[j], w), bounds=(1 - max_widen, 1 + max_widen),
                                       method="bounded", options={"xatol": 1e-3})
@@ -1452,7 +1471,8 @@ def refine_library(
         else:
             before = after = float("nan")
         rows.append(dict(endmember=names[j], shift_nm=float(shift[j]), widen=float(widen[j]),
-                         n_pixels=int(sel.size), residual_before=before, residual_after=after))
+                         at_bound=bool(at_bound[j]), n_pixels=int(sel.size), residual_before=before,
+                         residual_after=after))
     report = pd.DataFrame(rows)
     n = b.shape[1]
     report.attrs["residual_before"] = math.sqrt(_rss(b, a0) / (c * n))
