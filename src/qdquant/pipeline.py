@@ -24,6 +24,9 @@ from qdquant.errors import InputError
 
 log = logging.getLogger("qdquant")
 
+#: Rows of a per-cell table written or scored at a time (measurements, cells.csv):
+#: the peak memory then hardly grows with the number of cells.
+TABLE_ROWS = 20_000
 SECTOR_SUM = "her2_sector_sum_{:02d}"
 SECTOR_NPX = "her2_sector_npx_{:02d}"
 
@@ -267,14 +270,19 @@ def quantify_sample(cfg: Config, sample_id: str) -> None:
             flagged=flagged,
             block_size=cfg.chunk_size,
         )
-        sectors = pd.DataFrame(
-            np.hstack([sums, npx]),
-            columns=[SECTOR_SUM.format(s) for s in range(cfg.her2.sectors)]
-            + [SECTOR_NPX.format(s) for s in range(cfg.her2.sectors)],
-        )
-        table = pd.concat([table, sectors], axis=1)
     log.info("measured %d cells in %s", len(table), sample_id)
-    io.write_csv(table, out["measurements"])
+    # Written a slice of rows at a time, the sector columns joined per slice:
+    # the whole table with its 2 x sectors extra columns is never built.
+    with io.atomic_path(out["measurements"]) as tmp:
+        for start in range(0, max(len(table), 1), TABLE_ROWS):
+            part = table.iloc[start : start + TABLE_ROWS]
+            if cfg.her2 is not None:
+                rows = slice(start, start + len(part))
+                part = part.assign(
+                    **{SECTOR_SUM.format(s): sums[rows, s] for s in range(cfg.her2.sectors)},
+                    **{SECTOR_NPX.format(s): npx[rows, s] for s in range(cfg.her2.sectors)},
+                )
+            part.to_csv(tmp, mode="w" if start == 0 else "a", header=start == 0, index=False)
 
 
 def _flagged(zarr_path: Path):
@@ -415,14 +423,10 @@ def score_cells(cfg: Config, table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return cells, summarise_cells(cfg, cells, threshold, her2, source)
 
 
-#: Rows of the measurements scored at a time by :func:`score_sample`.
-SCORE_ROWS = 20_000
-
-
 def score_sample(cfg: Config, sample_id: str) -> None:
     """Write ``cells.csv``, ``cells.h5ad`` and ``summary.csv`` from the sample's measurements.
 
-    The measurements are read ``SCORE_ROWS`` rows at a time and the scored
+    The measurements are read ``TABLE_ROWS`` rows at a time and the scored
     rows appended to the outputs as they come; only the few columns the
     summary needs (:func:`_summary_columns`) are kept for every cell, so
     the memory hardly grows with the number of cells.
@@ -437,7 +441,7 @@ def score_sample(cfg: Config, sample_id: str) -> None:
     kept = []
     with io.atomic_path(out["cells"]) as cells_tmp, io.H5adWriter(out["h5ad"], sample_id=sample_id) as h5ad:
         header = True
-        for table in io.read_csv(out["measurements"], "measurements", chunksize=SCORE_ROWS):
+        for table in io.read_csv(out["measurements"], "measurements", chunksize=TABLE_ROWS):
             cells = score_cell_rows(cfg, table, threshold, her2)
             cells.to_csv(cells_tmp, mode="w" if header else "a", header=header, index=False)
             header = False

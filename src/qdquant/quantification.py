@@ -202,7 +202,7 @@ def measure_cells(
             for k, marker in enumerate(names):
                 key = marker if compartment == "cell" else f"{marker}_{compartment}_mean"
                 table[key] = means[:, k]
-    return pd.DataFrame(table)[columns]
+    return pd.DataFrame({c: table[c] for c in columns}, copy=False)  # no second copy of every column
 
 
 def membrane_sectors(
@@ -240,7 +240,7 @@ def membrane_sectors(
     Returns
     -------
     sums : (n, sectors) float64
-    npx : (n, sectors) int64
+    npx : (n, sectors) int32
     """
     if values.shape != cells.shape:
         raise InputError(f"values shape {values.shape} differs from cells shape {cells.shape}")
@@ -271,7 +271,7 @@ def membrane_sectors(
         return index, np.bincount(inv, weights=v, minlength=len(index)), np.bincount(inv, minlength=len(index))
 
     sums = np.zeros(n * sectors)
-    npx = np.zeros(n * sectors, dtype=np.int64)
+    npx = np.zeros(n * sectors, dtype=np.int32)  # a ring sector holds far fewer than 2**31 pixels
     if n:
         for index, s, c in _per_block(one, cells.shape, block_size, halo):
             sums[index] += s  # indices are unique within a block
