@@ -1306,6 +1306,8 @@ def _rss(b, a):
 
 #: A fitted shift within this of ``max_shift_nm`` counts as on the bound, nm.
 _AT_BOUND_NM = 0.05
+#: Most pixels an endmember's shift is fitted on, per round.
+_FIT_PIXELS = 8000
 
 
 def refine_library(
@@ -1315,7 +1317,7 @@ def refine_library(
     *,
     max_shift_nm=6.0,
     max_widen=0.0,
-    n_iter=3,
+    n_iter=2,
     offset=None,
     n_pixels=20000,
     min_share=0.5,
@@ -1349,7 +1351,8 @@ def refine_library(
     max_widen : float, optional
         Bound on the relative change of width (0: no widening, the default).
     n_iter : int, optional
-        Alternations of unmixing and per-endmember fits. Default 3.
+        Alternations of unmixing and per-endmember fits. Default 2 (a third
+        moves no shift by more than ~0.1 nm on the messy cohort).
     offset : None, float, (C,) array or "auto", optional
         Dark offset, as for :func:`unmix`.
     n_pixels : int, optional
@@ -1428,7 +1431,9 @@ def refine_library(
             sel = dominated(x, j, a)
             if sel.size < min_pixels:
                 continue
-            bj = b[:, sel]
+            # A regular subset is enough to place the minimum (the residual is a
+            # smooth function of the shift) and bounds the cost of each trial.
+            bj = b[:, sel[:: -(-sel.size // _FIT_PIXELS)]]
 
             def cost(s, w, j=j, bj=bj):
                 trial = a.copy()
