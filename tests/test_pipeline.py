@@ -41,6 +41,22 @@ def test_sample_without_tumour_cells_is_valid_and_not_assessable(tiny_project):
     assert any("No tumour cells" in w for w in warnings)
 
 
+def test_scoring_a_sample_without_cells_writes_empty_tables(tiny_project):
+    import anndata
+
+    cfg = load_config(tiny_project)
+    sample = cfg.samples[0].sample_id
+    out = pipeline.outputs(cfg, sample)
+    io.write_csv(measurements(n_cells=0), out["measurements"])
+    with pytest.warns(UserWarning, match="no cells"):
+        pipeline.score_sample(cfg, sample)
+    cells = pd.read_csv(out["cells"])
+    assert len(cells) == 0 and {"CellID", "her2_class"} <= set(cells.columns)
+    assert anndata.read_h5ad(out["h5ad"]).n_obs == 0
+    summary = pd.read_csv(out["summary"]).iloc[0]
+    assert summary["n_cells"] == 0 and summary["her2_category"] == "not assessable"
+
+
 def test_scores_over_tumour_cells_only(tiny_project):
     data = yaml.safe_load(tiny_project.read_text())
     data["tumour"] = {"marker": "DAPI", "threshold": 100.0}

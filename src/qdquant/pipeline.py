@@ -441,17 +441,13 @@ def score_sample(cfg: Config, sample_id: str) -> None:
     kept = []
     with io.atomic_path(out["cells"]) as cells_tmp, io.H5adWriter(out["h5ad"], sample_id=sample_id) as h5ad:
         header = True
+        # (a table without rows still comes as one empty slice: its header is written)
         for table in io.read_csv(out["measurements"], "measurements", chunksize=TABLE_ROWS):
             cells = score_cell_rows(cfg, table, threshold, her2)
             cells.to_csv(cells_tmp, mode="w" if header else "a", header=header, index=False)
             header = False
             h5ad.append(cells, [r.marker for r in cfg.measured])
             kept.append(cells[_summary_columns(cfg)])
-        if header:  # no rows at all: the header of an empty table
-            empty = score_cell_rows(cfg, io.read_csv(out["measurements"], "measurements"), threshold, her2)
-            empty.to_csv(cells_tmp, index=False)
-            h5ad.append(empty, [r.marker for r in cfg.measured])
-            kept.append(empty[_summary_columns(cfg)])
     summary = summarise_cells(cfg, pd.concat(kept, ignore_index=True), threshold, her2, source)
     if summary["n_cells"] == 0:
         warnings.warn(f"{sample_id}: no cells were found; the scores are not assessable", stacklevel=1)
