@@ -687,7 +687,6 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     m = np.clip(mem / np.float32(mstats.level), 0, None)
     m = m / (1 + m)
     land = _MEMBRANE_WEIGHT * m + dist / np.float32(dist_px)
-    m_sat = m
     del mem
     # The background floods too, from every pixel farther than dist_px from
     # all nuclei: a cell reaches the expansion limit where nothing stops it,
@@ -697,19 +696,17 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     markers = np.where(dist > dist_px, bg, nuclei)
     lab = segmentation.watershed(land, markers)
     lab[lab == bg] = 0
-    if _BARE_LEVEL > 0:
-        # Cells without membrane stain around their nucleus (stroma, immune
-        # cells: the stain marks epithelium) keep only a thin rim of cytoplasm
-        # instead of growing to the expansion limit.
-        n = bg
-        cyto = (lab > 0) & (nuclei == 0)
-        score = np.bincount(lab[cyto], weights=m_sat[cyto], minlength=n) / np.maximum(
-            np.bincount(lab[cyto], minlength=n), 1)
-        bare = score < _BARE_LEVEL
-        bare[0] = False
-        if bare.any():
-            rim = segmentation.expand_labels(nuclei, distance=_BARE_RIM_UM / ps)
-            lab[bare[lab] & (rim != lab)] = 0
+    # Cells without membrane stain around their nucleus (stroma, immune cells:
+    # the stain marks epithelium) keep only a thin rim of cytoplasm instead of
+    # growing to the expansion limit.
+    cyto = (lab > 0) & (nuclei == 0)
+    score = np.bincount(lab[cyto], weights=m[cyto], minlength=bg) / np.maximum(
+        np.bincount(lab[cyto], minlength=bg), 1)
+    bare = score < _BARE_LEVEL
+    bare[0] = False
+    if bare.any():
+        rim = segmentation.expand_labels(nuclei, distance=_BARE_RIM_UM / ps)
+        lab[bare[lab] & (rim != lab)] = 0
     return lab.astype(np.int32)
 
 
