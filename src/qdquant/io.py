@@ -386,8 +386,9 @@ def write_labels(
                 str(Path(staging.name) / name), mode="w", shape=image.shape, dtype=image.dtype,
                 chunks=(chunk_size, chunk_size), fill_value=0,
             )
-        da.store([da.asarray(image, chunks=chunk_size) for image in labels.values()], list(staged.values()),
-                 lock=False)
+        # Dask chunks on the Zarr chunks, so that no two tasks write one chunk (no lock needed).
+        da.store([da.asarray(image).rechunk((chunk_size, chunk_size)) for image in labels.values()],
+                 list(staged.values()), lock=False)
         labels_group = root.require_group("labels")
         for name, level0 in staged.items():
             # Nearest-neighbour levels, each read from the staged level 0 and
