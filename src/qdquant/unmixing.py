@@ -1454,7 +1454,7 @@ def refine_library(
                 # spectrum is absorbing light of another kind (leakage on a
                 # slide without the stain, off-library emitters), so keep the
                 # library's.
-                at_bound[j] = abs(shift[j]) >= max_shift_nm - _AT_BOUND_NM
+                at_bound[j] = abs(shift[j]) >= max_shift_nm - min(_AT_BOUND_NM, 0.1 * max_shift_nm)
                 if at_bound[j]:
                     shift[j], widen[j] = 0.0, 1.0
                     a[:, j] = a0[:, j]
