@@ -279,8 +279,19 @@ def atomic_path(path: str | os.PathLike):
 
 def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a table as CSV atomically (no index column)."""
+    write_csv_slices([table], path)
+
+
+def write_csv_slices(tables, path: str | os.PathLike) -> None:
+    """Write an iterable of tables (slices of the rows of one table) as one CSV, atomically.
+
+    The header comes from the first; only one slice is in memory at a time
+    when ``tables`` is a generator. At least one table is needed (a table
+    without rows gives the header alone).
+    """
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+        for i, table in enumerate(tables):
+            table.to_csv(tmp, mode="a" if i else "w", header=not i, index=False)
 
 
 # ----------------------------------------------------------------------------
@@ -472,22 +483,14 @@ def _anndata(cells: pd.DataFrame, markers: list[str], sample_id: str):
     )
 
 
-def write_h5ad(cells: pd.DataFrame, markers: list[str], path: str | os.PathLike, *, sample_id: str) -> None:
-    """Write ``cells.csv``'s content as AnnData for scanpy / squidpy / scimap users.
-
-    ``X`` holds the whole-cell marker means (cells x markers), ``layers`` the
-    compartment means, ``obs`` every other column (plus ``imageid``) and
-    ``obsm["spatial"]`` the centroids in micrometres.
-    """
-    with H5adWriter(path, sample_id=sample_id) as writer:
-        writer.append(cells, markers)
-
-
 class H5adWriter:
-    """Write an ``.h5ad`` (as :func:`write_h5ad`) from tables of cells appended one at a time.
+    """Write ``cells.csv``'s content as AnnData (``.h5ad``), from tables of cells appended one at a time.
 
-    Each table is written to a temporary file as it comes; on leaving the
-    ``with`` block they are concatenated on disk (``anndata``'s
+    For scanpy / squidpy / scimap users: ``X`` holds the whole-cell marker
+    means (cells x markers), ``layers`` the compartment means, ``obs`` every
+    other column (plus ``imageid``) and ``obsm["spatial"]`` the centroids in
+    micrometres. Each table is written to a temporary file as it comes; on
+    leaving the ``with`` block they are concatenated on disk (``anndata``'s
     ``concat_on_disk``, in bounded memory) and the result renamed into
     place. On an exception nothing is written.
     """

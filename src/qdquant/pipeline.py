@@ -271,9 +271,9 @@ def quantify_sample(cfg: Config, sample_id: str) -> None:
             block_size=cfg.chunk_size,
         )
     log.info("measured %d cells in %s", len(table), sample_id)
-    # Written a slice of rows at a time, the sector columns joined per slice:
-    # the whole table with its 2 x sectors extra columns is never built.
-    with io.atomic_path(out["measurements"]) as tmp:
+    def slices():
+        # A slice of rows at a time, the sector columns joined per slice: the
+        # whole table with its 2 x sectors extra columns is never built.
         for start in range(0, max(len(table), 1), TABLE_ROWS):
             part = table.iloc[start : start + TABLE_ROWS]
             if cfg.her2 is not None:
@@ -282,7 +282,9 @@ def quantify_sample(cfg: Config, sample_id: str) -> None:
                     **{SECTOR_SUM.format(s): sums[rows, s] for s in range(cfg.her2.sectors)},
                     **{SECTOR_NPX.format(s): npx[rows, s] for s in range(cfg.her2.sectors)},
                 )
-            part.to_csv(tmp, mode="w" if start == 0 else "a", header=start == 0, index=False)
+            yield part
+
+    io.write_csv_slices(slices(), out["measurements"])
 
 
 def _flagged(zarr_path: Path):
@@ -339,10 +341,8 @@ def _scored_column(row) -> str:
     return row.marker if row.compartment == "cell" else f"{row.marker}_{row.compartment}_mean"
 
 
-def tumour_threshold(cfg: Config, gate: np.ndarray) -> float | None:
+def tumour_threshold(cfg: Config, gate: np.ndarray) -> float:
     """The tumour gate's threshold: from the config, or fitted on ``gate`` (every cell's gate value)."""
-    if cfg.tumour is None:
-        return None
     return scoring.tumour_threshold_auto(gate) if cfg.tumour.threshold == "auto" else float(cfg.tumour.threshold)
 
 
@@ -439,15 +439,17 @@ def score_sample(cfg: Config, sample_id: str) -> None:
         del gate
     her2, source = her2_thresholds(cfg) if cfg.her2 is not None else (None, None)
     kept = []
-    with io.atomic_path(out["cells"]) as cells_tmp, io.H5adWriter(out["h5ad"], sample_id=sample_id) as h5ad:
-        header = True
-        # (a table without rows still comes as one empty slice: its header is written)
-        for table in io.read_csv(out["measurements"], "measurements", chunksize=TABLE_ROWS):
-            cells = score_cell_rows(cfg, table, threshold, her2)
-            cells.to_csv(cells_tmp, mode="w" if header else "a", header=header, index=False)
-            header = False
-            h5ad.append(cells, [r.marker for r in cfg.measured])
-            kept.append(cells[_summary_columns(cfg)])
+    with io.H5adWriter(out["h5ad"], sample_id=sample_id) as h5ad:
+
+        def scored():
+            # (a table without rows still comes as one empty slice: its header is written)
+            for table in io.read_csv(out["measurements"], "measurements", chunksize=TABLE_ROWS):
+                cells = score_cell_rows(cfg, table, threshold, her2)
+                h5ad.append(cells, [r.marker for r in cfg.measured])
+                kept.append(cells[_summary_columns(cfg)])
+                yield cells
+
+        io.write_csv_slices(scored(), out["cells"])
     summary = summarise_cells(cfg, pd.concat(kept, ignore_index=True), threshold, her2, source)
     if summary["n_cells"] == 0:
         warnings.warn(f"{sample_id}: no cells were found; the scores are not assessable", stacklevel=1)
