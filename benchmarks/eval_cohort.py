@@ -84,6 +84,16 @@ def evaluate(cfg, sample_id: str, slides: Path) -> dict:
     }
 
 
+def _cached(slides: Path, name: str, kwargs: dict) -> bool:
+    """Whether ``slides`` holds slide ``name`` simulated with these arguments (else it is simulated again)."""
+    truth = slides / f"{name}_truth.json"
+    if not (slides / f"{name}.ome.tif").exists() or not truth.exists():
+        return False
+    stored = json.loads(truth.read_text()).get("params", {})
+    wanted = json.loads(json.dumps(simulate._jsonable(kwargs)))
+    return all(stored.get(k) == v for k, v in wanted.items())
+
+
 def messy_slides(size: int) -> Path:
     """Where the messy cohort of ``size``² slides is simulated to."""
     return Path("test_data/messy_slides" + ("" if size == 512 else f"_{size}"))
@@ -106,7 +116,7 @@ def main() -> None:
     slides = Path(args.slides or ("test_data/slides" if args.cohort == "test" else messy_slides(args.size)))
     names = args.only or list(cohort)
     for name in names:
-        if not (slides / f"{name}.ome.tif").exists():
+        if not _cached(slides, name, cohort[name]):
             simulate.write_slide(simulate.simulate_slide(**cohort[name]), slides, name)
     raw = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:

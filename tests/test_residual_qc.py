@@ -74,3 +74,75 @@ def test_flagging_can_be_switched_off(tmp_path):
         flagged[switch] = np.asarray(io.read_labels(pipeline.outputs(cfg, "s1")["zarr"], "flagged"))
     assert flagged[True][20:30, 20:30].mean() > 0.9
     assert flagged[False].shape == (64, 64) and flagged[False].max() == 0
+
+
+def _lipofuscin_scene(seed=5):
+    """Library mixtures with photon noise, two cells, and broad lipofuscin-like light on one membrane."""
+    rng = np.random.default_rng(seed)
+    wl = REPO_LIBRARY["wavelength_nm"].to_numpy()
+    names = [c for c in REPO_LIBRARY.columns if c != "wavelength_nm"]
+    spectra = REPO_LIBRARY[names].to_numpy()
+    shape = (96, 96)
+    abundances = np.zeros((len(names),) + shape)
+    abundances[names.index("Offset")] = 100.0
+    abundances[names.index("AF")] = rng.uniform(10, 40, shape)
+    abundances[names.index("DAPI"), 20:40, 60:80] = 2000.0  # a very bright nucleus: not off-library
+    abundances[names.index("QD655"), 60:90, 10:40] = 400.0  # strong HER2 (3+): not off-library
+    cells = np.zeros(shape, np.int32)
+    cells[10:50, 10:50] = 1
+    ring = np.zeros(shape, bool)
+    ring[10:50, 10:50] = True
+    ring[12:48, 12:48] = False
+    expected = np.einsum("ck,kyx->cyx", spectra, abundances)
+    # lipofuscin: very broad emission (500-700 nm, peak 610 nm) on part of cell 1's membrane
+    lipofuscin = np.exp(-0.5 * ((wl - 610.0) / 60.0) ** 2)
+    blob = np.zeros(shape, bool)
+    blob[9:15, 20:30] = True
+    expected[:, blob] += 300.0 * lipofuscin[:, None]
+    gain = 1.5  # electrons per count
+    cube = rng.poisson(expected * gain) / gain + rng.normal(0, 2.5, expected.shape)
+    return cube, spectra, names, wl, cells, ring, blob
+
+
+def test_broadband_probes_are_outside_the_library():
+    from qdquant.unmixing import broadband_probes
+
+    names = [c for c in REPO_LIBRARY.columns if c != "wavelength_nm"]
+    spectra = REPO_LIBRARY[names].to_numpy()
+    probes = broadband_probes(spectra, REPO_LIBRARY["wavelength_nm"])
+    assert probes.shape[0] == len(spectra) and probes.shape[1] >= 3
+    assert np.allclose(np.linalg.norm(probes, axis=0), 1.0)
+    assert np.abs(probes.T @ spectra).max() < 1e-9 * np.abs(spectra).max()
+    assert np.abs(probes.sum(axis=0)).max() < 1e-9  # a flat dark offset has no component either
+
+
+def test_broad_off_library_light_is_flagged_where_the_residual_is_within_the_noise():
+    from qdquant.unmixing import broadband_probes, flag_broadband
+
+    cube, spectra, names, wl, cells, ring, blob = _lipofuscin_scene()
+    abund, residual = unmix(cube, spectra)
+    noise = noise_model(cube, residual)
+    her2 = abund[names.index("QD655")]
+    assert her2[blob].mean() > 20  # the lipofuscin is fitted as HER2 (and other QDs) ...
+    assert flag_poor_fit(cube, residual, noise)[blob].mean() < 0.5  # ... within the noise of the RMS test
+    flagged = flag_broadband(cube, broadband_probes(spectra, wl), noise, n_endmembers=len(names))
+    assert flagged[blob].mean() > 0.9
+    # bright nuclei, strong HER2 and autofluorescence are mixtures of the library: none flagged
+    assert flagged[~blob].sum() == 0
+    naive = measure_cells(cells, np.zeros_like(cells), her2[None], ["HER2"], 2)
+    masked = measure_cells(cells, np.zeros_like(cells), her2[None], ["HER2"], 2, flagged=flagged)
+    # what stays is the noise floor of a HER2-free membrane at 1.5 e-/count
+    assert naive.loc[0, "HER2_membrane_mean"] > 2.5 * masked.loc[0, "HER2_membrane_mean"]
+
+
+def test_grow_mask_is_the_same_in_chunks():
+    import dask.array as da
+
+    from qdquant.unmixing import grow_mask
+
+    mask = np.random.default_rng(0).random((70, 90)) > 0.995
+    whole = grow_mask(mask, 2)
+    chunked = grow_mask(da.from_array(mask, chunks=(16, 23)), 2).compute()
+    assert np.array_equal(whole, chunked)
+    assert whole.sum() > 5 * mask.sum() and whole[mask].all()
+    assert grow_mask(mask, 0) is mask

@@ -202,6 +202,23 @@ def test_bad_arguments():
         sim.simulate_slide(her2_score="4+")
     with pytest.raises(ValueError, match="shading"):
         sim.simulate_slide(shading=1.5)
+    with pytest.raises(ValueError, match="her2_levels"):
+        sim.simulate_slide(her2_levels="flat")
+
+
+def test_continuous_her2_levels_fill_each_bin_and_read_back():
+    """her2_levels="continuous" spreads each class across its bin, near the thresholds too."""
+    slide = sim.simulate_slide(her2_mix=(0.1, 0.3, 0.3, 0.3), her2_levels="continuous", seed=7,
+                               her2_incomplete_fraction=0.0)
+    ct = slide.cells_truth
+    measured = sim.her2_ring_scores(slide.abundance("QD655"), slide.cells)
+    assert np.mean(measured["her2_class"].to_numpy() == ct["her2_class"].to_numpy()) >= 0.98
+    for cls, (low, high), (t_low, t_high) in (("1+", (23, 55), (20, 60)), ("2+", (66, 140), (60, 150)),
+                                              ("3+", (165, 300), (150, np.inf))):
+        got = ct.loc[ct.her2_class == cls, "her2_intensity"]
+        assert len(got) > 20 and low <= got.min() and got.max() <= high
+        # within 25 % of the bin's lower threshold: a quarter of the light lost moves it down
+        assert (got < t_low / 0.75).mean() > 0.1, cls
 
 
 # ----------------------------------------------------------------------------
@@ -409,5 +426,6 @@ def test_messy_cohort_has_every_phenomenon_on_every_reading():
     assert [kw["her2_score"] for kw in cohort.values()] == ["null", "ultralow", "1+", "2+", "3+"]
     for kwargs in cohort.values():
         assert kwargs["crowded"] and kwargs["off_library_af"]
-        assert kwargs["drift_nm"] >= 4 and kwargs["shading"] >= 0.2 and kwargs["photons_per_count"] <= 1.5
+        assert kwargs["drift_nm"] >= 4 and kwargs["shading"] >= 0.25 and kwargs["photons_per_count"] <= 1.5
+        assert kwargs["lipofuscin_in_cells"] and kwargs["her2_levels"] == "continuous"
     assert len({kw["seed"] for kw in cohort.values()} | {kw["seed"] for kw in sim.test_cohort().values()}) == 11

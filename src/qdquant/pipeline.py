@@ -157,6 +157,10 @@ def _shading_corrected(cfg: Config, library, data: da.Array, qc_dir: Path) -> da
     return data if shading.is_flat else illumination.correct_shading(data, shading, offset)
 
 
+#: Flagged pixels are grown by this margin (about the optics' blur), micrometres.
+FLAG_MARGIN_UM = 0.5
+
+
 def unmix_sample(cfg: Config, sample_id: str) -> None:
     """Unmix a sample's cube into ``unmixed.ome.zarr`` (abundances + residual)."""
     from qdquant import report
@@ -189,7 +193,11 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         # pixels the library cannot explain (residual far above photon + read noise)
         noise = unmixing.noise_model(*_pixel_sample(data, stored[-1]))
         if cfg.unmixing.flag_poor_fit:
-            flagged = unmixing.flag_poor_fit(data, stored[-1], noise)
+            probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
+            flagged = unmixing.flag_poor_fit(data, stored[-1], noise) | unmixing.flag_broadband(
+                data, probes, noise, n_endmembers=len(library.names))
+            # the optics spread an emitter's light a little beyond where it is detectable
+            flagged = unmixing.grow_mask(flagged, round(FLAG_MARGIN_UM / pixel_size))
         else:  # switched off: the mask stays, empty
             flagged = da.zeros(stored.shape[1:], dtype=bool, chunks=stored.chunks[1:])
         io.write_labels(out["zarr"], {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)

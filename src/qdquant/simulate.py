@@ -880,6 +880,7 @@ def simulate_slide(
     crowded: bool = False,
     her2_mix: tuple[float, float, float, float] | None = None,
     her2_incomplete_fraction: float = 0.4,
+    her2_levels: str = "separated",
     receptor_split: tuple[float, float, float] = (0.25, 0.35, 0.40),
     nest_fraction: float = 0.6,
     psf_sigma_px: float = 0.8,
@@ -939,6 +940,13 @@ def simulate_slide(
         and complete (85–115). Only 2+ cells whose tumour neighbours are all
         2+/3+ qualify, so fewer may be drawn (truth key
         ``n_her2_strong_incomplete_2plus``).
+    her2_levels : {"separated", "continuous"}
+        Where in its class's intensity bin a cell's designed HER2 lies.
+        "separated": well inside (1+ 30–42, moderate 2+ 85–115, 3+ 230–300;
+        a 25 % loss of light moves no cell across a threshold).
+        "continuous": across the bin, as on real slides (1+ 23–55, moderate
+        2+ 66–140, 3+ 165–300): shading, noise and unmixing errors then move
+        the cells near a threshold.
     receptor_split : 3 floats
         Shares of ER/PR-positive cells in bins 1+, 2+, 3+.
     nest_fraction : float
@@ -1013,6 +1021,7 @@ def simulate_slide(
     _check(read_noise >= 0, "read_noise: must be >= 0")
     _check(0 <= drift_nm <= 10, "drift_nm: must be in [0, 10]")
     _check(0 <= shading < 0.9, "shading: must be in [0, 0.9)")
+    _check(her2_levels in HER2_LEVELS, f"her2_levels: one of {sorted(HER2_LEVELS)}, got {her2_levels!r}")
     _check(0 <= stroma_fraction < 1, "stroma_fraction: must be in [0, 1)")
     _check(0 <= immune_fraction <= 1, "immune_fraction: must be in [0, 1]")
     for name, v in (("er_pct", er_pct), ("pr_pct", pr_pct), ("ki67_pct", ki67_pct),
@@ -1050,6 +1059,7 @@ def simulate_slide(
     her2 = _design_her2(
         rng, cls, pairs, is_tum, cells, ring_m, cy, cx, yy, xx,
         incomplete_fraction=her2_incomplete_fraction, psf_sigma_px=psf_sigma_px,
+        levels=HER2_LEVELS[her2_levels],
     )
     her2_img = her2["image"]
     ring_ids = np.where(ring_m, cells, 0)
@@ -1239,6 +1249,7 @@ def simulate_slide(
                 "offset_counts": float(offset_counts), "drift_nm": float(drift_nm),
                 "shading": float(shading), "off_library_af": bool(off_library_af),
                 "lipofuscin_in_cells": bool(lipofuscin_in_cells), "crowded": bool(crowded), "her2_incomplete_fraction": float(her2_incomplete_fraction),
+                "her2_levels": her2_levels,
                 "receptor_split": [float(x) for x in split], "nest_fraction": float(nest_fraction),
                 "psf_sigma_px": float(psf_sigma_px), "fov_px": int(fov_px),
                 "af_mix": dict(af_mix or AF_MIX), "unstained": bool(unstained),
@@ -1350,8 +1361,17 @@ def _repair_level_jumps(cls, pairs, is_tumour, field_value, max_steps: int = 200
             tried.add((a, b))
 
 
+#: Designed HER2 stained-sector intensity of each class (abundance units; t_faint 20,
+#: t_weak 60, t_strong 150): well inside each bin, or across it as on real slides.
+HER2_LEVELS = {
+    "separated": {"1+": (30.0, 42.0), "2+": (85.0, 115.0), "3+": (230.0, 300.0)},
+    "continuous": {"1+": (23.0, 55.0), "2+": (66.0, 140.0), "3+": (165.0, 300.0)},
+}
+
+
 def _design_her2(
     rng, cls, pairs, is_tum, cells, ring_m, cy, cx, yy, xx, *, incomplete_fraction, psf_sigma_px,
+    levels=None,
 ) -> dict:
     """Design and render the HER2 membrane of every cell from its class.
 
@@ -1384,10 +1404,11 @@ def _design_her2(
     faint[i0] = rng.uniform(0.0, 2.5, len(i0))
     pattern[i0] = "faint"
     i1 = ids[cls == 1]
-    target[i1] = rng.uniform(30.0, 42.0, len(i1))
+    levels = levels or HER2_LEVELS["separated"]
+    target[i1] = rng.uniform(*levels["1+"], len(i1))
     compl[i1] = np.where(rng.random(len(i1)) < 0.6, 1.0, rng.uniform(0.6, 0.85, len(i1)))
     i3 = ids[cls == 3]
-    target[i3] = rng.uniform(230.0, 300.0, len(i3))
+    target[i3] = rng.uniform(*levels["3+"], len(i3))
     compl[i3] = 1.0
     i2 = ids[cls == 2]
     # strong-incomplete 2+: only cells whose tumour neighbours are all 2+/3+, preferring
@@ -1403,7 +1424,7 @@ def _design_her2(
     inc = np.zeros(n + 1, bool)
     inc[order[:n_inc]] = True
     mod = i2[~inc[i2]]
-    target[mod] = rng.uniform(85.0, 115.0, len(mod))
+    target[mod] = rng.uniform(*levels["2+"], len(mod))
     compl[mod] = 1.0
     i2i = ids[inc]
     target[i2i] = rng.uniform(250.0, 320.0, len(i2i))
@@ -1448,7 +1469,7 @@ def _design_her2(
             break
         # a strong-incomplete 2+ that does not read 2+ becomes a moderate complete 2+
         inc[bad] = False
-        target[bad] = rng.uniform(85.0, 115.0, bad.sum())
+        target[bad] = rng.uniform(*levels["2+"], bad.sum())
         compl[bad] = 1.0
         pattern[bad] = "complete"
     drawn = np.where(ring_m, amp[cells] * pattern_px + faint[cells] * texture, 0.0)
@@ -1563,7 +1584,7 @@ test_cohort.__test__ = False  # not a pytest test, despite its name
 
 
 #: The four real-slide phenomena of :func:`messy_cohort`, each at the top of its documented range.
-MESSY = dict(crowded=True, drift_nm=4.0, shading=0.2, off_library_af=True, photons_per_count=1.5)
+MESSY = dict(crowded=True, drift_nm=4.0, shading=0.25, off_library_af=True, photons_per_count=1.5)
 
 
 def messy_cohort(size: int = 512, fov_px: int = 256) -> dict[str, dict]:
@@ -1571,17 +1592,20 @@ def messy_cohort(size: int = 512, fov_px: int = 256) -> dict[str, dict]:
 
     One ``size``² slide per HER2 reading (null, ultralow, 1+, 2+, 3+), every
     one with all four real-slide phenomena (:data:`MESSY`): crowded nests
-    with touching nuclei, 4 nm of spectral drift, 20 % darker corners of
+    with touching nuclei, 4 nm of spectral drift, 25 % darker corners of
     ``fov_px`` fields of view, off-library autofluorescence (red blood cells
     in stroma, lipofuscin granules in tumour cells' cytoplasm) and 1.5
-    electrons per count. Receptor designs as in :func:`test_cohort`; seeds
-    of their own. Shading can be estimated from about 8 x 8 FOVs of 256 px
+    electrons per count, with HER2 intensities spread across each class's
+    bin (``her2_levels="continuous"``), so that a cell near a threshold
+    moves when its light is misjudged. Receptor designs as in
+    :func:`test_cohort`; seeds of their own. Shading can be estimated from about 8 x 8 FOVs of 256 px
     (``size=2048``); a 512² slide holds too few.
     """
     cohort = {}
     for i, (name, kwargs) in enumerate(list(test_cohort().items())[:5]):
         cohort[f"messy_{name.removeprefix('her2_')}"] = {
-            **kwargs, **MESSY, "lipofuscin_in_cells": True, "shape": (size, size), "fov_px": fov_px,
+            **kwargs, **MESSY, "lipofuscin_in_cells": True, "her2_levels": "continuous",
+            "shape": (size, size), "fov_px": fov_px,
             "seed": 301 + i,
         }
     return cohort

@@ -1574,3 +1574,128 @@ def flag_poor_fit(cube, residual, noise: tuple[float, float], *, factor: float =
         residual = da.asarray(residual).rechunk(cube.chunks[1:])
         return da.map_blocks(block, cube.rechunk({0: -1}), residual, drop_axis=0, dtype=bool)
     return block(cube, residual)
+
+
+def broadband_probes(spectra, wavelengths_nm, *, width_nm: float = 45.0, spacing_nm: float = 40.0,
+                     min_novelty: float = 0.05) -> np.ndarray:
+    """Directions of broad emission that the library cannot reproduce.
+
+    A bank of Gaussian emission spectra (standard deviation ``width_nm``,
+    centres every ``spacing_nm`` across the bands), each with its part in
+    the span of the library and of a flat spectrum (a dark offset) removed,
+    scaled to unit norm. Light from a broad off-library emitter (lipofuscin,
+    red blood cells, elastin) has a component along them; the library's own
+    endmembers, whatever their abundances, have none.
+
+    Parameters
+    ----------
+    spectra : (C, K) array_like
+        The library.
+    wavelengths_nm : (C,) array_like
+        Band centres, nm.
+    width_nm, spacing_nm : float
+        Standard deviation and spacing of the probe spectra, nm (QD emission
+        is about 10 nm wide in standard deviation; tissue emitters 40-100 nm).
+    min_novelty : float
+        Probes whose norm outside the library's span is below this fraction
+        of their norm are dropped (the library already describes them).
+
+    Returns
+    -------
+    (C, J) float64 array
+        Unit-norm probe directions orthogonal to the library and to a flat
+        spectrum; J may be 0.
+    """
+    a = _as_spectra(spectra)
+    wl = np.asarray(wavelengths_nm, dtype=np.float64)
+    if wl.shape != (a.shape[0],):
+        raise InputError(f"wavelengths_nm must have one value per band ({a.shape[0]}), got shape {wl.shape}")
+    centres = np.arange(wl.min(), wl.max() + 1e-9, spacing_nm)
+    probes = np.exp(-0.5 * ((wl[:, None] - centres[None, :]) / width_nm) ** 2)
+    basis, _ = np.linalg.qr(np.column_stack([a, np.ones(len(wl))]))
+    novel = probes - basis @ (basis.T @ probes)
+    norm = np.linalg.norm(novel, axis=0)
+    keep = norm >= min_novelty * np.linalg.norm(probes, axis=0)
+    return novel[:, keep] / norm[keep]
+
+
+def flag_broadband(cube, probes, noise: tuple[float, float], *, n_endmembers: int, factor: float = 5.0):
+    """Pixels holding broad light that no combination of the library explains.
+
+    The projection ``t_j = p_j . y`` of a pixel's spectrum ``y`` on each
+    probe of :func:`broadband_probes` is zero, up to noise, for any mixture
+    of the library's endmembers and a dark offset. Its noise variance
+    follows from the photon and read noise of each band,
+    ``var(y_c) = s (a y_c + b)`` with ``s = C / (C - K)`` (the noise model of
+    :func:`noise_model` is fitted on the RMS residual, which has ``C - K``
+    degrees of freedom, not ``C``). A pixel is flagged when some
+    ``t_j > factor sqrt(var(t_j))``: only extra light counts, and a bright
+    pixel of the library's own dyes is not flagged however bright it is.
+
+    This finds off-library emitters whose light the unmixing spreads over
+    the QD channels and autofluorescence while the RMS residual stays within
+    the noise (broad 500-700 nm lipofuscin: :func:`flag_poor_fit` misses
+    most of it).
+
+    Parameters
+    ----------
+    cube : (C, Y, X) numpy or dask array
+        The counts that were unmixed.
+    probes : (C, J) array
+        From :func:`broadband_probes`.
+    noise : (float, float)
+        ``(a, b)`` from :func:`noise_model`.
+    n_endmembers : int
+        K, the library's endmembers (for the degrees of freedom).
+    factor : float
+        Detection threshold in noise standard deviations.
+
+    Returns
+    -------
+    flagged : (Y, X) bool array (dask when ``cube`` is dask)
+    """
+    a, b = noise
+    c = cube.shape[0]
+    probes = np.asarray(probes, dtype=np.float32)
+    squared = probes**2
+    scale = c / max(c - n_endmembers, 1)
+
+    def block(y):
+        flat = np.asarray(y, dtype=np.float32).reshape(c, -1)
+        if probes.shape[1] == 0:
+            return np.zeros(y.shape[1:], bool)
+        t = probes.T @ flat
+        var = scale * (a * (squared.T @ np.maximum(flat, 0)) + b)  # unit-norm probes: sum p^2 = 1
+        return ((t > 0) & (t * t > factor**2 * var)).any(axis=0).reshape(y.shape[1:])
+
+    if isinstance(cube, da.Array):
+        return da.map_blocks(block, cube.rechunk({0: -1}), drop_axis=0, dtype=bool)
+    return block(cube)
+
+
+def grow_mask(mask, radius_px: int):
+    """``mask`` dilated by a disc of ``radius_px`` pixels (numpy or dask, seam-free across chunks).
+
+    Parameters
+    ----------
+    mask : (Y, X) bool numpy or dask array
+    radius_px : int
+        Radius, pixels; 0 returns ``mask`` unchanged.
+
+    Returns
+    -------
+    (Y, X) bool array of the same kind
+    """
+    if radius_px <= 0:
+        return mask
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    footprint = disk(radius_px).astype(bool)
+
+    def block(m):
+        return ndi.binary_dilation(m, footprint)
+
+    if isinstance(mask, da.Array):
+        return mask.map_overlap(block, depth=radius_px, boundary=False, dtype=bool)
+    return block(np.asarray(mask))
