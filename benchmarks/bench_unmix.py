@@ -163,7 +163,8 @@ def main(argv=None):
     t_first = time.perf_counter() - t
     if unmixing._USE_NUMBA:
         misses = sum(sum(f.stats.cache_misses.values())
-                     for f in (unmixing._nb_tiles, unmixing._nb_tiles_parallel))
+                     for f in (unmixing._nb_tiles, unmixing._nb_tiles_parallel,
+                               unmixing._nb_tiles8, unmixing._nb_tiles8_parallel))
         how = "compiled" if misses else "loaded from numba's cache"
         print(f"first call (64x64 px): {t_first:.2f} s, kernel {how}")
 
