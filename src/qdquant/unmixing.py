@@ -739,19 +739,19 @@ if _numba is not None:
 
             def codegen(context, builder, sig, args):
                 x = args[0]
-                for n in (4, 2, 1):
-                    idx = _ir.Constant(_ir.VectorType(_ir.IntType(32), 8), [(i + n) % 8 for i in range(8)])
+                for n in (1, 2, 4):  # butterfly: the result in every lane
+                    idx = _ir.Constant(_ir.VectorType(_ir.IntType(32), 8), [i ^ n for i in range(8)])
                     other = builder.shuffle_vector(x, x, idx)
                     x = builder.select(builder.fcmp_ordered(op, other, x), other, x)
-                return builder.extract_element(x, _ir.Constant(_ir.IntType(32), 0))
+                return x
 
-            return _nbtypes.float64(v), codegen
+            return _f8x8(v), codegen
 
         red.__doc__ = doc
         return red
 
-    _v_max = _v_reduce(">", "Largest lane (no NaN lanes)")
-    _v_min = _v_reduce("<", "Smallest lane (no NaN lanes)")
+    _v_max = _v_reduce(">", "The largest lane, in every lane (no NaN lanes)")
+    _v_min = _v_reduce("<", "The smallest lane, in every lane (no NaN lanes)")
 
     @_intrinsic
     def _v_transpose(typingctx, arr, i):
@@ -1292,36 +1292,43 @@ if _numba is not None:
     # ----------------------------------------------------------------------
     # the fast kernel: K <= _KP, unweighted, 8 pixels per vector
     # ----------------------------------------------------------------------
-    # Same algorithm and tiles as _nb_tiles, written with the vectors above.
-    # For each block of 8 pixels of a tile: the band sums (b = A.T y and
-    # |y|^2, one vector per endmember, kept in registers over the bands),
-    # the unconstrained solution, the outputs and the residual are computed
-    # 8 pixels at a time ("across pixels"); the active-set steps of a pixel
-    # with a negative unconstrained entry work on one vector of its _KP
-    # variables ("within a pixel", after an 8 x 8 transpose). Those steps go
-    # in rounds over the block's unfinished pixels, each without data-
-    # dependent branches so that the processor overlaps the pixels: the
-    # least squares on the positive set of the unconstrained solution and
-    # its KKT check, then, while needed, adding the active variable of
-    # largest gradient, solving, checking again (on typical data a step back
-    # to the feasible region almost never follows an addition; a pixel that
-    # needs one goes to the general Lawson-Hanson loop, as one that is not
-    # done after max_outer steps does). Each passive solve is one product
-    # with the table of restricted inverses, of the gradient ``b - G z``
-    # another, with ``I - G T`` (table8 holds both, transposed: one vector a
+    # Same algorithm and tiles as _nb_tiles, written with the vectors above,
+    # by groups of up to 64 pixels (8 blocks of 8) of a tile. For each block
+    # the band sums (b = A.T y and |y|^2, one vector per endmember, kept in
+    # registers over the bands; two blocks at a time when they are full),
+    # the unconstrained solution, and at the end the outputs and the
+    # residual, are computed 8 pixels at a time ("across pixels"). The
+    # active-set steps of a pixel with a negative unconstrained entry work
+    # on one vector of its _KP variables ("within a pixel"; b broadcast from
+    # the block's rows, x transposed to one row a pixel), in rounds over the
+    # group's unfinished pixels, each round without data-dependent branches
+    # so that the processor overlaps the pixels: the least squares on the
+    # positive set of the unconstrained solution and its KKT check, then,
+    # while needed, adding the active variable of largest gradient, solving,
+    # checking again. On typical data a step back to the feasible region
+    # almost never follows an addition: a pixel that needs one goes to the
+    # general Lawson-Hanson loop, as one that is not done after max_outer
+    # steps does. Each passive solve is one product with the table of
+    # restricted inverses T and, for the gradient b - G z, one with I - G T
+    # (independent of the first; table8 holds both, transposed: a vector a
     # column).
 
     _njit_inline = _numba.njit(inline="always", **_NB_OPTS)
 
+    #: Blocks of 8 pixels per group of the fast kernel (64 pixels: the bit
+    #: masks of the group's pixels are int64).
+    _GROUP = 8
+
     @_njit_inline
-    def _nb_solve8(tp, code, bv):
+    def _nb_solve8(tp, code, bp, jb):
         """``z = T b`` and the gradient ``w = b - G z`` on the passive set ``code``.
 
-        ``tp``: pointer to table8; sums in a tree (short dependency chains).
+        ``tp``: pointer to table8; ``b[r] = bp[jb + 8 r]``. Sums in a tree
+        (short dependency chains).
         """
         base = code * 128
-        b0, b1, b2, b3 = _v_splat(_v_get(bv, 0)), _v_splat(_v_get(bv, 1)), _v_splat(_v_get(bv, 2)), _v_splat(_v_get(bv, 3))
-        b4, b5, b6, b7 = _v_splat(_v_get(bv, 4)), _v_splat(_v_get(bv, 5)), _v_splat(_v_get(bv, 6)), _v_splat(_v_get(bv, 7))
+        b0, b1, b2, b3 = _v_splat(bp[jb]), _v_splat(bp[jb + 8]), _v_splat(bp[jb + 16]), _v_splat(bp[jb + 24])
+        b4, b5, b6, b7 = _v_splat(bp[jb + 32]), _v_splat(bp[jb + 40]), _v_splat(bp[jb + 48]), _v_splat(bp[jb + 56])
         z = _v_add(_v_add(_v_fma(_v_loadp(tp, base + 8), b1, _v_mul(_v_loadp(tp, base), b0)),
                           _v_fma(_v_loadp(tp, base + 24), b3, _v_mul(_v_loadp(tp, base + 16), b2))),
                    _v_add(_v_fma(_v_loadp(tp, base + 40), b5, _v_mul(_v_loadp(tp, base + 32), b4)),
@@ -1333,13 +1340,19 @@ if _numba is not None:
         return z, w
 
     @_njit_inline
-    def _nb_lh8(tp, okp, bv, d, w, code, solve, tol, kmask, max_outer):
+    def _nb_argmax8(w, cand):
+        """Bit of the first lane of ``w`` with the largest value among the bits of ``cand``."""
+        wm = _v_select(cand, w, _v_splat(-np.inf))
+        return _ctz(_v_eq(wm, _v_max(wm)) & cand)
+
+    @_njit_inline
+    def _nb_lh8(tp, okp, bp, jb, bv, d, w, code, solve, tol, kmask, max_outer):
         """Lawson-Hanson on one pixel's vectors, as in _nb_nnls_tile's pass 2.
 
         From ``d`` feasible on the passive set ``code``; ``solve`` False: d is
-        the least squares on ``code`` and ``w`` its gradient. Returns the
-        status (0 converged, 1 not positive definite, 2 not converged) and
-        the solution.
+        the least squares on ``code`` and ``w`` its gradient. ``bv``: b.
+        Returns the status (0 converged, 1 not positive definite, 2 not
+        converged) and the solution.
         """
         zero = _v_splat(0.0)
         tolv = _v_splat(tol)
@@ -1356,7 +1369,7 @@ if _numba is not None:
                     if okp[code] == 0:
                         status = 1
                         break
-                    z, w = _nb_solve8(tp, code, bv)
+                    z, w = _nb_solve8(tp, code, bp, jb)
                     neg = _v_le(z, zero) & code
                     if neg == 0:
                         d = z
@@ -1368,8 +1381,8 @@ if _numba is not None:
                         break
                     ratio = _v_select(neg, ratio, _v_splat(np.inf))
                     alpha = _v_min(ratio)
-                    imin = _ctz(_v_eq(ratio, _v_splat(alpha)) & neg)
-                    v = _v_fma(_v_splat(alpha), _v_sub(z, d), d)
+                    imin = _ctz(_v_eq(ratio, alpha) & neg)
+                    v = _v_fma(alpha, _v_sub(z, d), d)
                     code &= ~(code & (_v_le(v, zero) | (np.int64(1) << imin)))
                     d = _v_select(code, v, zero)
                 if status == 1:
@@ -1380,8 +1393,7 @@ if _numba is not None:
             if cand == 0:
                 status = 0
                 break
-            wm = _v_select(cand, w, _v_splat(-np.inf))
-            code |= np.int64(1) << _ctz(_v_eq(wm, _v_splat(_v_max(wm))) & cand)
+            code |= np.int64(1) << _nb_argmax8(w, cand)
         return status, d
 
     @_njit
@@ -1397,188 +1409,262 @@ if _numba is not None:
         c_n, _, w_n = cube.shape
         nt = _TILE
         ntx = (w_n + nt - 1) // nt
-        bb = _numba.carray(_nb_stack_f8(64), 64)  # b, 8 x 8: endmember-major, pixel-major when transposed
-        xx = _numba.carray(_nb_stack_f8(64), 64)  # x, likewise
-        ww = _numba.carray(_nb_stack_f8(64), 64)  # gradients, pixel-major
+        # per block of the group, 8 x 8: endmember-major (a row: 8 pixels);
+        # xx pixel-major (transposed) while the active-set steps run
+        bb = _numba.carray(_nb_stack_f8(512), 512)  # b
+        xx = _numba.carray(_nb_stack_f8(512), 512)  # x
+        ww = _numba.carray(_nb_stack_f8(512), 512)  # gradient, pixel-major
+        yyg = _numba.carray(_nb_stack_f8(64), 64)  # |y|^2
+        tols = _numba.carray(_nb_stack_f8(64), 64)  # KKT tolerances
         tmp = _numba.carray(_nb_stack_f8(8), 8)
-        for q in range(64):
+        for q in range(512):
             bb[q] = 0.0
             xx[q] = 0.0
             ww[q] = 0.0
-        codes = np.zeros(8, np.int64)
-        tols = np.zeros(8)
+        codes = np.zeros(64, np.int64)  # passive sets; bit 16: solve first
         tp = _v_dataptr(table8)
         okp = _v_dataptr(ok8)
+        bp = _v_dataptr(bb)
         zero = _v_splat(0.0)
         kmask = (np.int64(1) << k) - 1
+        yy_in_s7 = k < _KP  # |y|^2 in the padding's accumulator
         n_bad = 0
         n_nonfinite = 0
         for t in range(t0, t1):
             y = t // ntx
             x0 = (t % ntx) * nt
             n = min(nt, w_n - x0)
-            for j0 in range(0, n, 8):
-                nv = min(8, n - j0)
-                valid = (np.int64(1) << nv) - 1
-                xs = x0 + j0
-                # b = A.T y and |y|^2, offset subtracted, one pass over the bands
-                s0 = zero
-                s1 = zero
-                s2 = zero
-                s3 = zero
-                s4 = zero
-                s5 = zero
-                s6 = zero
-                s7 = zero
-                yy = zero
-                for c in range(c_n):
-                    if nv == 8:
-                        yv = _v_load_row(cube, c, y, xs)
-                    else:  # short last block of a row
-                        for q in range(8):
-                            tmp[q] = np.float64(cube[c, y, xs + q]) if q < nv else 0.0
-                        yv = _v_load(tmp, 0)
-                    yv = _v_sub(yv, _v_splat(offset[c]))
-                    yy = _v_fma(yv, yv, yy)
-                    ac = c * _KP
-                    s0 = _v_fma(_v_splat(a8[ac]), yv, s0)
-                    s1 = _v_fma(_v_splat(a8[ac + 1]), yv, s1)
-                    s2 = _v_fma(_v_splat(a8[ac + 2]), yv, s2)
-                    s3 = _v_fma(_v_splat(a8[ac + 3]), yv, s3)
-                    s4 = _v_fma(_v_splat(a8[ac + 4]), yv, s4)
-                    s5 = _v_fma(_v_splat(a8[ac + 5]), yv, s5)
-                    s6 = _v_fma(_v_splat(a8[ac + 6]), yv, s6)
-                    s7 = _v_fma(_v_splat(a8[ac + 7]), yv, s7)
-                _v_store(bb, 0, s0)
-                _v_store(bb, 8, s1)
-                _v_store(bb, 16, s2)
-                _v_store(bb, 24, s3)
-                _v_store(bb, 32, s4)
-                _v_store(bb, 40, s5)
-                _v_store(bb, 48, s6)
-                _v_store(bb, 56, s7)
-                # unconstrained solution G^-1 b; pixels with a negative entry
-                negm = 0
-                for i in range(_KP):
-                    s = zero
-                    for q in range(_KP):
-                        s = _v_fma(_v_splat(ginv8[i * _KP + q]), _v_load(bb, q * 8), s)
-                    _v_store(xx, i * 8, s)
-                    negm |= _v_lt(s, zero)
-                negm &= valid
-                if negm != 0:
-                    _v_transpose(bb, 0)
-                    _v_transpose(xx, 0)
+            for g0 in range(0, n, 8 * _GROUP):
+                nblk = min(_GROUP, (n - g0 + 7) // 8)
+                negg = 0  # the group's pixels with a negative unconstrained entry
+                for blk in range(nblk):
+                    j0 = g0 + 8 * blk
+                    nv = min(8, n - j0)
+                    xs = x0 + j0
+                    ob = blk * 64
+                    # b = A.T y and |y|^2, offset subtracted, one pass over the bands
+                    if blk & 1 and nv == 8 and yy_in_s7:  # done with the block before
+                        s0 = _v_load(bb, ob)
+                        s1 = _v_load(bb, ob + 8)
+                        s2 = _v_load(bb, ob + 16)
+                        s3 = _v_load(bb, ob + 24)
+                        s4 = _v_load(bb, ob + 32)
+                        s5 = _v_load(bb, ob + 40)
+                        s6 = _v_load(bb, ob + 48)
+                        s7 = zero
+                        yy = _v_load(yyg, blk * 8)
+                    elif blk + 1 < nblk and n - j0 >= 16 and yy_in_s7:  # two blocks
+                        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+                        u0 = u1 = u2 = u3 = u4 = u5 = u6 = u7 = zero
+                        for c in range(c_n):
+                            oc = _v_splat(offset[c])
+                            yv = _v_sub(_v_load_row(cube, c, y, xs), oc)
+                            yw = _v_sub(_v_load_row(cube, c, y, xs + 8), oc)
+                            ac = c * _KP
+                            al = _v_splat(a8[ac])
+                            s0 = _v_fma(al, yv, s0)
+                            u0 = _v_fma(al, yw, u0)
+                            al = _v_splat(a8[ac + 1])
+                            s1 = _v_fma(al, yv, s1)
+                            u1 = _v_fma(al, yw, u1)
+                            al = _v_splat(a8[ac + 2])
+                            s2 = _v_fma(al, yv, s2)
+                            u2 = _v_fma(al, yw, u2)
+                            al = _v_splat(a8[ac + 3])
+                            s3 = _v_fma(al, yv, s3)
+                            u3 = _v_fma(al, yw, u3)
+                            al = _v_splat(a8[ac + 4])
+                            s4 = _v_fma(al, yv, s4)
+                            u4 = _v_fma(al, yw, u4)
+                            al = _v_splat(a8[ac + 5])
+                            s5 = _v_fma(al, yv, s5)
+                            u5 = _v_fma(al, yw, u5)
+                            al = _v_splat(a8[ac + 6])
+                            s6 = _v_fma(al, yv, s6)
+                            u6 = _v_fma(al, yw, u6)
+                            s7 = _v_fma(yv, yv, s7)
+                            u7 = _v_fma(yw, yw, u7)
+                        yy = s7
+                        s7 = zero
+                        _v_store(bb, ob + 64, u0)
+                        _v_store(bb, ob + 72, u1)
+                        _v_store(bb, ob + 80, u2)
+                        _v_store(bb, ob + 88, u3)
+                        _v_store(bb, ob + 96, u4)
+                        _v_store(bb, ob + 104, u5)
+                        _v_store(bb, ob + 112, u6)
+                        _v_store(yyg, blk * 8 + 8, u7)
+                    else:
+                        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = yy = zero
+                        for c in range(c_n):
+                            if nv == 8:
+                                yv = _v_load_row(cube, c, y, xs)
+                            else:  # short last block of a row
+                                for q in range(8):
+                                    tmp[q] = np.float64(cube[c, y, xs + q]) if q < nv else 0.0
+                                yv = _v_load(tmp, 0)
+                            yv = _v_sub(yv, _v_splat(offset[c]))
+                            ac = c * _KP
+                            s0 = _v_fma(_v_splat(a8[ac]), yv, s0)
+                            s1 = _v_fma(_v_splat(a8[ac + 1]), yv, s1)
+                            s2 = _v_fma(_v_splat(a8[ac + 2]), yv, s2)
+                            s3 = _v_fma(_v_splat(a8[ac + 3]), yv, s3)
+                            s4 = _v_fma(_v_splat(a8[ac + 4]), yv, s4)
+                            s5 = _v_fma(_v_splat(a8[ac + 5]), yv, s5)
+                            s6 = _v_fma(_v_splat(a8[ac + 6]), yv, s6)
+                            if yy_in_s7:
+                                s7 = _v_fma(yv, yv, s7)
+                            else:
+                                yy = _v_fma(yv, yv, yy)
+                                s7 = _v_fma(_v_splat(a8[ac + 7]), yv, s7)
+                        if yy_in_s7:
+                            yy = s7
+                            s7 = zero
+                    _v_store(bb, ob, s0)
+                    _v_store(bb, ob + 8, s1)
+                    _v_store(bb, ob + 16, s2)
+                    _v_store(bb, ob + 24, s3)
+                    _v_store(bb, ob + 32, s4)
+                    _v_store(bb, ob + 40, s5)
+                    _v_store(bb, ob + 48, s6)
+                    _v_store(bb, ob + 56, s7)
+                    _v_store(yyg, blk * 8, yy)
+                    # unconstrained solution G^-1 b; pixels with a negative entry
+                    negm = 0
+                    for i in range(_KP):
+                        s = zero
+                        for q in range(_KP):
+                            s = _v_fma(_v_splat(ginv8[i * _KP + q]), _v_load(bb, ob + q * 8), s)
+                        _v_store(xx, ob + i * 8, s)
+                        negm |= _v_lt(s, zero)
+                    negm &= (np.int64(1) << nv) - 1
+                    if negm != 0:
+                        # KKT tolerance (A.T y units), relative to each pixel's scale, as in _fcnnls
+                        scale = _v_abs(s0)
+                        for i in range(1, _KP):
+                            bi = _v_abs(_v_load(bb, ob + i * 8))
+                            scale = _v_select(_v_gt(bi, scale), bi, scale)
+                        scale = _v_select(_v_gt(scale, zero), scale, _v_splat(1.0))
+                        _v_store(tols, blk * 8, _v_mul(_v_splat(_KKT_RTOL * k), scale))
+                        _v_transpose(xx, ob)
+                        negg |= negm << (8 * blk)
+                if negg != 0:
                     # round 1: least squares on the positive set P of the
                     # unconstrained solution, KKT check
-                    m = negm
+                    m = negg
                     pend = 0  # feasible, KKT not met: add a variable
                     gen = 0  # to the general loop
                     while m != 0:
-                        jj = _ctz(m)
+                        p = _ctz(m)
                         m &= m - 1
-                        o = jj * 8
-                        bv = _v_load(bb, o)
+                        o = (p >> 3) * 64 + (p & 7) * 8  # the pixel's row of xx, ww
+                        jb = (p >> 3) * 64 + (p & 7)  # its column of bb
                         xu = _v_load(xx, o)
                         code = _v_gt(xu, zero) & kmask
-                        z, w = _nb_solve8(tp, code, bv)
-                        scale = _v_max(_v_abs(bv))
-                        tol = _KKT_RTOL * k * (scale if scale > 0.0 else 1.0)
+                        z, w = _nb_solve8(tp, code, bp, jb)
                         feas = ((_v_le(z, zero) & code) == 0) & (okp[code] != 0)
-                        kkt = (_v_gt(w, _v_splat(tol)) & ~code & kmask) == 0
+                        kkt = (_v_gt(w, _v_splat(tols[p])) & ~code & kmask) == 0
                         _v_store(xx, o, _v_select(-np.int64(feas), z, _v_select(code, xu, zero)))
                         _v_store(ww, o, w)
-                        codes[jj] = code | (np.int64(not feas) << 16)  # bit 16: solve first
-                        tols[jj] = tol
-                        pend |= np.int64(feas & (not kkt)) << jj
-                        gen |= np.int64(not feas) << jj
+                        codes[p] = code | (np.int64(not feas) << 16)
+                        pend |= np.int64(feas & (not kkt)) << p
+                        gen |= np.int64(not feas) << p
                     # further rounds: add the active variable of largest gradient
                     r = 1
                     while pend != 0 and r < max_outer:
                         m = pend
                         pend = 0
                         while m != 0:
-                            jj = _ctz(m)
+                            p = _ctz(m)
                             m &= m - 1
-                            o = jj * 8
+                            o = (p >> 3) * 64 + (p & 7) * 8
+                            jb = (p >> 3) * 64 + (p & 7)
                             w = _v_load(ww, o)
-                            code = codes[jj]
-                            tolv = _v_splat(tols[jj])
-                            cand = _v_gt(w, tolv) & ~code & kmask
-                            wm = _v_select(cand, w, _v_splat(-np.inf))
-                            code |= np.int64(1) << _ctz(_v_eq(wm, _v_splat(_v_max(wm))) & cand)
-                            z, w = _nb_solve8(tp, code, _v_load(bb, o))
+                            code = codes[p]
+                            tolv = _v_splat(tols[p])
+                            code |= np.int64(1) << _nb_argmax8(w, _v_gt(w, tolv) & ~code & kmask)
+                            z, w = _nb_solve8(tp, code, bp, jb)
                             feas = ((_v_le(z, zero) & code) == 0) & (okp[code] != 0)
                             kkt = (_v_gt(w, tolv) & ~code & kmask) == 0
                             _v_store(xx, o, _v_select(-np.int64(feas), z, _v_load(xx, o)))
                             _v_store(ww, o, w)
-                            codes[jj] = code | (np.int64(not feas) << 16)
-                            pend |= np.int64(feas & (not kkt)) << jj
-                            gen |= np.int64(not feas) << jj
+                            codes[p] = code | (np.int64(not feas) << 16)
+                            pend |= np.int64(feas & (not kkt)) << p
+                            gen |= np.int64(not feas) << p
                         r += 1
                     gen |= pend
                     # the rest: Lawson-Hanson from there, then from the empty set
                     while gen != 0:
-                        jj = _ctz(gen)
+                        p = _ctz(gen)
                         gen &= gen - 1
-                        o = jj * 8
-                        bv = _v_load(bb, o)
-                        cf = codes[jj]
-                        st, d = _nb_lh8(tp, okp, bv, _v_load(xx, o), _v_load(ww, o), cf & 0xFFFF,
-                                        (cf >> 16) != 0, tols[jj], kmask, max_outer - r + 1)
+                        o = (p >> 3) * 64 + (p & 7) * 8
+                        jb = (p >> 3) * 64 + (p & 7)
+                        for i in range(_KP):
+                            tmp[i] = bb[jb + i * 8]
+                        bv = _v_load(tmp, 0)
+                        cf = codes[p]
+                        st, d = _nb_lh8(tp, okp, bp, jb, bv, _v_load(xx, o), _v_load(ww, o), cf & 0xFFFF,
+                                        (cf >> 16) != 0, tols[p], kmask, max_outer - r + 1)
                         if st != 0:
-                            st, d = _nb_lh8(tp, okp, bv, zero, bv, 0, True, tols[jj], kmask, max_outer)
+                            st, d = _nb_lh8(tp, okp, bp, jb, bv, zero, bv, 0, True, tols[p], kmask, max_outer)
                         _v_store(xx, o, d)
                         if st != 0:
-                            status[y, xs + jj] = st
+                            status[y, x0 + g0 + p] = st
                             n_bad += 1
-                    _v_transpose(bb, 0)
-                    _v_transpose(xx, 0)
-                # outputs; the residual is that of the abundances as returned (float32)
-                for i in range(k):
-                    xi = _v_round_f4(_v_load(xx, i * 8))
-                    _v_store(xx, i * 8, xi)
+                for blk in range(nblk):
+                    j0 = g0 + 8 * blk
+                    nv = min(8, n - j0)
+                    valid = (np.int64(1) << nv) - 1
+                    xs = x0 + j0
+                    ob = blk * 64
+                    if (negg >> (8 * blk)) & 255:
+                        _v_transpose(xx, ob)
+                    # outputs; the residual is that of the abundances as returned (float32)
+                    for i in range(k):
+                        xi = _v_round_f4(_v_load(xx, ob + i * 8))
+                        _v_store(xx, ob + i * 8, xi)
+                        if nv == 8:
+                            _v_store_row_f4(abund, i, y, xs, xi)
+                        else:
+                            _v_store(tmp, 0, xi)
+                            for q in range(nv):
+                                abund[i, y, xs + q] = np.float32(tmp[q])
+                    # Gram form: |y - A x|^2 = |y|^2 + x.(G x - 2 b), G x by its
+                    # upper triangle (off-diagonal doubled)
+                    yy = _v_load(yyg, blk * 8)
+                    rs = yy
+                    for i in range(_KP):
+                        xi = _v_load(xx, ob + i * 8)
+                        gx = _v_mul(_v_splat(gs8[i * _KP + i]), xi)
+                        for q in range(i + 1, _KP):
+                            gx = _v_fma(_v_splat(gs8[i * _KP + q]), _v_load(xx, ob + q * 8), gx)
+                        bi = _v_load(bb, ob + i * 8)
+                        rs = _v_fma(xi, _v_sub(gx, _v_add(bi, bi)), rs)
+                    redo = ~_v_gt(rs, _v_mul(_v_splat(_RSS_GRAM_MIN), yy)) & valid
+                    if redo != 0:  # small (or NaN): band by band
+                        _v_store(tmp, 0, rs)
+                        while redo != 0:
+                            jj = _ctz(redo)
+                            redo &= redo - 1
+                            r2 = 0.0
+                            for c in range(c_n):
+                                e = np.float64(cube[c, y, xs + jj]) - offset[c]
+                                for i in range(k):
+                                    e -= a8[c * _KP + i] * xx[ob + i * 8 + jj]
+                                r2 += e * e
+                            tmp[jj] = r2
+                        rs = _v_load(tmp, 0)
+                    rms = _v_sqrt(_v_mul(rs, _v_splat(1.0 / c_n)))
+                    bad = valid & ~_v_lt(_v_abs(rms), _v_splat(np.inf))
+                    while bad != 0:
+                        bad &= bad - 1
+                        n_nonfinite += 1
                     if nv == 8:
-                        _v_store_row_f4(abund, i, y, xs, xi)
+                        _v_store_row_f4(resid3, 0, y, xs, rms)
                     else:
-                        _v_store(tmp, 0, xi)
+                        _v_store(tmp, 0, rms)
                         for q in range(nv):
-                            abund[i, y, xs + q] = np.float32(tmp[q])
-                # Gram form: |y - A x|^2 = |y|^2 + x.(G x - 2 b), G x by its
-                # upper triangle (off-diagonal doubled)
-                rs = yy
-                for i in range(_KP):
-                    xi = _v_load(xx, i * 8)
-                    gx = _v_mul(_v_splat(gs8[i * _KP + i]), xi)
-                    for q in range(i + 1, _KP):
-                        gx = _v_fma(_v_splat(gs8[i * _KP + q]), _v_load(xx, q * 8), gx)
-                    bi = _v_load(bb, i * 8)
-                    rs = _v_fma(xi, _v_sub(gx, _v_add(bi, bi)), rs)
-                redo = ~_v_gt(rs, _v_mul(_v_splat(_RSS_GRAM_MIN), yy)) & valid
-                if redo != 0:  # small (or NaN): band by band
-                    _v_store(tmp, 0, rs)
-                    while redo != 0:
-                        jj = _ctz(redo)
-                        redo &= redo - 1
-                        r2 = 0.0
-                        for c in range(c_n):
-                            e = np.float64(cube[c, y, xs + jj]) - offset[c]
-                            for i in range(k):
-                                e -= a8[c * _KP + i] * xx[i * 8 + jj]
-                            r2 += e * e
-                        tmp[jj] = r2
-                    rs = _v_load(tmp, 0)
-                rms = _v_sqrt(_v_mul(rs, _v_splat(1.0 / c_n)))
-                bad = valid & ~_v_lt(_v_abs(rms), _v_splat(np.inf))
-                while bad != 0:
-                    bad &= bad - 1
-                    n_nonfinite += 1
-                if nv == 8:
-                    _v_store_row_f4(resid3, 0, y, xs, rms)
-                else:
-                    _v_store(tmp, 0, rms)
-                    for q in range(nv):
-                        resid3[0, y, xs + q] = np.float32(tmp[q])
+                            resid3[0, y, xs + q] = np.float32(tmp[q])
         return n_bad, n_nonfinite
 
     @_numba.njit(parallel=True, **_NB_OPTS)
