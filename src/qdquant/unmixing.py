@@ -443,6 +443,13 @@ def _unmix_block(block, a, offset, weights):
 # Beyond _KP endmembers, and for the per-pixel Gram matrices of the Poisson
 # refit, each passive system is factorised (Cholesky) when it comes.
 #
+# Without weights and for K <= _KP (the common case), _nb_tiles8 does the
+# same with explicit vectors of 8 float64 (numba intrinsics for LLVM vector
+# operations, below): 8 pixels a vector for the band sums, the unconstrained
+# solution, the outputs and the residual; a pixel's _KP variables a vector
+# for its active-set steps. LLVM does not vectorise either on its own. See
+# "the fast kernel" below.
+#
 # Pixels whose active-set iteration does not converge (_LH_ITER_FACTOR x K + 1
 # outer steps from the warm start, then as many from the cold start), or
 # whose passive system is not numerically positive definite, are flagged and
@@ -760,7 +767,8 @@ if _numba is not None:
             return None
 
         def codegen(context, builder, sig, args):
-            p = builder.bitcast(_item_ptr(context, builder, sig.args[0], args[0], [args[1]]), _V8.as_pointer())
+            p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
+            p = builder.bitcast(p, _V8.as_pointer())
             ptrs = [builder.gep(p, [_ir.Constant(_ir.IntType(64), r)]) for r in range(8)]
             rows = [builder.load(q, align=8) for q in ptrs]
             mty = _ir.VectorType(_ir.IntType(32), 8)
@@ -1316,7 +1324,8 @@ if _numba is not None:
     _njit_inline = _numba.njit(inline="always", **_NB_OPTS)
 
     #: Blocks of 8 pixels per group of the fast kernel (64 pixels: the bit
-    #: masks of the group's pixels are int64).
+    #: masks of the group's pixels are int64; the kernel's stack buffers are
+    #: sized for it).
     _GROUP = 8
 
     @_njit_inline
@@ -1327,8 +1336,10 @@ if _numba is not None:
         (short dependency chains).
         """
         base = code * 128
-        b0, b1, b2, b3 = _v_splat(bp[jb]), _v_splat(bp[jb + 8]), _v_splat(bp[jb + 16]), _v_splat(bp[jb + 24])
-        b4, b5, b6, b7 = _v_splat(bp[jb + 32]), _v_splat(bp[jb + 40]), _v_splat(bp[jb + 48]), _v_splat(bp[jb + 56])
+        b0, b1, b2, b3 = (_v_splat(bp[jb]), _v_splat(bp[jb + 8]), _v_splat(bp[jb + 16]),
+                          _v_splat(bp[jb + 24]))
+        b4, b5, b6, b7 = (_v_splat(bp[jb + 32]), _v_splat(bp[jb + 40]), _v_splat(bp[jb + 48]),
+                          _v_splat(bp[jb + 56]))
         z = _v_add(_v_add(_v_fma(_v_loadp(tp, base + 8), b1, _v_mul(_v_loadp(tp, base), b0)),
                           _v_fma(_v_loadp(tp, base + 24), b3, _v_mul(_v_loadp(tp, base + 16), b2))),
                    _v_add(_v_fma(_v_loadp(tp, base + 40), b5, _v_mul(_v_loadp(tp, base + 32), b4)),
@@ -1410,7 +1421,8 @@ if _numba is not None:
         nt = _TILE
         ntx = (w_n + nt - 1) // nt
         # per block of the group, 8 x 8: endmember-major (a row: 8 pixels);
-        # xx pixel-major (transposed) while the active-set steps run
+        # xx pixel-major (transposed) while the active-set steps run.
+        # 512 = 64 _GROUP (the size must be a literal)
         bb = _numba.carray(_nb_stack_f8(512), 512)  # b
         xx = _numba.carray(_nb_stack_f8(512), 512)  # x
         ww = _numba.carray(_nb_stack_f8(512), 512)  # gradient, pixel-major
