@@ -1312,14 +1312,17 @@ if _numba is not None:
     # group's unfinished pixels, each round without data-dependent branches
     # so that the processor overlaps the pixels: the least squares on the
     # positive set of the unconstrained solution and its KKT check, then,
-    # while needed, adding the active variable of largest gradient, solving,
-    # checking again. On typical data a step back to the feasible region
-    # almost never follows an addition: a pixel that needs one goes to the
-    # general Lawson-Hanson loop, as one that is not done after max_outer
-    # steps does. Each passive solve is one product with the table of
-    # restricted inverses T and, for the gradient b - G z, one with I - G T
-    # (independent of the first; table8 holds both, transposed: a vector a
-    # column).
+    # while needed, adding every active variable whose gradient is above the
+    # tolerance (not only the largest: fewer rounds, and a feasible point
+    # that meets the KKT conditions is the problem's unique minimum whichever
+    # way it was reached), solving, checking again. On typical data a step
+    # back to the feasible region almost never follows an addition: a pixel
+    # that needs one goes, from before the additions, to the general
+    # Lawson-Hanson loop (one variable at a time), as one that is not done
+    # after max_outer steps does. Each passive solve is one product with the
+    # table of restricted inverses T and, for the gradient b - G z, one with
+    # I - G T (independent of the first; table8 holds both, transposed: a
+    # vector a column).
 
     _njit_inline = _numba.njit(inline="always", **_NB_OPTS)
 
@@ -1581,7 +1584,8 @@ if _numba is not None:
                         codes[p] = code | (np.int64(not feas) << 16)
                         pend |= np.int64(feas & (not kkt)) << p
                         gen |= np.int64(not feas) << p
-                    # further rounds: add the active variable of largest gradient
+                    # further rounds: add every active variable whose gradient is
+                    # above the tolerance
                     r = 1
                     while pend != 0 and r < max_outer:
                         m = pend
@@ -1591,16 +1595,18 @@ if _numba is not None:
                             m &= m - 1
                             o = (p >> 3) * 64 + (p & 7) * 8
                             jb = (p >> 3) * 64 + (p & 7)
-                            w = _v_load(ww, o)
-                            code = codes[p]
+                            w0 = _v_load(ww, o)
+                            code0 = codes[p]
                             tolv = _v_splat(tols[p])
-                            code |= np.int64(1) << _nb_argmax8(w, _v_gt(w, tolv) & ~code & kmask)
+                            code = code0 | (_v_gt(w0, tolv) & ~code0 & kmask)
                             z, w = _nb_solve8(tp, code, bp, jb)
                             feas = ((_v_le(z, zero) & code) == 0) & (okp[code] != 0)
                             kkt = (_v_gt(w, tolv) & ~code & kmask) == 0
-                            _v_store(xx, o, _v_select(-np.int64(feas), z, _v_load(xx, o)))
-                            _v_store(ww, o, w)
-                            codes[p] = code | (np.int64(not feas) << 16)
+                            # not feasible: the general loop goes on from before the additions
+                            fm = -np.int64(feas)
+                            _v_store(xx, o, _v_select(fm, z, _v_load(xx, o)))
+                            _v_store(ww, o, _v_select(fm, w, w0))
+                            codes[p] = (code & fm) | (code0 & ~fm)
                             pend |= np.int64(feas & (not kkt)) << p
                             gen |= np.int64(not feas) << p
                         r += 1
