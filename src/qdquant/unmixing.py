@@ -727,17 +727,6 @@ if _numba is not None:
 
         return _f8x8(m, a, b), codegen
 
-    @_intrinsic
-    def _v_get(typingctx, v, i):
-        """Lane ``i`` of ``v``."""
-        if not (_is_f8_vector(v) and isinstance(i, _nbtypes.Integer)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.extract_element(args[0], args[1])
-
-        return _nbtypes.float64(v, i), codegen
-
     def _v_reduce(op, doc):
         @_intrinsic
         def red(typingctx, v):
