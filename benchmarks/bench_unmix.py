@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_unmix.py [--size 2048] [--bands 31] [--endmembers 7]
-                                     [--scipy-px 20000] [--repeat 3]
+                                     [--scipy-px 20000] [--repeat 3] [--pause 0.25]
                                      [--threads 1] [--engine numba|numpy] [--corrections]
 
 Builds a float32 cube (bands x size x size) from known sparse abundances
@@ -28,7 +28,10 @@ library refinement, the shading estimation and the correction (fused into
 the unmixing pass), against one unmixing pass.
 
 The best of ``--repeat`` timings is reported for both ``unmix`` and pinv
-(interleaved, so that both see the same machine load). ``--threads`` sets the
+(interleaved, so that both see the same machine load; each timing starts
+after a pause, ``--pause`` seconds, so that neither runs while the other's
+idle threads still busy-wait: OpenBLAS's do so for about 0.1 s after a
+call, on the cores the next method needs). ``--threads`` sets the
 BLAS threads and numba's threads alike; ``--engine numpy`` times the
 pure-numpy FC-NNLS fallback instead of the numba kernel.
 """
@@ -50,6 +53,8 @@ def _parser():
     ap.add_argument("--endmembers", type=int, default=7)
     ap.add_argument("--scipy-px", type=int, default=20000, help="pixels for the scipy loop")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--pause", type=float, default=0.25,
+                    help="seconds of pause before each timing (default 0.25; 0: back to back)")
     ap.add_argument("--threads", type=int, default=1,
                     help="BLAS and numba threads for every method (default 1, set before numpy loads)")
     ap.add_argument("--engine", choices=["numba", "numpy"], default="numba",
@@ -163,7 +168,8 @@ def main(argv=None):
     t_first = time.perf_counter() - t
     if unmixing._USE_NUMBA:
         misses = sum(sum(f.stats.cache_misses.values())
-                     for f in (unmixing._nb_tiles, unmixing._nb_tiles_parallel))
+                     for f in (unmixing._nb_tiles, unmixing._nb_tiles_parallel,
+                               unmixing._nb_tiles8, unmixing._nb_tiles8_parallel))
         how = "compiled" if misses else "loaded from numba's cache"
         print(f"first call (64x64 px): {t_first:.2f} s, kernel {how}")
 
@@ -171,10 +177,12 @@ def main(argv=None):
     pinv = np.linalg.pinv(a).astype(np.float32)
     t_pinv = t_nnls = np.inf
     for _ in range(args.repeat):
+        time.sleep(args.pause)
         t = time.perf_counter()
         _ = pinv @ flat
         t_pinv = min(t_pinv, time.perf_counter() - t)
         del _
+        time.sleep(args.pause)
         t = time.perf_counter()
         abund, resid = unmix(cube, a)
         t_nnls = min(t_nnls, time.perf_counter() - t)

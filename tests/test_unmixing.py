@@ -357,14 +357,17 @@ def many_pixel_problem(seed, shape=(90, 130)):
 
 
 @needs_numba
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "uint16"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "x-strided", "uint16"])
 @pytest.mark.parametrize("engine_name", ["numba", "numba-cholesky"])
 def test_numba_many_pixels_match_scipy(engine_name, layout):
     # many tiles (several threads when numba has them); a view that cannot be
-    # flattened (tiles along rows, a short last tile); an integer cube
+    # flattened (tiles along rows, a short last tile); one with a non-unit
+    # stride along X; an integer cube
     a, cube = many_pixel_problem(12)
     if layout == "strided":
         cube = cube[:, ::2, 3:]
+    elif layout == "x-strided":
+        cube = cube[:, 1:, ::2]
     elif layout == "uint16":
         cube = np.clip(cube + 50, 0, None).astype(np.uint16)
     with engine(engine_name):
@@ -372,6 +375,35 @@ def test_numba_many_pixels_match_scipy(engine_name, layout):
     assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=1.5))
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     expected = np.sqrt(((cube.astype(np.float64) - 1.5 - model) ** 2).mean(axis=0))
+    np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
+
+
+@with_engines
+@pytest.mark.parametrize("ill", [False, True])
+@pytest.mark.parametrize("k", [7, 8])
+def test_seven_and_eight_endmembers_match_scipy(engine_name, k, ill):
+    # the numba kernel's vectors of 8 variables with one padding variable
+    # (K = 7) and none (K = 8); rows of 37 pixels (a short block), an offset;
+    # float32 well-conditioned, float64 ill-conditioned (the numpy engine
+    # sums a float32 cube in float32)
+    rng = np.random.default_rng(10 * k + ill)
+    wl = np.linspace(450, 750, 31)
+    a = gaussians(np.linspace(480, 720, k), [25.0] * k, wl)
+    if ill:  # two near-collinear columns, condition number about 3e3
+        bump = rng.uniform(0.0, 1.0, wl.size)
+        eps = 1e-2
+        for _ in range(6):
+            a[:, 1] = a[:, 0] + eps * bump
+            eps *= cond(a) / 3e3
+        assert 1e3 < cond(a) < 1e4
+    x = rng.gamma(2.0, 30.0, (k, 9, 37)) * (rng.random((k, 9, 37)) < 0.5)
+    cube = np.einsum("ck,kyx->cyx", a, x) + 2.0
+    cube = (cube + rng.normal(0, 1, cube.shape) * np.sqrt(cube)).astype(np.float64 if ill else np.float32)
+    with engine(engine_name):
+        abund, resid = unmix(cube, a, offset=2.0)
+    assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=2.0))
+    model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
+    expected = np.sqrt(((cube.astype(np.float64) - 2.0 - model) ** 2).mean(axis=0))
     np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
 
 

@@ -42,9 +42,12 @@ from qdquant.errors import InputError
 
 try:  # the fast kernel; without numba the numpy FC-NNLS below does the same, slower
     import numba as _numba
+    from llvmlite import ir as _ir
     from numba.core import cgutils as _cgutils
     from numba.core import types as _nbtypes
     from numba.extending import intrinsic as _intrinsic
+    from numba.extending import models as _models
+    from numba.extending import register_model as _register_model
 except Exception:  # pragma: no cover - numba is a dependency, but keep working without it
     _numba = None
 
@@ -336,6 +339,10 @@ def _fcnnls(solver, atb, *, max_iter=None):
 # --------------------------------------------------------------------------
 
 
+class _NonFiniteCube(InputError):
+    """The cube has a NaN or inf value (seen as a non-finite fit or residual)."""
+
+
 def _work_dtype(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
@@ -346,7 +353,7 @@ def _unmix_slab(b, a, a_w, solver, offset, weights):
         b -= offset.astype(b.dtype)[:, None]
     atb = (a_w.T @ b).astype(np.float64)
     if not np.isfinite(atb).all():
-        raise InputError("cube contains NaN or inf pixel values")
+        raise _NonFiniteCube("cube contains NaN or inf pixel values")
     x = _fcnnls(solver, atb)
     if weights == "poisson":
         expected = a @ x  # (C, n) float64
@@ -362,7 +369,7 @@ def _unmix_slab(b, a, a_w, solver, offset, weights):
     np.square(r, out=r)
     rms = np.sqrt(r.mean(axis=0, dtype=np.float64))
     if not np.isfinite(rms).all():
-        raise InputError("cube contains NaN or inf pixel values")
+        raise _NonFiniteCube("cube contains NaN or inf pixel values")
     return x, rms
 
 
@@ -436,6 +443,13 @@ def _unmix_block(block, a, offset, weights):
 # Beyond _KP endmembers, and for the per-pixel Gram matrices of the Poisson
 # refit, each passive system is factorised (Cholesky) when it comes.
 #
+# Without weights and for K <= _KP (the common case), _nb_tiles8 does the
+# same with explicit vectors of 8 float64 (numba intrinsics for LLVM vector
+# operations, below): 8 pixels a vector for the band sums, the unconstrained
+# solution, the outputs and the residual; a pixel's _KP variables a vector
+# for its active-set steps. LLVM does not vectorise either on its own. See
+# "the fast kernel" below.
+#
 # Pixels whose active-set iteration does not converge (_LH_ITER_FACTOR x K + 1
 # outer steps from the warm start, then as many from the cold start), or
 # whose passive system is not numerically positive definite, are flagged and
@@ -487,6 +501,296 @@ if _numba is not None:
             return _cgutils.alloca_once(builder, context.get_value_type(_nbtypes.float64), size=size)
 
         return _nbtypes.CPointer(_nbtypes.float64)(n), codegen
+
+    # ----------------------------------------------------------------------
+    # 8 x float64 vectors (one AVX-512 register; two AVX2 ones elsewhere)
+    # ----------------------------------------------------------------------
+    # LLVM does not vectorise the per-pixel loops of the active-set method on
+    # its own (nor the register-blocked band sums), so the fast kernel below
+    # writes them with these: a numba type for the LLVM vector <8 x double>
+    # and intrinsics for the few operations it needs. Lane masks are int64
+    # bit masks (bit i = lane i), the same form as the passive-set codes.
+
+    class _F8x8Type(_nbtypes.Type):
+        def __init__(self):
+            super().__init__(name="qdquant_f8x8")
+
+    _f8x8 = _F8x8Type()
+    _V8 = _ir.VectorType(_ir.DoubleType(), 8)
+
+    @_register_model(_F8x8Type)
+    class _F8x8Model(_models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, _V8)
+
+    def _llvm_fn(builder, name, ret, args):
+        return _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(ret, args), name)
+
+    def _item_ptr(context, builder, aryty, ary, inds):
+        arr = context.make_array(aryty)(context, builder, ary)
+        return _cgutils.get_item_pointer2(context, builder, data=arr.data,
+                                          shape=_cgutils.unpack_tuple(builder, arr.shape),
+                                          strides=_cgutils.unpack_tuple(builder, arr.strides),
+                                          layout=aryty.layout, inds=inds, wraparound=False)
+
+    def _is_f8_vector(*tys):
+        return all(t == _f8x8 for t in tys)
+
+    @_intrinsic
+    def _v_load(typingctx, arr, i):
+        """``arr[i:i + 8]`` (1-D float64 array) as a vector."""
+        if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
+            return builder.load(builder.bitcast(p, _V8.as_pointer()), align=8)
+
+        return _f8x8(arr, _nbtypes.intp), codegen
+
+    @_intrinsic
+    def _v_store(typingctx, arr, i, v):
+        """``arr[i:i + 8] = v`` (1-D float64 array)."""
+        if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64
+                and _is_f8_vector(v)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
+            builder.store(args[2], builder.bitcast(p, _V8.as_pointer()), align=8)
+            return context.get_dummy_value()
+
+        return _nbtypes.none(arr, _nbtypes.intp, v), codegen
+
+    @_intrinsic
+    def _v_load_row(typingctx, arr, c, y, x):
+        """``arr[c, y, x:x + 8]`` of a 3-D array, converted to float64.
+
+        The last axis must have unit stride (checked by the caller).
+        """
+        if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 3
+                and isinstance(arr.dtype, (_nbtypes.Integer, _nbtypes.Float))):
+            return None
+        dt = arr.dtype
+
+        def codegen(context, builder, sig, args):
+            p = _item_ptr(context, builder, sig.args[0], args[0], list(args[1:]))
+            ety = context.get_data_type(dt)
+            vt = _ir.VectorType(ety, 8)
+            v = builder.load(builder.bitcast(p, vt.as_pointer()), align=context.get_abi_alignment(ety))
+            if isinstance(dt, _nbtypes.Float):
+                return v if dt.bitwidth == 64 else builder.fpext(v, _V8)
+            return builder.sitofp(v, _V8) if dt.signed else builder.uitofp(v, _V8)
+
+        return _f8x8(arr, _nbtypes.intp, _nbtypes.intp, _nbtypes.intp), codegen
+
+    @_intrinsic
+    def _v_store_row_f4(typingctx, arr, c, y, x, v):
+        """``arr[c, y, x:x + 8] = float32(v)`` (3-D float32 array, unit last stride)."""
+        if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 3 and arr.dtype == _nbtypes.float32
+                and _is_f8_vector(v)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _item_ptr(context, builder, sig.args[0], args[0], list(args[1:4]))
+            vt = _ir.VectorType(_ir.FloatType(), 8)
+            builder.store(builder.fptrunc(args[4], vt), builder.bitcast(p, vt.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return _nbtypes.none(arr, _nbtypes.intp, _nbtypes.intp, _nbtypes.intp, v), codegen
+
+    @_intrinsic
+    def _v_dataptr(typingctx, arr):
+        """Data pointer of an array, for ``_v_loadp``: no reference counting
+        (an array passed to an inlined function is counted at every call)."""
+        if not isinstance(arr, _nbtypes.Array):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return context.make_array(sig.args[0])(context, builder, args[0]).data
+
+        return _nbtypes.CPointer(arr.dtype)(arr), codegen
+
+    @_intrinsic
+    def _v_loadp(typingctx, p, i):
+        """``p[i:i + 8]`` (float64 pointer) as a vector."""
+        if not (isinstance(p, _nbtypes.CPointer) and p.dtype == _nbtypes.float64):
+            return None
+
+        def codegen(context, builder, sig, args):
+            q = builder.gep(args[0], [args[1]])
+            return builder.load(builder.bitcast(q, _V8.as_pointer()), align=8)
+
+        return _f8x8(p, _nbtypes.intp), codegen
+
+    @_intrinsic
+    def _v_splat(typingctx, x):
+        """Vector of 8 copies of the float ``x``."""
+        if not isinstance(x, _nbtypes.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[0], sig.args[0], _nbtypes.float64)
+            undef = _ir.Constant(_V8, _ir.Undefined)
+            v = builder.insert_element(undef, val, _ir.Constant(_ir.IntType(32), 0))
+            return builder.shuffle_vector(v, undef, _ir.Constant(_ir.VectorType(_ir.IntType(32), 8), [0] * 8))
+
+        return _f8x8(x), codegen
+
+    def _v_binop(name, doc):
+        @_intrinsic
+        def op(typingctx, a, b):
+            if not _is_f8_vector(a, b):
+                return None
+
+            def codegen(context, builder, sig, args):
+                return getattr(builder, name)(args[0], args[1])
+
+            return _f8x8(a, b), codegen
+
+        op.__doc__ = doc
+        return op
+
+    _v_add = _v_binop("fadd", "a + b")
+    _v_sub = _v_binop("fsub", "a - b")
+    _v_mul = _v_binop("fmul", "a * b")
+    _v_div = _v_binop("fdiv", "a / b")
+
+    def _v_unary(llvm_name, doc):
+        @_intrinsic
+        def op(typingctx, a):
+            if not _is_f8_vector(a):
+                return None
+
+            def codegen(context, builder, sig, args):
+                return builder.call(_llvm_fn(builder, llvm_name, _V8, [_V8]), list(args))
+
+            return _f8x8(a), codegen
+
+        op.__doc__ = doc
+        return op
+
+    _v_abs = _v_unary("llvm.fabs.v8f64", "|a|")
+    _v_sqrt = _v_unary("llvm.sqrt.v8f64", "sqrt(a)")
+
+    @_intrinsic
+    def _v_fma(typingctx, a, b, c):
+        """``a * b + c``, rounded once."""
+        if not _is_f8_vector(a, b, c):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.call(_llvm_fn(builder, "llvm.fma.v8f64", _V8, [_V8] * 3), list(args))
+
+        return _f8x8(a, b, c), codegen
+
+    @_intrinsic
+    def _v_round_f4(typingctx, a):
+        """``float64(float32(a))``, lane by lane."""
+        if not _is_f8_vector(a):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.fptrunc(args[0], _ir.VectorType(_ir.FloatType(), 8)), _V8)
+
+        return _f8x8(a), codegen
+
+    def _v_compare(op, doc):
+        @_intrinsic
+        def cmp(typingctx, a, b):
+            if not _is_f8_vector(a, b):
+                return None
+
+            def codegen(context, builder, sig, args):
+                m = builder.fcmp_ordered(op, args[0], args[1])
+                return builder.zext(builder.bitcast(m, _ir.IntType(8)), _ir.IntType(64))
+
+            return _nbtypes.int64(a, b), codegen
+
+        cmp.__doc__ = doc
+        return cmp
+
+    _v_gt = _v_compare(">", "Bit mask of the lanes where a > b (False where NaN)")
+    _v_lt = _v_compare("<", "Bit mask of the lanes where a < b (False where NaN)")
+    _v_le = _v_compare("<=", "Bit mask of the lanes where a <= b (False where NaN)")
+    _v_eq = _v_compare("==", "Bit mask of the lanes where a == b (False where NaN)")
+
+    @_intrinsic
+    def _v_select(typingctx, m, a, b):
+        """Lane i: ``a[i]`` where bit i of the integer ``m`` is set, else ``b[i]``."""
+        if not (isinstance(m, _nbtypes.Integer) and _is_f8_vector(a, b)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            mi = builder.trunc(context.cast(builder, args[0], sig.args[0], _nbtypes.int64), _ir.IntType(8))
+            return builder.select(builder.bitcast(mi, _ir.VectorType(_ir.IntType(1), 8)), args[1], args[2])
+
+        return _f8x8(m, a, b), codegen
+
+    def _v_reduce(op, doc):
+        @_intrinsic
+        def red(typingctx, v):
+            if not _is_f8_vector(v):
+                return None
+
+            def codegen(context, builder, sig, args):
+                x = args[0]
+                for n in (1, 2, 4):  # butterfly: the result in every lane
+                    idx = _ir.Constant(_ir.VectorType(_ir.IntType(32), 8), [i ^ n for i in range(8)])
+                    other = builder.shuffle_vector(x, x, idx)
+                    x = builder.select(builder.fcmp_ordered(op, other, x), other, x)
+                return x
+
+            return _f8x8(v), codegen
+
+        red.__doc__ = doc
+        return red
+
+    _v_max = _v_reduce(">", "The largest lane, in every lane (no NaN lanes)")
+    _v_min = _v_reduce("<", "The smallest lane, in every lane (no NaN lanes)")
+
+    @_intrinsic
+    def _v_transpose(typingctx, arr, i):
+        """Transpose the 8 x 8 row-major block ``arr[i:i + 64]`` in place."""
+        if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
+            p = builder.bitcast(p, _V8.as_pointer())
+            ptrs = [builder.gep(p, [_ir.Constant(_ir.IntType(64), r)]) for r in range(8)]
+            rows = [builder.load(q, align=8) for q in ptrs]
+            mty = _ir.VectorType(_ir.IntType(32), 8)
+            s = 1
+            while s < 8:  # butterfly: swap the off-diagonal s x s blocks
+                new = list(rows)
+                for r in range(8):
+                    if r & s:
+                        continue
+                    lo = [ln if not ln & s else ln - s + 8 for ln in range(8)]
+                    hi = [ln + s if not ln & s else ln + 8 for ln in range(8)]
+                    new[r] = builder.shuffle_vector(rows[r], rows[r + s], _ir.Constant(mty, lo))
+                    new[r + s] = builder.shuffle_vector(rows[r], rows[r + s], _ir.Constant(mty, hi))
+                rows = new
+                s *= 2
+            for q, row in zip(ptrs, rows):
+                builder.store(row, q, align=8)
+            return context.get_dummy_value()
+
+        return _nbtypes.none(arr, _nbtypes.intp), codegen
+
+    @_intrinsic
+    def _ctz(typingctx, x):
+        """Index of the lowest set bit of ``x`` (64 for 0)."""
+        if not isinstance(x, _nbtypes.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[0], sig.args[0], _nbtypes.int64)
+            fn = _llvm_fn(builder, "llvm.cttz.i64", _ir.IntType(64), [_ir.IntType(64), _ir.IntType(1)])
+            return builder.call(fn, [v, _ir.Constant(_ir.IntType(1), 0)])
+
+        return _nbtypes.int64(x), codegen
 
     # Hot loops index flat arrays directly: numba reference-counts array
     # views and the arrays passed to a call with atomic operations, which
@@ -982,12 +1286,435 @@ if _numba is not None:
         return n_bad, n_nonfinite
 
 
+    # ----------------------------------------------------------------------
+    # the fast kernel: K <= _KP, unweighted, 8 pixels per vector
+    # ----------------------------------------------------------------------
+    # Same algorithm and tiles as _nb_tiles, written with the vectors above,
+    # by groups of up to 64 pixels (8 blocks of 8) of a tile. For each block
+    # the band sums (b = A.T y and |y|^2, one vector per endmember, kept in
+    # registers over the bands; two blocks at a time when they are full),
+    # the unconstrained solution, and at the end the outputs and the
+    # residual, are computed 8 pixels at a time ("across pixels"). The
+    # active-set steps of a pixel with a negative unconstrained entry work
+    # on one vector of its _KP variables ("within a pixel"; b broadcast from
+    # the block's rows, x transposed to one row a pixel), in rounds over the
+    # group's unfinished pixels, each round without data-dependent branches
+    # so that the processor overlaps the pixels: the least squares on the
+    # positive set of the unconstrained solution and its KKT check, then,
+    # while needed, adding every active variable whose gradient is above the
+    # tolerance (not only the largest: fewer rounds, and a feasible point
+    # that meets the KKT conditions is the problem's unique minimum whichever
+    # way it was reached), solving, checking again. On typical data a step
+    # back to the feasible region almost never follows an addition: a pixel
+    # that needs one goes, from before the additions, to the general
+    # Lawson-Hanson loop (one variable at a time), as one that is not done
+    # after max_outer steps does. Each passive solve is one product with the
+    # table of restricted inverses T and, for the gradient b - G z, one with
+    # I - G T (independent of the first; table8 holds both, transposed: a
+    # vector a column).
+
+    _njit_inline = _numba.njit(inline="always", **_NB_OPTS)
+
+    #: Blocks of 8 pixels per group of the fast kernel (64 pixels: the bit
+    #: masks of the group's pixels are int64; the kernel's stack buffers are
+    #: sized for it).
+    _GROUP = 8
+
+    @_njit_inline
+    def _nb_solve8(tp, code, bp, jb):
+        """``z = T b`` and the gradient ``w = b - G z`` on the passive set ``code``.
+
+        ``tp``: pointer to table8; ``b[r] = bp[jb + 8 r]``. Sums in a tree
+        (short dependency chains).
+        """
+        base = code * 128
+        b0, b1, b2, b3 = (_v_splat(bp[jb]), _v_splat(bp[jb + 8]), _v_splat(bp[jb + 16]),
+                          _v_splat(bp[jb + 24]))
+        b4, b5, b6, b7 = (_v_splat(bp[jb + 32]), _v_splat(bp[jb + 40]), _v_splat(bp[jb + 48]),
+                          _v_splat(bp[jb + 56]))
+        z = _v_add(_v_add(_v_fma(_v_loadp(tp, base + 8), b1, _v_mul(_v_loadp(tp, base), b0)),
+                          _v_fma(_v_loadp(tp, base + 24), b3, _v_mul(_v_loadp(tp, base + 16), b2))),
+                   _v_add(_v_fma(_v_loadp(tp, base + 40), b5, _v_mul(_v_loadp(tp, base + 32), b4)),
+                          _v_fma(_v_loadp(tp, base + 56), b7, _v_mul(_v_loadp(tp, base + 48), b6))))
+        w = _v_add(_v_add(_v_fma(_v_loadp(tp, base + 72), b1, _v_mul(_v_loadp(tp, base + 64), b0)),
+                          _v_fma(_v_loadp(tp, base + 88), b3, _v_mul(_v_loadp(tp, base + 80), b2))),
+                   _v_add(_v_fma(_v_loadp(tp, base + 104), b5, _v_mul(_v_loadp(tp, base + 96), b4)),
+                          _v_fma(_v_loadp(tp, base + 120), b7, _v_mul(_v_loadp(tp, base + 112), b6))))
+        return z, w
+
+    @_njit_inline
+    def _nb_argmax8(w, cand):
+        """Bit of the first lane of ``w`` with the largest value among the bits of ``cand``."""
+        wm = _v_select(cand, w, _v_splat(-np.inf))
+        return _ctz(_v_eq(wm, _v_max(wm)) & cand)
+
+    @_njit_inline
+    def _nb_lh8(tp, okp, bp, jb, bv, d, w, code, solve, tol, kmask, max_outer):
+        """Lawson-Hanson on one pixel's vectors, as in _nb_nnls_tile's pass 2.
+
+        From ``d`` feasible on the passive set ``code``; ``solve`` False: d is
+        the least squares on ``code`` and ``w`` its gradient. ``bv``: b.
+        Returns the status (0 converged, 1 not positive definite, 2 not
+        converged) and the solution.
+        """
+        zero = _v_splat(0.0)
+        tolv = _v_splat(tol)
+        status = 2
+        for _outer in range(max_outer):
+            if solve:
+                # least squares on the passive set, stepping back to the
+                # feasible region (each step drops at least one variable)
+                for _inner in range(_KP + 1):
+                    if code == 0:
+                        d = zero
+                        w = bv
+                        break
+                    if okp[code] == 0:
+                        status = 1
+                        break
+                    z, w = _nb_solve8(tp, code, bp, jb)
+                    neg = _v_le(z, zero) & code
+                    if neg == 0:
+                        d = z
+                        break
+                    ratio = _v_div(d, _v_sub(d, z))
+                    neg &= _v_eq(ratio, ratio)  # 0 / 0: not a step
+                    if neg == 0:
+                        d = z
+                        break
+                    ratio = _v_select(neg, ratio, _v_splat(np.inf))
+                    alpha = _v_min(ratio)
+                    imin = _ctz(_v_eq(ratio, alpha) & neg)
+                    v = _v_fma(alpha, _v_sub(z, d), d)
+                    code &= ~(code & (_v_le(v, zero) | (np.int64(1) << imin)))
+                    d = _v_select(code, v, zero)
+                if status == 1:
+                    break
+            solve = True
+            # KKT: the gradient of every active variable must be <= tol
+            cand = _v_gt(w, tolv) & ~code & kmask
+            if cand == 0:
+                status = 0
+                break
+            code |= np.int64(1) << _nb_argmax8(w, cand)
+        return status, d
+
+    @_njit
+    def _nb_tiles8(cube, a8, ginv8, gs8, table8, ok8, offset, k, max_outer, t0, t1,
+                   abund, resid3, status):
+        """``_nb_tiles`` for K <= _KP without weights, 8 pixels per vector.
+
+        ``cube`` with a unit stride along X. ``a8`` (C, _KP), ``ginv8`` (the
+        inverse of G padded with an identity block) and ``gs8`` (the upper
+        triangle of padded G, off-diagonal doubled) flat; ``table8`` as
+        above, ``ok8`` uint8; ``resid3`` (1, H, W).
+        """
+        c_n, _, w_n = cube.shape
+        nt = _TILE
+        ntx = (w_n + nt - 1) // nt
+        # per block of the group, 8 x 8: endmember-major (a row: 8 pixels);
+        # xx pixel-major (transposed) while the active-set steps run.
+        # 512 = 64 _GROUP (the size must be a literal)
+        bb = _numba.carray(_nb_stack_f8(512), 512)  # b
+        xx = _numba.carray(_nb_stack_f8(512), 512)  # x
+        ww = _numba.carray(_nb_stack_f8(512), 512)  # gradient, pixel-major
+        yyg = _numba.carray(_nb_stack_f8(64), 64)  # |y|^2
+        tols = _numba.carray(_nb_stack_f8(64), 64)  # KKT tolerances
+        tmp = _numba.carray(_nb_stack_f8(8), 8)
+        for q in range(512):
+            bb[q] = 0.0
+            xx[q] = 0.0
+            ww[q] = 0.0
+        codes = np.zeros(64, np.int64)  # passive sets; bit 16: solve first
+        tp = _v_dataptr(table8)
+        okp = _v_dataptr(ok8)
+        bp = _v_dataptr(bb)
+        zero = _v_splat(0.0)
+        kmask = (np.int64(1) << k) - 1
+        yy_in_s7 = k < _KP  # |y|^2 in the padding's accumulator
+        n_bad = 0
+        n_nonfinite = 0
+        for t in range(t0, t1):
+            y = t // ntx
+            x0 = (t % ntx) * nt
+            n = min(nt, w_n - x0)
+            for g0 in range(0, n, 8 * _GROUP):
+                nblk = min(_GROUP, (n - g0 + 7) // 8)
+                negg = 0  # the group's pixels with a negative unconstrained entry
+                for blk in range(nblk):
+                    j0 = g0 + 8 * blk
+                    nv = min(8, n - j0)
+                    xs = x0 + j0
+                    ob = blk * 64
+                    # b = A.T y and |y|^2, offset subtracted, one pass over the bands
+                    if blk & 1 and nv == 8 and yy_in_s7:  # done with the block before
+                        s0 = _v_load(bb, ob)
+                        s1 = _v_load(bb, ob + 8)
+                        s2 = _v_load(bb, ob + 16)
+                        s3 = _v_load(bb, ob + 24)
+                        s4 = _v_load(bb, ob + 32)
+                        s5 = _v_load(bb, ob + 40)
+                        s6 = _v_load(bb, ob + 48)
+                        s7 = zero
+                        yy = _v_load(yyg, blk * 8)
+                    elif blk + 1 < nblk and n - j0 >= 16 and yy_in_s7:  # two blocks
+                        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+                        u0 = u1 = u2 = u3 = u4 = u5 = u6 = u7 = zero
+                        for c in range(c_n):
+                            oc = _v_splat(offset[c])
+                            yv = _v_sub(_v_load_row(cube, c, y, xs), oc)
+                            yw = _v_sub(_v_load_row(cube, c, y, xs + 8), oc)
+                            ac = c * _KP
+                            al = _v_splat(a8[ac])
+                            s0 = _v_fma(al, yv, s0)
+                            u0 = _v_fma(al, yw, u0)
+                            al = _v_splat(a8[ac + 1])
+                            s1 = _v_fma(al, yv, s1)
+                            u1 = _v_fma(al, yw, u1)
+                            al = _v_splat(a8[ac + 2])
+                            s2 = _v_fma(al, yv, s2)
+                            u2 = _v_fma(al, yw, u2)
+                            al = _v_splat(a8[ac + 3])
+                            s3 = _v_fma(al, yv, s3)
+                            u3 = _v_fma(al, yw, u3)
+                            al = _v_splat(a8[ac + 4])
+                            s4 = _v_fma(al, yv, s4)
+                            u4 = _v_fma(al, yw, u4)
+                            al = _v_splat(a8[ac + 5])
+                            s5 = _v_fma(al, yv, s5)
+                            u5 = _v_fma(al, yw, u5)
+                            al = _v_splat(a8[ac + 6])
+                            s6 = _v_fma(al, yv, s6)
+                            u6 = _v_fma(al, yw, u6)
+                            s7 = _v_fma(yv, yv, s7)
+                            u7 = _v_fma(yw, yw, u7)
+                        yy = s7
+                        s7 = zero
+                        _v_store(bb, ob + 64, u0)
+                        _v_store(bb, ob + 72, u1)
+                        _v_store(bb, ob + 80, u2)
+                        _v_store(bb, ob + 88, u3)
+                        _v_store(bb, ob + 96, u4)
+                        _v_store(bb, ob + 104, u5)
+                        _v_store(bb, ob + 112, u6)
+                        _v_store(yyg, blk * 8 + 8, u7)
+                    else:
+                        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = yy = zero
+                        for c in range(c_n):
+                            if nv == 8:
+                                yv = _v_load_row(cube, c, y, xs)
+                            else:  # short last block of a row
+                                for q in range(8):
+                                    tmp[q] = np.float64(cube[c, y, xs + q]) if q < nv else 0.0
+                                yv = _v_load(tmp, 0)
+                            yv = _v_sub(yv, _v_splat(offset[c]))
+                            ac = c * _KP
+                            s0 = _v_fma(_v_splat(a8[ac]), yv, s0)
+                            s1 = _v_fma(_v_splat(a8[ac + 1]), yv, s1)
+                            s2 = _v_fma(_v_splat(a8[ac + 2]), yv, s2)
+                            s3 = _v_fma(_v_splat(a8[ac + 3]), yv, s3)
+                            s4 = _v_fma(_v_splat(a8[ac + 4]), yv, s4)
+                            s5 = _v_fma(_v_splat(a8[ac + 5]), yv, s5)
+                            s6 = _v_fma(_v_splat(a8[ac + 6]), yv, s6)
+                            if yy_in_s7:
+                                s7 = _v_fma(yv, yv, s7)
+                            else:
+                                yy = _v_fma(yv, yv, yy)
+                                s7 = _v_fma(_v_splat(a8[ac + 7]), yv, s7)
+                        if yy_in_s7:
+                            yy = s7
+                            s7 = zero
+                    _v_store(bb, ob, s0)
+                    _v_store(bb, ob + 8, s1)
+                    _v_store(bb, ob + 16, s2)
+                    _v_store(bb, ob + 24, s3)
+                    _v_store(bb, ob + 32, s4)
+                    _v_store(bb, ob + 40, s5)
+                    _v_store(bb, ob + 48, s6)
+                    _v_store(bb, ob + 56, s7)
+                    _v_store(yyg, blk * 8, yy)
+                    # unconstrained solution G^-1 b; pixels with a negative entry
+                    negm = 0
+                    for i in range(_KP):
+                        s = zero
+                        for q in range(_KP):
+                            s = _v_fma(_v_splat(ginv8[i * _KP + q]), _v_load(bb, ob + q * 8), s)
+                        _v_store(xx, ob + i * 8, s)
+                        negm |= _v_lt(s, zero)
+                    negm &= (np.int64(1) << nv) - 1
+                    if negm != 0:
+                        # KKT tolerance (A.T y units), relative to each pixel's scale, as in _fcnnls
+                        scale = _v_abs(s0)
+                        for i in range(1, _KP):
+                            bi = _v_abs(_v_load(bb, ob + i * 8))
+                            scale = _v_select(_v_gt(bi, scale), bi, scale)
+                        scale = _v_select(_v_gt(scale, zero), scale, _v_splat(1.0))
+                        _v_store(tols, blk * 8, _v_mul(_v_splat(_KKT_RTOL * k), scale))
+                        _v_transpose(xx, ob)
+                        negg |= negm << (8 * blk)
+                if negg != 0:
+                    # round 1: least squares on the positive set P of the
+                    # unconstrained solution, KKT check
+                    m = negg
+                    pend = 0  # feasible, KKT not met: add a variable
+                    gen = 0  # to the general loop
+                    while m != 0:
+                        p = _ctz(m)
+                        m &= m - 1
+                        o = (p >> 3) * 64 + (p & 7) * 8  # the pixel's row of xx, ww
+                        jb = (p >> 3) * 64 + (p & 7)  # its column of bb
+                        xu = _v_load(xx, o)
+                        code = _v_gt(xu, zero) & kmask
+                        z, w = _nb_solve8(tp, code, bp, jb)
+                        feas = ((_v_le(z, zero) & code) == 0) & (okp[code] != 0)
+                        kkt = (_v_gt(w, _v_splat(tols[p])) & ~code & kmask) == 0
+                        _v_store(xx, o, _v_select(-np.int64(feas), z, _v_select(code, xu, zero)))
+                        _v_store(ww, o, w)
+                        codes[p] = code | (np.int64(not feas) << 16)
+                        pend |= np.int64(feas & (not kkt)) << p
+                        gen |= np.int64(not feas) << p
+                    # further rounds: add every active variable whose gradient is
+                    # above the tolerance
+                    r = 1
+                    while pend != 0 and r < max_outer:
+                        m = pend
+                        pend = 0
+                        while m != 0:
+                            p = _ctz(m)
+                            m &= m - 1
+                            o = (p >> 3) * 64 + (p & 7) * 8
+                            jb = (p >> 3) * 64 + (p & 7)
+                            w0 = _v_load(ww, o)
+                            code0 = codes[p]
+                            tolv = _v_splat(tols[p])
+                            code = code0 | (_v_gt(w0, tolv) & ~code0 & kmask)
+                            z, w = _nb_solve8(tp, code, bp, jb)
+                            feas = ((_v_le(z, zero) & code) == 0) & (okp[code] != 0)
+                            kkt = (_v_gt(w, tolv) & ~code & kmask) == 0
+                            # not feasible: the general loop goes on from before the additions
+                            fm = -np.int64(feas)
+                            _v_store(xx, o, _v_select(fm, z, _v_load(xx, o)))
+                            _v_store(ww, o, _v_select(fm, w, w0))
+                            codes[p] = (code & fm) | (code0 & ~fm)
+                            pend |= np.int64(feas & (not kkt)) << p
+                            gen |= np.int64(not feas) << p
+                        r += 1
+                    gen |= pend
+                    # the rest: Lawson-Hanson from there, then from the empty set
+                    while gen != 0:
+                        p = _ctz(gen)
+                        gen &= gen - 1
+                        o = (p >> 3) * 64 + (p & 7) * 8
+                        jb = (p >> 3) * 64 + (p & 7)
+                        for i in range(_KP):
+                            tmp[i] = bb[jb + i * 8]
+                        bv = _v_load(tmp, 0)
+                        cf = codes[p]
+                        st, d = _nb_lh8(tp, okp, bp, jb, bv, _v_load(xx, o), _v_load(ww, o), cf & 0xFFFF,
+                                        (cf >> 16) != 0, tols[p], kmask, max_outer - r + 1)
+                        if st != 0:
+                            st, d = _nb_lh8(tp, okp, bp, jb, bv, zero, bv, 0, True, tols[p], kmask, max_outer)
+                        _v_store(xx, o, d)
+                        if st != 0:
+                            status[y, x0 + g0 + p] = st
+                            n_bad += 1
+                for blk in range(nblk):
+                    j0 = g0 + 8 * blk
+                    nv = min(8, n - j0)
+                    valid = (np.int64(1) << nv) - 1
+                    xs = x0 + j0
+                    ob = blk * 64
+                    if (negg >> (8 * blk)) & 255:
+                        _v_transpose(xx, ob)
+                    # outputs; the residual is that of the abundances as returned (float32)
+                    for i in range(k):
+                        xi = _v_round_f4(_v_load(xx, ob + i * 8))
+                        _v_store(xx, ob + i * 8, xi)
+                        if nv == 8:
+                            _v_store_row_f4(abund, i, y, xs, xi)
+                        else:
+                            _v_store(tmp, 0, xi)
+                            for q in range(nv):
+                                abund[i, y, xs + q] = np.float32(tmp[q])
+                    # Gram form: |y - A x|^2 = |y|^2 + x.(G x - 2 b), G x by its
+                    # upper triangle (off-diagonal doubled)
+                    yy = _v_load(yyg, blk * 8)
+                    rs = yy
+                    for i in range(_KP):
+                        xi = _v_load(xx, ob + i * 8)
+                        gx = _v_mul(_v_splat(gs8[i * _KP + i]), xi)
+                        for q in range(i + 1, _KP):
+                            gx = _v_fma(_v_splat(gs8[i * _KP + q]), _v_load(xx, ob + q * 8), gx)
+                        bi = _v_load(bb, ob + i * 8)
+                        rs = _v_fma(xi, _v_sub(gx, _v_add(bi, bi)), rs)
+                    redo = ~_v_gt(rs, _v_mul(_v_splat(_RSS_GRAM_MIN), yy)) & valid
+                    if redo != 0:  # small (or NaN): band by band
+                        _v_store(tmp, 0, rs)
+                        while redo != 0:
+                            jj = _ctz(redo)
+                            redo &= redo - 1
+                            r2 = 0.0
+                            for c in range(c_n):
+                                e = np.float64(cube[c, y, xs + jj]) - offset[c]
+                                for i in range(k):
+                                    e -= a8[c * _KP + i] * xx[ob + i * 8 + jj]
+                                r2 += e * e
+                            tmp[jj] = r2
+                        rs = _v_load(tmp, 0)
+                    rms = _v_sqrt(_v_mul(rs, _v_splat(1.0 / c_n)))
+                    bad = valid & ~_v_lt(_v_abs(rms), _v_splat(np.inf))
+                    while bad != 0:
+                        bad &= bad - 1
+                        n_nonfinite += 1
+                    if nv == 8:
+                        _v_store_row_f4(resid3, 0, y, xs, rms)
+                    else:
+                        _v_store(tmp, 0, rms)
+                        for q in range(nv):
+                            resid3[0, y, xs + q] = np.float32(tmp[q])
+        return n_bad, n_nonfinite
+
+    @_numba.njit(parallel=True, **_NB_OPTS)
+    def _nb_tiles8_parallel(cube, a8, ginv8, gs8, table8, ok8, offset, k, max_outer, n_chunks,
+                            abund, resid3, status):
+        """``_nb_tiles8`` over all tiles: ``n_chunks`` contiguous ranges of tiles in parallel."""
+        ntiles = cube.shape[1] * ((cube.shape[2] + _TILE - 1) // _TILE)
+        n_bad = 0
+        n_nonfinite = 0
+        for ch in _numba.prange(n_chunks):
+            t0 = ntiles * ch // n_chunks
+            t1 = ntiles * (ch + 1) // n_chunks
+            counts = _nb_tiles8(cube, a8, ginv8, gs8, table8, ok8, offset, k, max_outer, t0, t1,
+                                abund, resid3, status)
+            n_bad += counts[0]
+            n_nonfinite += counts[1]
+        return n_bad, n_nonfinite
+
 def _flat_plane(arr):
     """``arr`` (..., H, W) as a (..., 1, H*W) view when that needs no copy, else ``arr``."""
     h, w = arr.shape[-2:]
     if h > 1 and arr.strides[-2] == arr.strides[-1] * w:
         return arr.reshape(arr.shape[:-2] + (1, h * w))
     return arr
+
+
+def _fast8_args(a, g8, table, ok):
+    """Arrays of ``_nb_tiles8``: a8, ginv8, gs8, table8, ok8 (see there).
+
+    ``g8``: G padded to _KP x _KP (flat), ``table``, ``ok``: its
+    ``_nb_inverse_table``.
+    """
+    c, k = a.shape
+    g8 = g8.reshape(_KP, _KP)
+    a8 = np.zeros((c, _KP))
+    a8[:, :k] = a
+    ginv8 = np.linalg.inv(g8)
+    gs8 = np.triu(g8) * (2.0 - np.eye(_KP))
+    inv = table.reshape(-1, _KP, _KP)
+    grad = np.eye(_KP) - g8 @ inv  # b -> b - G z
+    table8 = np.concatenate([inv.transpose(0, 2, 1), grad.transpose(0, 2, 1)], axis=1)
+    return (a8.ravel(), ginv8.ravel(), gs8.ravel(), np.ascontiguousarray(table8).ravel(),
+            ok.astype(np.uint8))
 
 
 def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
@@ -1019,12 +1746,20 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
     ntiles = cube_v.shape[1] * (-(-cube_v.shape[2] // _TILE))
     n_threads = _numba.get_num_threads() if parallel else 1
     n_chunks = min(ntiles, 4 * n_threads) if n_threads > 1 else 1
-    if n_chunks > 1:
+    unit = [v.strides[-1] == v.itemsize for v in (cube_v, abund_v, resid_v)]
+    if fast and weights is None and all(unit):  # the vector kernel
+        args8 = _fast8_args(a, g8, table, ok) + (off, k, _LH_ITER_FACTOR * k + 1)
+        outs = (abund_v, resid_v[None], status_v)
+        if n_chunks > 1:
+            n_bad, n_nonfinite = _nb_tiles8_parallel(cube_v, *args8, n_chunks, *outs)
+        else:
+            n_bad, n_nonfinite = _nb_tiles8(cube_v, *args8, 0, ntiles, *outs)
+    elif n_chunks > 1:
         n_bad, n_nonfinite = _nb_tiles_parallel(cube_v, *args, n_chunks, abund_v, resid_v, status_v)
     else:
         n_bad, n_nonfinite = _nb_tiles(cube_v, *args, 0, ntiles, abund_v, resid_v, status_v)
     if n_nonfinite:
-        raise InputError("cube contains NaN or inf pixel values")
+        raise _NonFiniteCube("cube contains NaN or inf pixel values")
     if n_bad:  # rare: not converged or not positive definite; numpy FC-NNLS
         bad = np.nonzero(status)
         b = np.asarray(cube[:, bad[0], bad[1]], dtype=np.float64)
@@ -1117,19 +1852,21 @@ def unmix(cube, spectra, *, offset=None, weights=None):
         return out[:k], out[k]
 
     cube = np.asarray(cube)
-    # cheap test first (a NaN/inf anywhere makes the sum non-finite)
-    if np.issubdtype(cube.dtype, np.floating) and not (
-        np.isfinite(cube.sum(dtype=np.float64)) or np.isfinite(cube).all()
-    ):
-        bad = np.argwhere(~np.isfinite(cube))[0]
-        raise InputError(
-            f"cube contains NaN or inf (first at band {bad[0]}, y {bad[1]}, x {bad[2]}); "
-            f"shape {cube.shape}"
-        )
     _, h, w = cube.shape
     abund = np.empty((k, h, w), np.float32)
     resid = np.empty((h, w), np.float32)
-    _unmix_into(cube, a, offset, weights, abund, resid)
+    try:
+        # NaN and inf are found in the pass (a non-finite residual), not by
+        # a read of the cube of their own
+        _unmix_into(cube, a, offset, weights, abund, resid)
+    except _NonFiniteCube:
+        bad = np.argwhere(~np.isfinite(cube)) if np.issubdtype(cube.dtype, np.floating) else ()
+        if len(bad):
+            raise InputError(
+                f"cube contains NaN or inf (first at band {bad[0][0]}, y {bad[0][1]}, x {bad[0][2]}); "
+                f"shape {cube.shape}"
+            ) from None
+        raise
     return abund, resid
 
 
