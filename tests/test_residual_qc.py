@@ -146,3 +146,52 @@ def test_grow_mask_is_the_same_in_chunks():
     assert np.array_equal(whole, chunked)
     assert whole.sum() > 5 * mask.sum() and whole[mask].all()
     assert grow_mask(mask, 0) is mask
+
+
+#: Real tissue autofluorophores (shared/data/tissue_autofluorescence_isetfluorescence) the
+#: broadband test must find at 300 counts per band at their peak, over 1.5 e-/count tissue.
+#: It misses emitters whose light the library can make: Uttamlal's porphyrin peaks on QD655
+#: and reads as HER2; two-photon keratin, NADPH and elastin lie in the span of AF and the QDs.
+FOUND_AUTOFLUORESCENCE = [
+    "alfano2012_FAD_emissions_Alfano", "becker_FAD_emission_Becker", "monici_FlavinsEmission",
+    "alfano2012_collagen_emissions_Alfano", "monici_CollagenEmission", "lin2022_collagen_emissions_Lin",
+    "alfano2012_elastin_emissions_Alfano", "monici_ElastinEmission",
+    "monici_PorphyrinsEmission", "sudhakar_porphyrins_emission_Sudhakar",
+    "wagnieres_porphyrins_emission_Wagnieres",
+]
+
+
+def test_real_autofluorescence_spectra_are_flagged_and_library_mixtures_are_not():
+    from conftest import shared
+    from qdquant.unmixing import broadband_probes, flag_broadband
+
+    table = pd.read_csv(shared("tissue_autofluorescence_isetfluorescence",
+                               "tissue_autofluorescence_emission_long.csv"))
+    wl = REPO_LIBRARY["wavelength_nm"].to_numpy()
+    names = [c for c in REPO_LIBRARY.columns if c != "wavelength_nm"]
+    spectra = REPO_LIBRARY[names].to_numpy()
+    rng = np.random.default_rng(0)
+    n = 2000
+    tissue = np.zeros((len(names), n))
+    tissue[names.index("Offset")] = 100.0
+    tissue[names.index("AF")] = rng.uniform(10, 40, n)
+    tissue[names.index("DAPI"), : n // 2] = rng.uniform(100, 260, n // 2)
+    tissue[names.index("QD655"), n // 2:] = rng.uniform(0, 300, n // 2)
+
+    def camera(expected):
+        return (rng.poisson(expected * 1.5) / 1.5 + rng.normal(0, 2.5, expected.shape))[:, None, :]
+
+    clean = camera(spectra @ tissue)
+    noise = noise_model(clean, unmix(clean, spectra)[1])
+    probes = broadband_probes(spectra, wl)
+
+    def flagged(cube):
+        return (flag_poor_fit(cube, unmix(cube, spectra)[1], noise)
+                | flag_broadband(cube, probes, noise, n_endmembers=len(names)))[0]
+
+    assert flagged(clean).sum() == 0
+    for name in FOUND_AUTOFLUORESCENCE:
+        rows = table[table["file"] == name].sort_values("wavelength_nm")
+        emitter = np.interp(wl, rows["wavelength_nm"], rows["emission_norm"], left=0, right=0)
+        cube = camera(spectra @ tissue + 300.0 * (emitter / emitter.max())[:, None])
+        assert flagged(cube).mean() > 0.9, name
