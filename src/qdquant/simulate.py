@@ -992,7 +992,8 @@ def simulate_slide(
     Designed per-cell levels (abundance units, as measured on the true masks
     after the PSF): HER2 0 → faint ring 0–2.5 (no sector reaches t_faint),
     1+ → 30–42, 2+ → 85–115 complete or 250–320 on 40–60 % of the ring,
-    3+ → 230–300 complete; ER/PR nuclear means by bin: negative 0–8, 1+
+    3+ → 230–300 complete (``her2_levels="separated"``; see
+    :data:`HER2_LEVELS`); ER/PR nuclear means by bin: negative 0–8, 1+
     45–65, 2+ 105–135, 3+ 220–300 (thresholds 30/80/160); Ki67 positive
     60–150, negative 0–6; mTOR cytoplasm positive 60–110, negative 0–6;
     E-cadherin ring 70–150 on tumour cells; DAPI 120–260 per nucleus (x1.1
@@ -1381,7 +1382,9 @@ def _design_her2(
     ``incomplete_fraction`` of them, strong (250–320) on 40–60 % of the ring,
     the missing arc facing away from bright neighbours (only 2+ cells whose
     tumour neighbours are all 2+/3+ qualify), 3+ strong and complete
-    (230–300). The drawn amplitude of each cell is calibrated so that the
+    (230–300); ``levels`` (one of :data:`HER2_LEVELS`, default "separated",
+    whose ranges these are) sets the 1+, moderate 2+ and 3+ ranges. The
+    drawn amplitude of each cell is calibrated so that the
     contract's stained-sector intensity measured on the blurred image over
     the true cell lands on its target.
 
