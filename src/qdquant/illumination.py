@@ -50,6 +50,8 @@ MIN_FOV_PX = 64
 MAX_FOV_PX = 2048
 #: Edge of the fixed regions whose own tissue level is removed when FOV sizes are compared, pixels.
 REGION_PX = 512
+#: Rows of a chunk the block brightness is computed on at a time, pixels.
+SLAB_PX = 64
 #: Pixels the dark offset is estimated on (its 1st percentile: 2500 pixels below it).
 OFFSET_PIXELS = 250_000
 #: Blocks the FOV size is searched on (a random subset beyond this many).
@@ -148,7 +150,7 @@ def _period_scores(coords: np.ndarray, values: np.ndarray, periods: np.ndarray, 
     folds = []
     for part in (even, ~even):
         d = terms[..., part]
-        folds.append((np.einsum("ptn,pun->ptu", d, d), d @ y[part], float(y[part] @ y[part])))
+        folds.append((d @ d.swapaxes(1, 2), d @ y[part], float(y[part] @ y[part])))
     scores = np.zeros(len(periods))
     for (g_train, r_train, _), (g_test, r_test, yy_test) in (folds, folds[::-1]):
         if yy_test <= 0:
@@ -261,16 +263,19 @@ def nuclear_brightness(
         _, h, w = x.shape
         hb, wb = h // bin_px, w // bin_px
         out = np.full((-(-h // bin_px), -(-w // bin_px)), np.nan)
-        if hb and wb:
-            y = x[:, : hb * bin_px, : wb * bin_px].astype(np.float32) - offset[:, None, None]
+        # a few block rows at a time: float32 work arrays of a few MB, not a copy of the chunk
+        rows = max(1, SLAB_PX // bin_px)
+        for r0 in range(0, hb if wb else 0, rows):
+            r1 = min(hb, r0 + rows)
+            y = x[:, r0 * bin_px : r1 * bin_px, : wb * bin_px].astype(np.float32) - offset[:, None, None]
             nuc = np.tensordot(weights, y, 1)
             nuclear = nuc * scale >= min_share * np.maximum(y.sum(axis=0), 1e-6)
             values = np.where(nuclear & (nuc > 0), nuc, np.nan)
-            tiles = values.reshape(hb, bin_px, wb, bin_px).transpose(0, 2, 1, 3).reshape(hb, wb, -1)
+            tiles = values.reshape(r1 - r0, bin_px, wb, bin_px).transpose(0, 2, 1, 3).reshape(r1 - r0, wb, -1)
             enough = np.isfinite(tiles).sum(axis=2) >= min_pixels
-            med = np.full((hb, wb), np.nan)
+            med = np.full((r1 - r0, wb), np.nan)
             med[enough] = np.nanmedian(tiles[enough], axis=1)
-            out[:hb, :wb] = med
+            out[r0:r1, :wb] = med
         return out
 
     if isinstance(cube, da.Array):
