@@ -9,15 +9,20 @@ from qdquant.unmixing import flag_poor_fit, noise_model, unmix
 REPO_LIBRARY = pd.read_csv(__import__("conftest").REPO / "config" / "spectra.csv")
 
 
-def test_off_library_object_is_flagged_and_left_out():
-    rng = np.random.default_rng(3)
+def _tissue(rng, shape=(96, 96)):
+    """The repository library and a background of dark offset (100) and autofluorescence (10-40)."""
     wl = REPO_LIBRARY["wavelength_nm"].to_numpy()
     names = [c for c in REPO_LIBRARY.columns if c != "wavelength_nm"]
     spectra = REPO_LIBRARY[names].to_numpy()
-    shape = (96, 96)
     abundances = np.zeros((len(names),) + shape)
     abundances[names.index("Offset")] = 100.0
     abundances[names.index("AF")] = rng.uniform(10, 40, shape)
+    return wl, names, spectra, shape, abundances
+
+
+def test_off_library_object_is_flagged_and_left_out():
+    rng = np.random.default_rng(3)
+    wl, names, spectra, shape, abundances = _tissue(rng)
     abundances[names.index("DAPI")] = 50.0
     cells = np.zeros(shape, np.int32)
     cells[10:40, 10:40], cells[50:90, 50:90] = 1, 2
@@ -79,13 +84,7 @@ def test_flagging_can_be_switched_off(tmp_path):
 def _lipofuscin_scene(seed=5):
     """Library mixtures with photon noise, two cells, and broad lipofuscin-like light on one membrane."""
     rng = np.random.default_rng(seed)
-    wl = REPO_LIBRARY["wavelength_nm"].to_numpy()
-    names = [c for c in REPO_LIBRARY.columns if c != "wavelength_nm"]
-    spectra = REPO_LIBRARY[names].to_numpy()
-    shape = (96, 96)
-    abundances = np.zeros((len(names),) + shape)
-    abundances[names.index("Offset")] = 100.0
-    abundances[names.index("AF")] = rng.uniform(10, 40, shape)
+    wl, names, spectra, shape, abundances = _tissue(rng)
     abundances[names.index("DAPI"), 20:40, 60:80] = 2000.0  # a very bright nucleus: not off-library
     abundances[names.index("QD655"), 60:90, 10:40] = 400.0  # strong HER2 (3+): not off-library
     cells = np.zeros(shape, np.int32)
