@@ -167,9 +167,11 @@ def main(argv=None):
     unmix(np.ascontiguousarray(cube[:, :64, :64]), a)
     t_first = time.perf_counter() - t
     if unmixing._USE_NUMBA:
-        misses = sum(sum(f.stats.cache_misses.values())
-                     for f in (unmixing._nb_tiles, unmixing._nb_tiles_parallel,
-                               unmixing._nb_tiles8, unmixing._nb_tiles8_parallel))
+        kernels = [unmixing._nb_tiles, unmixing._nb_tiles_parallel,
+                   unmixing._nb_tiles8, unmixing._nb_tiles8_parallel, unmixing._nb_table16]
+        if unmixing._KP < args.endmembers <= unmixing._K16_MAX:
+            kernels.append(unmixing._tiles16_kernel(args.endmembers))
+        misses = sum(sum(f.stats.cache_misses.values()) for f in kernels)
         how = "compiled" if misses else "loaded from numba's cache"
         print(f"first call (64x64 px): {t_first:.2f} s, kernel {how}")
 

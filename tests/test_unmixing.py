@@ -1,8 +1,9 @@
 """Tests of qdquant.unmixing: NNLS against scipy, offsets, weights, validation.
 
 The solver tests run with each engine of ``unmix``: the numba kernel (its
-table-driven fast path for K <= 8 and the Cholesky path used beyond), and the
-pure-numpy FC-NNLS that ``unmix`` uses when numba cannot be imported.
+table-driven vector kernels, 8 lanes for K <= 8 and 16 for K = 9..12, and the
+Cholesky path used beyond), and the pure-numpy FC-NNLS that ``unmix`` uses
+when numba cannot be imported.
 """
 
 from __future__ import annotations
@@ -84,13 +85,16 @@ def cond(a):
 
 
 @st.composite
-def problems(draw, ill=False):
-    """A random NNLS problem: spectra (C, K) and a float64 cube (C, Y, X)."""
+def problems(draw, ill=False, k_range=None):
+    """A random NNLS problem: spectra (C, K) and a float64 cube (C, Y, X).
+
+    ``k_range``: (min, max) endmembers; default 1 (2 when ill) to 6.
+    """
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    k = draw(st.integers(2 if ill else 1, 6))
-    c = draw(st.integers(max(k + int(ill), 3), 24))
-    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 7))
+    k = draw(st.integers(*(k_range or (2 if ill else 1, 6))))
+    c = draw(st.integers(max(k + int(ill), 3), 24 if k_range is None else 40))
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 7 if k_range is None else 40))
     a = rng.uniform(0.0, 1.0, (c, k))
     if ill:
         # two near-collinear columns, tuned to a condition number of 1e3..1e4
@@ -140,6 +144,32 @@ def test_matches_scipy_ill_conditioned(engine_name, problem):
     ours = np.linalg.norm(px - a @ abund.reshape(a.shape[1], -1).astype(np.float64), axis=0)
     theirs = np.linalg.norm(px - a @ ref.reshape(a.shape[1], -1), axis=0)
     assert (ours <= theirs * (1 + 1e-6) + 1e-6 * np.linalg.norm(px, axis=0)).all()
+
+
+@with_engines
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(k_range=(9, 12)), st.booleans())
+def test_nine_to_twelve_endmembers_match_scipy(engine_name, problem, ill):
+    # the numba kernel's 16-lane vectors (K = 9..12); rows up to 40 pixels
+    # (full and short blocks of 8); near-collinear columns when ill
+    a, cube = problem
+    if ill:
+        a = a.copy()
+        rng = np.random.default_rng(int(cube.size))
+        bump = rng.uniform(0.0, 1.0, a.shape[0])
+        eps = 1e-2
+        for _ in range(6):
+            a[:, 1] = a[:, 0] + eps * bump
+            eps *= cond(a) / 3e3
+        assert 5e2 < cond(a) < 2e4
+    with engine(engine_name):
+        abund, resid = unmix(cube, a)
+    assert (abund >= 0).all()
+    ref = scipy_unmix(cube, a)
+    assert_close_per_pixel(abund, ref)
+    px = cube.reshape(cube.shape[0], -1)
+    expected = np.sqrt(((px - a @ abund.reshape(a.shape[1], -1).astype(np.float64)) ** 2).mean(axis=0))
+    np.testing.assert_allclose(resid.ravel(), expected, rtol=1e-5, atol=1e-4)
 
 
 @with_engines
@@ -346,9 +376,12 @@ def test_numba_is_the_default_engine():
     assert unmixing._USE_NUMBA
 
 
-def many_pixel_problem(seed, shape=(90, 130)):
+def many_pixel_problem(seed, shape=(90, 130), k=6):
     rng = np.random.default_rng(seed)
-    a = gaussians([520, 560, 600, 640, 680, 600], [12, 12, 12, 12, 12, 80])
+    if k == 6:
+        a = gaussians([520, 560, 600, 640, 680, 600], [12, 12, 12, 12, 12, 80])
+    else:  # k - 1 narrow peaks and a broad one
+        a = gaussians(list(np.linspace(510, 690, k - 1)) + [600], [10] * (k - 1) + [80])
     k = a.shape[1]
     x = rng.gamma(2.0, 40.0, (k,) + shape) * (rng.random((k,) + shape) < 0.5)
     cube = np.einsum("ck,kyx->cyx", a, x)
@@ -380,15 +413,17 @@ def test_numba_many_pixels_match_scipy(engine_name, layout):
 
 @with_engines
 @pytest.mark.parametrize("ill", [False, True])
-@pytest.mark.parametrize("k", [7, 8])
-def test_seven_and_eight_endmembers_match_scipy(engine_name, k, ill):
+@pytest.mark.parametrize("k", [7, 8, 9, 10, 11, 12, 13])
+def test_seven_to_thirteen_endmembers_match_scipy(engine_name, k, ill):
     # the numba kernel's vectors of 8 variables with one padding variable
-    # (K = 7) and none (K = 8); rows of 37 pixels (a short block), an offset;
+    # (K = 7) and none (K = 8), its 16-lane vectors (K = 9..12), the scalar
+    # kernel beyond (13); rows of 37 pixels (a short block), an offset;
     # float32 well-conditioned, float64 ill-conditioned (the numpy engine
     # sums a float32 cube in float32)
     rng = np.random.default_rng(10 * k + ill)
     wl = np.linspace(450, 750, 31)
-    a = gaussians(np.linspace(480, 720, k), [25.0] * k, wl)
+    # peaks narrower as they crowd (condition number 4-11 for K = 7..13)
+    a = gaussians(np.linspace(480, 720, k), [min(25.0, 200.0 / k)] * k, wl)
     if ill:  # two near-collinear columns, condition number about 3e3
         bump = rng.uniform(0.0, 1.0, wl.size)
         eps = 1e-2
@@ -408,9 +443,44 @@ def test_seven_and_eight_endmembers_match_scipy(engine_name, k, ill):
 
 
 @needs_numba
+@pytest.mark.parametrize("layout", ["contiguous", "x-strided", "uint16", "dask"])
+def test_shipped_library_many_pixels_match_scipy(layout, monkeypatch):
+    # the shipped 9-endmember library (31 bands) on many tiles, two threads'
+    # chunks when numba has them; an X-strided view goes through contiguous
+    # slabs (small ones here: several)
+    lib = pd.read_csv(Path(__file__).resolve().parents[1] / "config" / "spectra.csv")
+    a = lib.drop(columns="wavelength_nm").to_numpy()
+    k = a.shape[1]
+    rng = np.random.default_rng(21)
+    x = rng.gamma(2.0, 40.0, (k, 40, 150)) * (rng.random((k, 40, 150)) < 0.5)
+    cube = np.einsum("ck,kyx->cyx", a, x) + 3.0
+    cube = (cube + rng.normal(0, 1, cube.shape) * np.sqrt(cube)).astype(np.float32)
+    if layout == "x-strided":
+        cube = cube[:, 1:, ::2]
+        monkeypatch.setattr(unmixing, "_STRIDED_SLAB_PX", 1000)
+    elif layout == "uint16":
+        cube = np.clip(cube, 0, None).astype(np.uint16)
+    fallback = []
+    slab = unmixing._unmix_slab
+    monkeypatch.setattr(unmixing, "_unmix_slab", lambda b, *args: fallback.append(b.shape) or slab(b, *args))
+    with engine("numba"):
+        if layout == "dask":
+            abund, resid = da.compute(*unmix(da.from_array(cube, chunks=(31, 17, 64)), a, offset=3.0))
+        else:
+            abund, resid = unmix(cube, a, offset=3.0)
+    # solved by the 16-lane kernel, none by the numpy fallback
+    assert unmixing._USE_NUMBA and unmixing._tiles16_kernel(k).signatures and not fallback
+    assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=3.0))
+    model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
+    expected = np.sqrt(((cube.astype(np.float64) - 3.0 - model) ** 2).mean(axis=0))
+    np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("k", [6, 9])
 @pytest.mark.parametrize("engine_name", ["numba", "numba-cholesky"])
-def test_numba_unconverged_pixels_go_to_numpy_path(engine_name, monkeypatch):
-    a, cube = many_pixel_problem(13, shape=(20, 30))
+def test_numba_unconverged_pixels_go_to_numpy_path(engine_name, k, monkeypatch):
+    a, cube = many_pixel_problem(13, shape=(20, 30), k=k)
     solved = []
     slab = unmixing._unmix_slab
 

@@ -440,15 +440,19 @@ def _unmix_block(block, a, offset, weights):
 # first pass, without branches, solves every such pixel on its warm-start
 # passive set and checks the KKT conditions (done for about 2/3 of them on
 # typical data); a second pass runs the Lawson-Hanson loop for the rest.
-# Beyond _KP endmembers, and for the per-pixel Gram matrices of the Poisson
-# refit, each passive system is factorised (Cholesky) when it comes.
+# In the scalar kernel beyond _KP endmembers (with Poisson weights, or K >
+# _K16_MAX), and for the per-pixel Gram matrices of the Poisson refit, each
+# passive system is factorised (Cholesky) when it comes.
 #
-# Without weights and for K <= _KP (the common case), _nb_tiles8 does the
-# same with explicit vectors of 8 float64 (numba intrinsics for LLVM vector
-# operations, below): 8 pixels a vector for the band sums, the unconstrained
-# solution, the outputs and the residual; a pixel's _KP variables a vector
-# for its active-set steps. LLVM does not vectorise either on its own. See
-# "the fast kernel" below.
+# Without weights and for K <= _KP, _nb_tiles8 does the same with explicit
+# vectors of 8 float64 (numba intrinsics for LLVM vector operations, below):
+# 8 pixels a vector for the band sums, the unconstrained solution, the
+# outputs and the residual; a pixel's _KP variables a vector for its
+# active-set steps. LLVM does not vectorise either on its own. See "the fast
+# kernel" below. For _KP < K <= _K16_MAX (the shipped panel has K = 9) the
+# 16-lane kernel does the same with a pixel's variables in 16 lanes ("the
+# 16-lane kernel" below). Both read 8 neighbouring pixels a load: a cube
+# strided along X is copied to them by slabs of rows.
 #
 # Pixels whose active-set iteration does not converge (_LH_ITER_FACTOR x K + 1
 # outer steps from the warm start, then as many from the cold start), or
@@ -502,26 +506,46 @@ if _numba is not None:
 
         return _nbtypes.CPointer(_nbtypes.float64)(n), codegen
 
+    @_intrinsic
+    def _nb_stack_i8(typingctx, n):
+        """Pointer to ``n`` (a literal int) int64 on the calling function's stack
+        (as ``_nb_stack_f8``; no heap array, no reference counting)."""
+        if not isinstance(n, _nbtypes.IntegerLiteral):
+            return None
+        size = n.literal_value
+
+        def codegen(context, builder, sig, args):
+            return _cgutils.alloca_once(builder, context.get_value_type(_nbtypes.int64), size=size)
+
+        return _nbtypes.CPointer(_nbtypes.int64)(n), codegen
+
     # ----------------------------------------------------------------------
-    # 8 x float64 vectors (one AVX-512 register; two AVX2 ones elsewhere)
+    # vectors of 8 or 16 float64 (8: one AVX-512 register, 16: two)
     # ----------------------------------------------------------------------
     # LLVM does not vectorise the per-pixel loops of the active-set method on
-    # its own (nor the register-blocked band sums), so the fast kernel below
-    # writes them with these: a numba type for the LLVM vector <8 x double>
-    # and intrinsics for the few operations it needs. Lane masks are int64
-    # bit masks (bit i = lane i), the same form as the passive-set codes.
+    # its own (nor the register-blocked band sums), so the fast kernels below
+    # write them with these: numba types for the LLVM vectors <8 x double>
+    # (8 pixels, or a pixel's variables for K <= 8) and <16 x double> (a
+    # pixel's variables for K <= 16; LLVM splits each operation over two
+    # registers), and intrinsics for the few operations they need. The
+    # arithmetic, compares, selects and reductions take either width (all
+    # operands alike); loads and splats have one function per width. Lane
+    # masks are int64 bit masks (bit i = lane i), the same form as the
+    # passive-set codes.
 
-    class _F8x8Type(_nbtypes.Type):
-        def __init__(self):
-            super().__init__(name="qdquant_f8x8")
+    class _F8xNType(_nbtypes.Type):
+        def __init__(self, n):
+            self.n = n
+            super().__init__(name=f"qdquant_f8x{n}")
 
-    _f8x8 = _F8x8Type()
+    _f8x8 = _F8xNType(8)
+    _f8x16 = _F8xNType(16)
     _V8 = _ir.VectorType(_ir.DoubleType(), 8)
 
-    @_register_model(_F8x8Type)
-    class _F8x8Model(_models.PrimitiveModel):
+    @_register_model(_F8xNType)
+    class _F8xNModel(_models.PrimitiveModel):
         def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, _V8)
+            super().__init__(dmm, fe_type, _ir.VectorType(_ir.DoubleType(), fe_type.n))
 
     def _llvm_fn(builder, name, ret, args):
         return _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(ret, args), name)
@@ -534,30 +558,41 @@ if _numba is not None:
                                           layout=aryty.layout, inds=inds, wraparound=False)
 
     def _is_f8_vector(*tys):
-        return all(t == _f8x8 for t in tys)
+        """All of ``tys`` are the same vector type."""
+        return isinstance(tys[0], _F8xNType) and all(t == tys[0] for t in tys)
 
-    @_intrinsic
-    def _v_load(typingctx, arr, i):
-        """``arr[i:i + 8]`` (1-D float64 array) as a vector."""
-        if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64):
-            return None
+    def _vty(ty):
+        """The LLVM type of a vector type."""
+        return _ir.VectorType(_ir.DoubleType(), ty.n)
 
-        def codegen(context, builder, sig, args):
-            p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
-            return builder.load(builder.bitcast(p, _V8.as_pointer()), align=8)
+    def _v_loader(vt, doc):
+        @_intrinsic
+        def load(typingctx, arr, i):
+            if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64):
+                return None
 
-        return _f8x8(arr, _nbtypes.intp), codegen
+            def codegen(context, builder, sig, args):
+                p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
+                return builder.load(builder.bitcast(p, _vty(vt).as_pointer()), align=8)
+
+            return vt(arr, _nbtypes.intp), codegen
+
+        load.__doc__ = doc
+        return load
+
+    _v_load = _v_loader(_f8x8, "``arr[i:i + 8]`` (1-D float64 array) as a vector.")
+    _v16_load = _v_loader(_f8x16, "``arr[i:i + 16]`` (1-D float64 array) as a vector.")
 
     @_intrinsic
     def _v_store(typingctx, arr, i, v):
-        """``arr[i:i + 8] = v`` (1-D float64 array)."""
+        """``arr[i:i + n] = v`` (1-D float64 array, a vector of n)."""
         if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64
                 and _is_f8_vector(v)):
             return None
 
         def codegen(context, builder, sig, args):
             p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
-            builder.store(args[2], builder.bitcast(p, _V8.as_pointer()), align=8)
+            builder.store(args[2], builder.bitcast(p, _vty(sig.args[2]).as_pointer()), align=8)
             return context.get_dummy_value()
 
         return _nbtypes.none(arr, _nbtypes.intp, v), codegen
@@ -588,7 +623,7 @@ if _numba is not None:
     def _v_store_row_f4(typingctx, arr, c, y, x, v):
         """``arr[c, y, x:x + 8] = float32(v)`` (3-D float32 array, unit last stride)."""
         if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 3 and arr.dtype == _nbtypes.float32
-                and _is_f8_vector(v)):
+                and v == _f8x8):
             return None
 
         def codegen(context, builder, sig, args):
@@ -611,31 +646,44 @@ if _numba is not None:
 
         return _nbtypes.CPointer(arr.dtype)(arr), codegen
 
-    @_intrinsic
-    def _v_loadp(typingctx, p, i):
-        """``p[i:i + 8]`` (float64 pointer) as a vector."""
-        if not (isinstance(p, _nbtypes.CPointer) and p.dtype == _nbtypes.float64):
-            return None
+    def _v_ploader(vt, doc):
+        @_intrinsic
+        def loadp(typingctx, p, i):
+            if not (isinstance(p, _nbtypes.CPointer) and p.dtype == _nbtypes.float64):
+                return None
 
-        def codegen(context, builder, sig, args):
-            q = builder.gep(args[0], [args[1]])
-            return builder.load(builder.bitcast(q, _V8.as_pointer()), align=8)
+            def codegen(context, builder, sig, args):
+                q = builder.gep(args[0], [args[1]])
+                return builder.load(builder.bitcast(q, _vty(vt).as_pointer()), align=8)
 
-        return _f8x8(p, _nbtypes.intp), codegen
+            return vt(p, _nbtypes.intp), codegen
 
-    @_intrinsic
-    def _v_splat(typingctx, x):
-        """Vector of 8 copies of the float ``x``."""
-        if not isinstance(x, _nbtypes.Float):
-            return None
+        loadp.__doc__ = doc
+        return loadp
 
-        def codegen(context, builder, sig, args):
-            val = context.cast(builder, args[0], sig.args[0], _nbtypes.float64)
-            undef = _ir.Constant(_V8, _ir.Undefined)
-            v = builder.insert_element(undef, val, _ir.Constant(_ir.IntType(32), 0))
-            return builder.shuffle_vector(v, undef, _ir.Constant(_ir.VectorType(_ir.IntType(32), 8), [0] * 8))
+    _v_loadp = _v_ploader(_f8x8, "``p[i:i + 8]`` (float64 pointer) as a vector.")
+    _v16_loadp = _v_ploader(_f8x16, "``p[i:i + 16]`` (float64 pointer) as a vector.")
 
-        return _f8x8(x), codegen
+    def _v_splatter(vt, doc):
+        @_intrinsic
+        def splat(typingctx, x):
+            if not isinstance(x, _nbtypes.Float):
+                return None
+
+            def codegen(context, builder, sig, args):
+                val = context.cast(builder, args[0], sig.args[0], _nbtypes.float64)
+                undef = _ir.Constant(_vty(vt), _ir.Undefined)
+                v = builder.insert_element(undef, val, _ir.Constant(_ir.IntType(32), 0))
+                mask = _ir.Constant(_ir.VectorType(_ir.IntType(32), vt.n), [0] * vt.n)
+                return builder.shuffle_vector(v, undef, mask)
+
+            return vt(x), codegen
+
+        splat.__doc__ = doc
+        return splat
+
+    _v_splat = _v_splatter(_f8x8, "Vector of 8 copies of the float ``x``.")
+    _v16_splat = _v_splatter(_f8x16, "Vector of 16 copies of the float ``x``.")
 
     def _v_binop(name, doc):
         @_intrinsic
@@ -646,7 +694,7 @@ if _numba is not None:
             def codegen(context, builder, sig, args):
                 return getattr(builder, name)(args[0], args[1])
 
-            return _f8x8(a, b), codegen
+            return a(a, b), codegen
 
         op.__doc__ = doc
         return op
@@ -663,15 +711,17 @@ if _numba is not None:
                 return None
 
             def codegen(context, builder, sig, args):
-                return builder.call(_llvm_fn(builder, llvm_name, _V8, [_V8]), list(args))
+                vt = _vty(sig.args[0])
+                fn = _llvm_fn(builder, f"llvm.{llvm_name}.v{vt.count}f64", vt, [vt])
+                return builder.call(fn, list(args))
 
-            return _f8x8(a), codegen
+            return a(a), codegen
 
         op.__doc__ = doc
         return op
 
-    _v_abs = _v_unary("llvm.fabs.v8f64", "|a|")
-    _v_sqrt = _v_unary("llvm.sqrt.v8f64", "sqrt(a)")
+    _v_abs = _v_unary("fabs", "|a|")
+    _v_sqrt = _v_unary("sqrt", "sqrt(a)")
 
     @_intrinsic
     def _v_fma(typingctx, a, b, c):
@@ -680,9 +730,10 @@ if _numba is not None:
             return None
 
         def codegen(context, builder, sig, args):
-            return builder.call(_llvm_fn(builder, "llvm.fma.v8f64", _V8, [_V8] * 3), list(args))
+            vt = _vty(sig.args[0])
+            return builder.call(_llvm_fn(builder, f"llvm.fma.v{vt.count}f64", vt, [vt] * 3), list(args))
 
-        return _f8x8(a, b, c), codegen
+        return a(a, b, c), codegen
 
     @_intrinsic
     def _v_round_f4(typingctx, a):
@@ -691,9 +742,10 @@ if _numba is not None:
             return None
 
         def codegen(context, builder, sig, args):
-            return builder.fpext(builder.fptrunc(args[0], _ir.VectorType(_ir.FloatType(), 8)), _V8)
+            vt = _vty(sig.args[0])
+            return builder.fpext(builder.fptrunc(args[0], _ir.VectorType(_ir.FloatType(), vt.count)), vt)
 
-        return _f8x8(a), codegen
+        return a(a), codegen
 
     def _v_compare(op, doc):
         @_intrinsic
@@ -703,7 +755,7 @@ if _numba is not None:
 
             def codegen(context, builder, sig, args):
                 m = builder.fcmp_ordered(op, args[0], args[1])
-                return builder.zext(builder.bitcast(m, _ir.IntType(8)), _ir.IntType(64))
+                return builder.zext(builder.bitcast(m, _ir.IntType(sig.args[0].n)), _ir.IntType(64))
 
             return _nbtypes.int64(a, b), codegen
 
@@ -722,10 +774,11 @@ if _numba is not None:
             return None
 
         def codegen(context, builder, sig, args):
-            mi = builder.trunc(context.cast(builder, args[0], sig.args[0], _nbtypes.int64), _ir.IntType(8))
-            return builder.select(builder.bitcast(mi, _ir.VectorType(_ir.IntType(1), 8)), args[1], args[2])
+            n = sig.args[1].n
+            mi = builder.trunc(context.cast(builder, args[0], sig.args[0], _nbtypes.int64), _ir.IntType(n))
+            return builder.select(builder.bitcast(mi, _ir.VectorType(_ir.IntType(1), n)), args[1], args[2])
 
-        return _f8x8(m, a, b), codegen
+        return a(m, a, b), codegen
 
     def _v_reduce(op, doc):
         @_intrinsic
@@ -735,13 +788,16 @@ if _numba is not None:
 
             def codegen(context, builder, sig, args):
                 x = args[0]
-                for n in (1, 2, 4):  # butterfly: the result in every lane
-                    idx = _ir.Constant(_ir.VectorType(_ir.IntType(32), 8), [i ^ n for i in range(8)])
+                n = sig.args[0].n
+                s = 1
+                while s < n:  # butterfly: the result in every lane
+                    idx = _ir.Constant(_ir.VectorType(_ir.IntType(32), n), [i ^ s for i in range(n)])
                     other = builder.shuffle_vector(x, x, idx)
                     x = builder.select(builder.fcmp_ordered(op, other, x), other, x)
+                    s *= 2
                 return x
 
-            return _f8x8(v), codegen
+            return v(v), codegen
 
         red.__doc__ = doc
         return red
@@ -749,35 +805,62 @@ if _numba is not None:
     _v_max = _v_reduce(">", "The largest lane, in every lane (no NaN lanes)")
     _v_min = _v_reduce("<", "The smallest lane, in every lane (no NaN lanes)")
 
-    @_intrinsic
-    def _v_transpose(typingctx, arr, i):
-        """Transpose the 8 x 8 row-major block ``arr[i:i + 64]`` in place."""
-        if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64):
-            return None
+    def _transpose8x8(builder, rows):
+        """The 8 x 8 matrix of 8 <8 x double> rows, transposed (a list of rows)."""
+        mty = _ir.VectorType(_ir.IntType(32), 8)
+        s = 1
+        while s < 8:  # butterfly: swap the off-diagonal s x s blocks
+            new = list(rows)
+            for r in range(8):
+                if r & s:
+                    continue
+                lo = [ln if not ln & s else ln - s + 8 for ln in range(8)]
+                hi = [ln + s if not ln & s else ln + 8 for ln in range(8)]
+                new[r] = builder.shuffle_vector(rows[r], rows[r + s], _ir.Constant(mty, lo))
+                new[r + s] = builder.shuffle_vector(rows[r], rows[r + s], _ir.Constant(mty, hi))
+            rows = new
+            s *= 2
+        return rows
 
-        def codegen(context, builder, sig, args):
-            p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
-            p = builder.bitcast(p, _V8.as_pointer())
-            ptrs = [builder.gep(p, [_ir.Constant(_ir.IntType(64), r)]) for r in range(8)]
-            rows = [builder.load(q, align=8) for q in ptrs]
-            mty = _ir.VectorType(_ir.IntType(32), 8)
-            s = 1
-            while s < 8:  # butterfly: swap the off-diagonal s x s blocks
-                new = list(rows)
-                for r in range(8):
-                    if r & s:
-                        continue
-                    lo = [ln if not ln & s else ln - s + 8 for ln in range(8)]
-                    hi = [ln + s if not ln & s else ln + 8 for ln in range(8)]
-                    new[r] = builder.shuffle_vector(rows[r], rows[r + s], _ir.Constant(mty, lo))
-                    new[r + s] = builder.shuffle_vector(rows[r], rows[r + s], _ir.Constant(mty, hi))
-                rows = new
-                s *= 2
-            for q, row in zip(ptrs, rows):
-                builder.store(row, q, align=8)
-            return context.get_dummy_value()
+    def _v_permuter(load_at, store_at, doc):
+        """An intrinsic ``(arr, i)`` that loads the 8-lane rows at ``arr[i + load_at[r]]``,
+        transposes each group of 8 and stores the rows to ``arr[i + store_at[r]]``, in place."""
 
-        return _nbtypes.none(arr, _nbtypes.intp), codegen
+        @_intrinsic
+        def permute(typingctx, arr, i):
+            if not (isinstance(arr, _nbtypes.Array) and arr.ndim == 1 and arr.dtype == _nbtypes.float64):
+                return None
+
+            def codegen(context, builder, sig, args):
+                p = _item_ptr(context, builder, sig.args[0], args[0], [args[1]])
+
+                def ptr(off):
+                    q = builder.gep(p, [_ir.Constant(_ir.IntType(64), off)])
+                    return builder.bitcast(q, _V8.as_pointer())
+
+                rows = [builder.load(ptr(off), align=8) for off in load_at]
+                out = []
+                for g in range(0, len(rows), 8):
+                    out += _transpose8x8(builder, rows[g:g + 8])
+                for off, row in zip(store_at, out):
+                    builder.store(row, ptr(off), align=8)
+                return context.get_dummy_value()
+
+            return _nbtypes.none(arr, _nbtypes.intp), codegen
+
+        permute.__doc__ = doc
+        return permute
+
+    _v_transpose = _v_permuter(range(0, 64, 8), range(0, 64, 8),
+                               "Transpose the 8 x 8 row-major block ``arr[i:i + 64]`` in place.")
+    # a block of 8 pixels x 16 variables: rows 0-7 and 8-15 of the variable-
+    # major form become lanes 0-7 and 8-15 of each pixel's row of 16
+    _v_transpose16x8 = _v_permuter(
+        range(0, 128, 8), [16 * p for p in range(8)] + [16 * p + 8 for p in range(8)],
+        "``arr[i:i + 128]``, 16 rows of 8 (row r at 8 r), in place as 8 rows of 16 (row p at 16 p).")
+    _v_transpose8x16 = _v_permuter(
+        [16 * p for p in range(8)] + [16 * p + 8 for p in range(8)], range(0, 128, 8),
+        "The inverse of ``_v_transpose16x8``.")
 
     @_intrinsic
     def _ctz(typingctx, x):
@@ -1690,6 +1773,382 @@ if _numba is not None:
             n_nonfinite += counts[1]
         return n_bad, n_nonfinite
 
+    # ----------------------------------------------------------------------
+    # the 16-lane kernel: _KP < K <= _K16_MAX, unweighted
+    # ----------------------------------------------------------------------
+    # _nb_tiles8's algorithm, step for step, for more endmembers: a pixel's
+    # variables are one vector of 16 lanes (two registers; lanes K.. are 0),
+    # the across-pixel parts (band sums, unconstrained solution, outputs,
+    # residual) still 8 pixels a vector. K is a compile-time constant: the
+    # kernel is a closure over K (_tiles16_kernel) around a body inlined
+    # into it, so that every loop over the endmembers has a constant trip
+    # count, LLVM unrolls it and keeps the band-sum accumulators (a stack
+    # array) in registers, and the band sums, the passive solves and the
+    # residual cost K rows, not 16.
+    #
+    # The table of restricted inverses has 2**K entries of 2 K columns of 16
+    # doubles (T, then I - G T; lanes K.. zero): 1.2 MB for K = 9, 12.6 MB
+    # for K = 12; a pixel reads one entry per solve, and the passive sets
+    # that occur on a slide are few. At K = 9 an active pixel takes 1.6
+    # solves on average, each about 60 cycles against 36 vector FMAs (twice
+    # the 8-lane kernel's: the 16-lane vectors are two registers whatever K).
+    # Beyond _K16_MAX the scalar kernel factorises each passive system.
+
+    @_njit
+    def _nb_table16(g, table, ok):
+        """Fill ``table`` (2**K * 32 K, zeros) and ``ok`` for ``g`` (K x K), K <= 16.
+
+        Entry ``code`` (bit i set: variable i passive) starts at ``code * 32 K``:
+        the K columns of T, the inverse of ``g[p, p]`` embedded in zeros (16
+        lanes each, column r at ``16 r``), then the K columns of ``I - g T``.
+        ``ok[code]`` is False where ``g[p, p]`` is not numerically positive
+        definite (Cholesky, as _nb_inverse_table). (Columns packed K doubles
+        apart, read 16 lanes at a time, were no faster.)
+        """
+        k = g.shape[0]
+        kw = 32 * k
+        pidx = np.empty(k, np.intp)
+        chol = np.empty((k, k))
+        z = np.empty(k)
+        e = np.zeros(k)
+        for code in range(1 << k):
+            base = code * kw
+            m = 0
+            for i in range(k):
+                if (code >> i) & 1:
+                    pidx[m] = i
+                    m += 1
+            ok[code] = 1
+            for col in range(m):
+                e[pidx[col]] = 1.0
+                if not _nb_chol_solve(g, e, pidx, m, chol, z):
+                    ok[code] = 0
+                e[pidx[col]] = 0.0
+                for q in range(m):
+                    table[base + 16 * pidx[col] + pidx[q]] = z[q]
+            wb = base + 16 * k
+            for r in range(k):
+                for i in range(k):
+                    s = 1.0 if i == r else 0.0
+                    for q in range(m):
+                        s -= g[i, pidx[q]] * table[base + 16 * r + pidx[q]]
+                    table[wb + 16 * r + i] = s
+
+    @_njit_inline
+    def _nb_solve16(tp, code, bp, jb, k):
+        """``z = T b`` and the gradient ``w = b - G z`` on the passive set ``code``.
+
+        ``tp``: pointer to the table of _nb_table16; ``b[r] = bp[jb + 8 r]``,
+        r < k. Even and odd r in two sums each (shorter dependency chains).
+        """
+        base = code * (32 * k)
+        wb = base + 16 * k
+        b0 = _v16_splat(bp[jb])
+        b1 = _v16_splat(bp[jb + 8])
+        z0 = _v_mul(_v16_loadp(tp, base), b0)
+        w0 = _v_mul(_v16_loadp(tp, wb), b0)
+        z1 = _v_mul(_v16_loadp(tp, base + 16), b1)
+        w1 = _v_mul(_v16_loadp(tp, wb + 16), b1)
+        for r in range(2, k):
+            br = _v16_splat(bp[jb + 8 * r])
+            if r & 1:
+                z1 = _v_fma(_v16_loadp(tp, base + 16 * r), br, z1)
+                w1 = _v_fma(_v16_loadp(tp, wb + 16 * r), br, w1)
+            else:
+                z0 = _v_fma(_v16_loadp(tp, base + 16 * r), br, z0)
+                w0 = _v_fma(_v16_loadp(tp, wb + 16 * r), br, w0)
+        return _v_add(z0, z1), _v_add(w0, w1)
+
+    @_njit_inline
+    def _nb_lh16(tp, okp, bp, jb, bv, d, w, code, solve, tol, kmask, max_outer, k):
+        """_nb_lh8 on a pixel's 16-lane vectors (K = k endmembers)."""
+        zero = _v16_splat(0.0)
+        tolv = _v16_splat(tol)
+        status = 2
+        for _outer in range(max_outer):
+            if solve:
+                # least squares on the passive set, stepping back to the
+                # feasible region (each step drops at least one variable)
+                for _inner in range(k + 1):
+                    if code == 0:
+                        d = zero
+                        w = bv
+                        break
+                    if okp[code] == 0:
+                        status = 1
+                        break
+                    z, w = _nb_solve16(tp, code, bp, jb, k)
+                    neg = _v_le(z, zero) & code
+                    if neg == 0:
+                        d = z
+                        break
+                    ratio = _v_div(d, _v_sub(d, z))
+                    neg &= _v_eq(ratio, ratio)  # 0 / 0: not a step
+                    if neg == 0:
+                        d = z
+                        break
+                    ratio = _v_select(neg, ratio, _v16_splat(np.inf))
+                    alpha = _v_min(ratio)
+                    imin = _ctz(_v_eq(ratio, alpha) & neg)
+                    v = _v_fma(alpha, _v_sub(z, d), d)
+                    code &= ~(code & (_v_le(v, zero) | (np.int64(1) << imin)))
+                    d = _v_select(code, v, zero)
+                if status == 1:
+                    break
+            solve = True
+            # KKT: the gradient of every active variable must be <= tol
+            cand = _v_gt(w, tolv) & ~code & kmask
+            if cand == 0:
+                status = 0
+                break
+            wm = _v_select(cand, w, _v16_splat(-np.inf))
+            code |= np.int64(1) << _ctz(_v_eq(wm, _v_max(wm)) & cand)
+        return status, d
+
+    #: Most endmembers of the 16-lane kernel (the table: 12.6 MB at 12).
+    _K16_MAX = 12
+    #: Its stack buffers, for up to _K16_MAX endmembers and a group of 64
+    #: pixels: b (8 K a block of 8 pixels), x and the gradient (16 x 8 a block).
+    _BB16 = 8 * _K16_MAX * _GROUP
+    _XX16 = 128 * _GROUP
+    _ACC16 = 8 * _K16_MAX
+
+    @_njit_inline
+    def _nb_tiles16_body(cube, ak, ginvk, gsk, table, ok, offset, k, max_outer, t0, t1,
+                         abund, resid3, status):
+        """``_nb_tiles8`` for _KP < K = k <= _K16_MAX, a pixel's variables 16 lanes a vector.
+
+        ``k`` must be a compile-time constant (see _tiles16_kernel). ``ak``
+        (C, K), ``ginvk`` (the inverse of G) and ``gsk`` (the upper triangle
+        of G, off-diagonal doubled) flat; ``table``, ``ok`` from _nb_table16
+        (ok as uint8).
+        """
+        c_n, _, w_n = cube.shape
+        nt = _TILE
+        ntx = (w_n + nt - 1) // nt
+        # per block of 8 pixels: bb k rows of 8 pixels (block stride 8 k); xx
+        # 16 rows of 8 (stride 128; rows k.. stay 0), pixel-major (a pixel's
+        # 16 lanes a row) while the active-set steps run; ww pixel-major
+        bb = _numba.carray(_nb_stack_f8(_BB16), _BB16)
+        xx = _numba.carray(_nb_stack_f8(_XX16), _XX16)
+        ww = _numba.carray(_nb_stack_f8(_XX16), _XX16)
+        acc = _numba.carray(_nb_stack_f8(_ACC16), _ACC16)  # band sums, in registers
+        yyg = _numba.carray(_nb_stack_f8(64), 64)  # |y|^2
+        tols = _numba.carray(_nb_stack_f8(64), 64)  # KKT tolerances
+        tmp = _numba.carray(_nb_stack_f8(8), 8)
+        bvt = _numba.carray(_nb_stack_f8(16), 16)  # a pixel's b, 16 lanes
+        codes = _numba.carray(_nb_stack_i8(64), 64)  # passive sets; bit 16: solve first
+        for q in range(_BB16):
+            bb[q] = 0.0
+        for q in range(_XX16):
+            xx[q] = 0.0
+            ww[q] = 0.0
+        for q in range(16):
+            bvt[q] = 0.0
+        tp = _v_dataptr(table)
+        okp = _v_dataptr(ok)
+        bp = _v_dataptr(bb)
+        zero = _v_splat(0.0)
+        zero16 = _v16_splat(0.0)
+        kmask = (np.int64(1) << k) - 1
+        n_bad = 0
+        n_nonfinite = 0
+        for t in range(t0, t1):
+            y = t // ntx
+            x0 = (t % ntx) * nt
+            n = min(nt, w_n - x0)
+            for g0 in range(0, n, 8 * _GROUP):
+                nblk = min(_GROUP, (n - g0 + 7) // 8)
+                negg = 0  # the group's pixels with a negative unconstrained entry
+                for blk in range(nblk):
+                    j0 = g0 + 8 * blk
+                    nv = min(8, n - j0)
+                    xs = x0 + j0
+                    ob = blk * 8 * k  # the block's b in bb
+                    ox = blk * 128  # its x in xx
+                    # b = A.T y and |y|^2, offset subtracted, one pass over the bands
+                    for i in range(k):
+                        _v_store(acc, 8 * i, zero)
+                    yy = zero
+                    for c in range(c_n):
+                        if nv == 8:
+                            yv = _v_load_row(cube, c, y, xs)
+                        else:  # short last block of a row
+                            for q in range(8):
+                                tmp[q] = np.float64(cube[c, y, xs + q]) if q < nv else 0.0
+                            yv = _v_load(tmp, 0)
+                        yv = _v_sub(yv, _v_splat(offset[c]))
+                        for i in range(k):
+                            _v_store(acc, 8 * i, _v_fma(_v_splat(ak[c * k + i]), yv, _v_load(acc, 8 * i)))
+                        yy = _v_fma(yv, yv, yy)
+                    for i in range(k):
+                        _v_store(bb, ob + 8 * i, _v_load(acc, 8 * i))
+                    _v_store(yyg, blk * 8, yy)
+                    # unconstrained solution G^-1 b; pixels with a negative entry
+                    negm = 0
+                    for i in range(k):
+                        s = zero
+                        for q in range(k):
+                            s = _v_fma(_v_splat(ginvk[i * k + q]), _v_load(acc, 8 * q), s)
+                        _v_store(xx, ox + 8 * i, s)
+                        negm |= _v_lt(s, zero)
+                    negm &= (np.int64(1) << nv) - 1
+                    if negm != 0:
+                        # KKT tolerance (A.T y units), relative to each pixel's scale, as in _fcnnls
+                        scale = _v_abs(_v_load(acc, 0))
+                        for i in range(1, k):
+                            bi = _v_abs(_v_load(acc, 8 * i))
+                            scale = _v_select(_v_gt(bi, scale), bi, scale)
+                        scale = _v_select(_v_gt(scale, zero), scale, _v_splat(1.0))
+                        _v_store(tols, blk * 8, _v_mul(_v_splat(_KKT_RTOL * k), scale))
+                        _v_transpose16x8(xx, ox)
+                        negg |= negm << (8 * blk)
+                if negg != 0:
+                    # round 1: least squares on the positive set P of the
+                    # unconstrained solution, KKT check
+                    m = negg
+                    pend = 0  # feasible, KKT not met: add a variable
+                    gen = 0  # to the general loop
+                    while m != 0:
+                        p = _ctz(m)
+                        m &= m - 1
+                        o = (p >> 3) * 128 + (p & 7) * 16  # the pixel's row of xx, ww
+                        jb = (p >> 3) * 8 * k + (p & 7)  # its column of bb
+                        xu = _v16_load(xx, o)
+                        code = _v_gt(xu, zero16) & kmask
+                        z, w = _nb_solve16(tp, code, bp, jb, k)
+                        feas = ((_v_le(z, zero16) & code) == 0) & (okp[code] != 0)
+                        kkt = (_v_gt(w, _v16_splat(tols[p])) & ~code & kmask) == 0
+                        _v_store(xx, o, _v_select(-np.int64(feas), z, _v_select(code, xu, zero16)))
+                        _v_store(ww, o, w)
+                        codes[p] = code | (np.int64(not feas) << 16)
+                        pend |= np.int64(feas & (not kkt)) << p
+                        gen |= np.int64(not feas) << p
+                    # further rounds: add every active variable whose gradient is
+                    # above the tolerance
+                    r = 1
+                    while pend != 0 and r < max_outer:
+                        m = pend
+                        pend = 0
+                        while m != 0:
+                            p = _ctz(m)
+                            m &= m - 1
+                            o = (p >> 3) * 128 + (p & 7) * 16
+                            jb = (p >> 3) * 8 * k + (p & 7)
+                            w0 = _v16_load(ww, o)
+                            code0 = codes[p]
+                            tolv = _v16_splat(tols[p])
+                            code = code0 | (_v_gt(w0, tolv) & ~code0 & kmask)
+                            z, w = _nb_solve16(tp, code, bp, jb, k)
+                            feas = ((_v_le(z, zero16) & code) == 0) & (okp[code] != 0)
+                            kkt = (_v_gt(w, tolv) & ~code & kmask) == 0
+                            # not feasible: the general loop goes on from before the additions
+                            fm = -np.int64(feas)
+                            _v_store(xx, o, _v_select(fm, z, _v16_load(xx, o)))
+                            _v_store(ww, o, _v_select(fm, w, w0))
+                            codes[p] = (code & fm) | (code0 & ~fm)
+                            pend |= np.int64(feas & (not kkt)) << p
+                            gen |= np.int64(not feas) << p
+                        r += 1
+                    gen |= pend
+                    # the rest: Lawson-Hanson from there, then from the empty set
+                    while gen != 0:
+                        p = _ctz(gen)
+                        gen &= gen - 1
+                        o = (p >> 3) * 128 + (p & 7) * 16
+                        jb = (p >> 3) * 8 * k + (p & 7)
+                        for i in range(k):
+                            bvt[i] = bb[jb + 8 * i]
+                        bv = _v16_load(bvt, 0)
+                        cf = codes[p]
+                        st, d = _nb_lh16(tp, okp, bp, jb, bv, _v16_load(xx, o), _v16_load(ww, o),
+                                         cf & 0xFFFF, (cf >> 16) != 0, tols[p], kmask, max_outer - r + 1, k)
+                        if st != 0:
+                            st, d = _nb_lh16(tp, okp, bp, jb, bv, zero16, bv, 0, True, tols[p], kmask,
+                                             max_outer, k)
+                        _v_store(xx, o, d)
+                        if st != 0:
+                            status[y, x0 + g0 + p] = st
+                            n_bad += 1
+                for blk in range(nblk):
+                    j0 = g0 + 8 * blk
+                    nv = min(8, n - j0)
+                    valid = (np.int64(1) << nv) - 1
+                    xs = x0 + j0
+                    ob = blk * 8 * k
+                    ox = blk * 128
+                    if (negg >> (8 * blk)) & 255:
+                        _v_transpose8x16(xx, ox)
+                    # outputs; the residual is that of the abundances as returned (float32)
+                    for i in range(k):
+                        xi = _v_round_f4(_v_load(xx, ox + 8 * i))
+                        _v_store(xx, ox + 8 * i, xi)
+                        if nv == 8:
+                            _v_store_row_f4(abund, i, y, xs, xi)
+                        else:
+                            _v_store(tmp, 0, xi)
+                            for q in range(nv):
+                                abund[i, y, xs + q] = np.float32(tmp[q])
+                    # Gram form: |y - A x|^2 = |y|^2 + x.(G x - 2 b), G x by its
+                    # upper triangle (off-diagonal doubled)
+                    yy = _v_load(yyg, blk * 8)
+                    rs = yy
+                    for i in range(k):
+                        xi = _v_load(xx, ox + 8 * i)
+                        gx = _v_mul(_v_splat(gsk[i * k + i]), xi)
+                        for q in range(i + 1, k):
+                            gx = _v_fma(_v_splat(gsk[i * k + q]), _v_load(xx, ox + 8 * q), gx)
+                        bi = _v_load(bb, ob + 8 * i)
+                        rs = _v_fma(xi, _v_sub(gx, _v_add(bi, bi)), rs)
+                    redo = ~_v_gt(rs, _v_mul(_v_splat(_RSS_GRAM_MIN), yy)) & valid
+                    if redo != 0:  # small (or NaN): band by band
+                        _v_store(tmp, 0, rs)
+                        while redo != 0:
+                            jj = _ctz(redo)
+                            redo &= redo - 1
+                            r2 = 0.0
+                            for c in range(c_n):
+                                e = np.float64(cube[c, y, xs + jj]) - offset[c]
+                                for i in range(k):
+                                    e -= ak[c * k + i] * xx[ox + 8 * i + jj]
+                                r2 += e * e
+                            tmp[jj] = r2
+                        rs = _v_load(tmp, 0)
+                    rms = _v_sqrt(_v_mul(rs, _v_splat(1.0 / c_n)))
+                    bad = valid & ~_v_lt(_v_abs(rms), _v_splat(np.inf))
+                    while bad != 0:
+                        bad &= bad - 1
+                        n_nonfinite += 1
+                    if nv == 8:
+                        _v_store_row_f4(resid3, 0, y, xs, rms)
+                    else:
+                        _v_store(tmp, 0, rms)
+                        for q in range(nv):
+                            resid3[0, y, xs + q] = np.float32(tmp[q])
+        return n_bad, n_nonfinite
+
+    _TILES16 = {}
+
+    def _tiles16_kernel(k):
+        """The 16-lane kernel for ``k`` endmembers (compiled on first use, cached on disk).
+
+        A closure over ``k`` (numba's cache key of a closure adds the values
+        it closes over, here an int), so that K is a constant of the compiled
+        code, around the inlined _nb_tiles16_body. There is no numba-parallel
+        twin: its compilation (parfor passes over the inlined body) took
+        10 s; _unmix_into_numba runs this one, which releases the GIL, on
+        chunks of tiles from a thread pool instead.
+        """
+        kern = _TILES16.get(k)
+        if kern is None:
+            def nb_tiles16(cube, ak, ginvk, gsk, table, ok, offset, max_outer, t0, t1, abund, resid3, status):
+                return _nb_tiles16_body(cube, ak, ginvk, gsk, table, ok, offset, k, max_outer, t0, t1,
+                                        abund, resid3, status)
+
+            kern = _TILES16[k] = _njit(nb_tiles16)
+        return kern
+
+
 def _flat_plane(arr):
     """``arr`` (..., H, W) as a (..., 1, H*W) view when that needs no copy, else ``arr``."""
     h, w = arr.shape[-2:]
@@ -1717,12 +2176,70 @@ def _fast8_args(a, g8, table, ok):
             ok.astype(np.uint8))
 
 
+_POOLS = {}
+
+
+def _thread_pool(n):
+    """A pool of ``n`` threads (made once per ``n``) for the kernels that release the GIL."""
+    pool = _POOLS.get(n)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="qdquant-unmix")
+    return pool
+
+
+#: Pixels per contiguous copy of an X-strided cube for the vector kernels.
+_STRIDED_SLAB_PX = 1 << 18
+
+#: ``[(key, arrays)]``, the last _fast16_args result (one item, replaced
+#: whole: dask threads may read it while another replaces it), reused for
+#: the blocks of a dask cube and the slabs of a strided one (the table of
+#: K = 12 takes 8 ms).
+_FAST16_LAST = [None]
+
+
+def _fast16_args(a, gram, ginv):
+    """Arrays of the 16-lane kernel: ak, ginvk, gsk, table, ok (see _nb_tiles16_body).
+
+    The arrays are only read by the kernel; the last result is kept.
+    """
+    key = (a.shape, a.tobytes())
+    last = _FAST16_LAST[0]
+    if last is not None and last[0] == key:
+        return last[1]
+    k = a.shape[1]
+    gs = np.triu(gram) * (2.0 - np.eye(k))
+    n = (1 << k) * 32 * k
+    buf = np.zeros(n + 8)
+    off = (-buf.ctypes.data % 64) // 8  # 64-byte aligned: a table column is two cache lines
+    table = buf[off:off + n]
+    ok = np.zeros(1 << k, np.uint8)
+    _nb_table16(gram, table, ok)
+    out = (a.ravel(), ginv.ravel(), gs.ravel(), table, ok)
+    _FAST16_LAST[0] = (key, out)
+    return out
+
+
 def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
     """Unmix a numpy (C, Y, X) cube into preallocated outputs with the numba kernel."""
     c, h, w = cube.shape
     k = a.shape[1]
     if np.dtype(cube.dtype) not in _NB_SUPPORTED or not cube.dtype.isnative:
         cube = cube.astype(_work_dtype(cube.dtype))
+    if (cube.strides[-1] != cube.itemsize and weights is None and _FAST_LH and k <= _K16_MAX
+            and h > 0 and w > 1):  # (for w = 1 numpy's contiguous copy may keep the stride)
+        # The vector kernels load 8 neighbouring pixels at once. A copy of a
+        # slab of rows costs a few ns a pixel, the scalar kernel (which reads
+        # any strides) 4-5 times the 8-lane kernel's time and 10-12 times the
+        # 16-lane one's; and such cubes are common: the pixels picked by
+        # advanced indexing, b[:, idx] (library refinement), lie strided along X.
+        rows = max(1, _STRIDED_SLAB_PX // w)
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            _unmix_into_numba(np.ascontiguousarray(cube[:, y0:y1]), a, offset, weights,
+                              abund[:, y0:y1], resid[y0:y1], parallel=parallel)
+        return
     gram = np.ascontiguousarray(a.T @ a)
     ginv = np.ascontiguousarray(np.linalg.inv(gram))
     fast = bool(_FAST_LH and k <= _KP)
@@ -1747,13 +2264,23 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
     n_threads = _numba.get_num_threads() if parallel else 1
     n_chunks = min(ntiles, 4 * n_threads) if n_threads > 1 else 1
     unit = [v.strides[-1] == v.itemsize for v in (cube_v, abund_v, resid_v)]
+    outs = (abund_v, resid_v[None], status_v)
     if fast and weights is None and all(unit):  # the vector kernel
         args8 = _fast8_args(a, g8, table, ok) + (off, k, _LH_ITER_FACTOR * k + 1)
-        outs = (abund_v, resid_v[None], status_v)
         if n_chunks > 1:
             n_bad, n_nonfinite = _nb_tiles8_parallel(cube_v, *args8, n_chunks, *outs)
         else:
             n_bad, n_nonfinite = _nb_tiles8(cube_v, *args8, 0, ntiles, *outs)
+    elif _FAST_LH and _KP < k <= _K16_MAX and weights is None and all(unit):  # the 16-lane one
+        args16 = _fast16_args(a, gram, ginv) + (off, _LH_ITER_FACTOR * k + 1)
+        kern = _tiles16_kernel(k)
+        if n_chunks > 1:
+            bounds = [ntiles * ch // n_chunks for ch in range(n_chunks + 1)]
+            counts = _thread_pool(n_threads).map(
+                lambda t01: kern(cube_v, *args16, t01[0], t01[1], *outs), zip(bounds[:-1], bounds[1:]))
+            n_bad, n_nonfinite = (sum(v) for v in zip(*counts))
+        else:
+            n_bad, n_nonfinite = kern(cube_v, *args16, 0, ntiles, *outs)
     elif n_chunks > 1:
         n_bad, n_nonfinite = _nb_tiles_parallel(cube_v, *args, n_chunks, abund_v, resid_v, status_v)
     else:
