@@ -126,39 +126,62 @@ def _cross_explained(terms, values, tile, half) -> float:
     return 0.5 * (_explained(terms, values, tile, half) + _explained(terms, values, tile, ~half))
 
 
-def _period_scores(coords: np.ndarray, values: np.ndarray, periods: np.ndarray, region: int) -> np.ndarray:
-    """Held-out R² of a 1-D within-FOV profile for each period (all periods at once).
+def _fold_scores(terms: np.ndarray, weights: np.ndarray, ysum: np.ndarray, yy: tuple[float, float],
+                 group: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Two-fold held-out R² of within-group least-squares fits, for many term sets at once.
 
-    Tissue level is removed per fixed ``region`` strip and the strips are
-    split even/odd (both ways), the same for every period, so the scores of
-    different periods compare the same data. A strip lies wholly in one
-    fold, so demeaning per strip before splitting is demeaning per fold, and
-    each fold's least squares reduces to sums over its blocks: the normal
-    equations ``G`` (P, T, T) and ``r`` (P, T) of every period, the test
-    error ``|y|² - 2 c·r + c G c`` from the other fold's sums.
+    ``terms`` (P, T, U): P candidate term sets at U distinct points, each
+    standing for ``weights`` (U,) blocks whose demeaned values sum to
+    ``ysum`` (U,); ``group`` (U,): the group each point's level is removed
+    in, wholly inside one fold; ``fold`` (U,) bool, ``yy``: the squared
+    demeaned values summed per fold (True, False). Each fold's least
+    squares reduces to sums over its points: the normal equations ``G``
+    (P, T, T) and ``r`` (P, T); the other fold's error is
+    ``|y|² - 2 c·r + c G c``.
     """
-    strip = (coords // region).astype(np.intp)
-    if strip.max() < 1:
-        return np.zeros(len(periods))
-    counts = np.bincount(strip)
-    periods = np.asarray(periods, dtype=np.float64)[:, None]
-    terms = np.moveaxis(_poly_terms((coords[None, :] % periods) / periods - 0.5, None), -1, 1)  # (P, T, N)
-    sums = np.stack([np.bincount(strip, t, minlength=len(counts)) for t in terms.reshape(-1, len(coords))])
-    terms = terms - (sums / np.maximum(counts, 1)).reshape(terms.shape[:2] + (-1,))[..., strip]
-    y = _demean(values, strip)
-    even = strip % 2 == 0
+    from scipy import sparse
+
+    members = sparse.csr_matrix((weights, (group, np.arange(group.size))), shape=(group.max() + 1, group.size))
+    flat = terms.reshape(-1, group.size)
+    means = (members @ flat.T).T / np.maximum(members @ np.ones(group.size), 1e-300)  # (P T, groups)
+    d = (flat - means[:, group]).reshape(terms.shape)
     folds = []
-    for part in (even, ~even):
-        d = terms[..., part]
-        folds.append((d @ d.swapaxes(1, 2), d @ y[part], float(y[part] @ y[part])))
-    scores = np.zeros(len(periods))
-    for (g_train, r_train, _), (g_test, r_test, yy_test) in (folds, folds[::-1]):
+    for part in (fold, ~fold):
+        dp = d[..., part]
+        folds.append(((dp * weights[part]) @ dp.swapaxes(1, 2), dp @ ysum[part]))
+    scores = np.zeros(terms.shape[0])
+    for (g_train, r_train), (g_test, r_test), yy_test in zip(folds, folds[::-1], yy[::-1]):
         if yy_test <= 0:
             continue
         coef = np.einsum("ptu,pu->pt", np.linalg.pinv(g_train), r_train)
         sse = yy_test - 2 * np.einsum("pt,pt->p", coef, r_test) + np.einsum("pt,ptu,pu->p", coef, g_test, coef)
         scores += 0.5 * (1.0 - sse / yy_test)
     return scores
+
+
+def _period_scores(coords: np.ndarray, values: np.ndarray, periods: np.ndarray, region: int) -> np.ndarray:
+    """Held-out R² of a 1-D within-FOV profile for each period (all periods at once).
+
+    Tissue level is removed per fixed ``region`` strip and the strips are
+    split even/odd (both ways), the same for every period, so the scores of
+    different periods compare the same data. A strip lies wholly in one
+    fold, so demeaning per strip before splitting is demeaning per fold.
+    Blocks at the same coordinate share their terms for every period, so
+    the sums run over the distinct coordinates (a block row or column each).
+    """
+    strip = (coords // region).astype(np.intp)
+    if strip.max() < 1:
+        return np.zeros(len(periods))
+    y = _demean(values, strip)
+    even = strip % 2 == 0
+    yy = (float(y[even] @ y[even]), float(y[~even] @ y[~even]))
+    points, where = np.unique(coords, return_inverse=True)
+    weights = np.bincount(where).astype(np.float64)
+    ysum = np.bincount(where, y)
+    periods = np.asarray(periods, dtype=np.float64)[:, None]
+    terms = np.moveaxis(_poly_terms((points[None, :] % periods) / periods - 0.5, None), -1, 1)  # (P, T, U)
+    group = (points // region).astype(np.intp)
+    return _fold_scores(terms, weights, ysum, yy, group, group % 2 == 0)
 
 
 def _period_1d(coords: np.ndarray, values: np.ndarray, length: int) -> tuple[int, float]:
@@ -175,14 +198,35 @@ def _period_1d(coords: np.ndarray, values: np.ndarray, length: int) -> tuple[int
     periods = np.arange(MIN_FOV_PX, min(length // MIN_FOVS_PER_AXIS, MAX_FOV_PX) + 1)
     if periods.size == 0:
         return 0, 0.0
-    region = min(REGION_PX, length // 2)
-    # a few dozen periods at a time bound the (periods, terms, blocks) work arrays (~40 MB)
-    scores = np.concatenate([_period_scores(coords, values, part, region)
-                             for part in np.array_split(periods, -(-periods.size // 64))])
+    scores = _period_scores(coords, values, periods, min(REGION_PX, length // 2))
     best = int(np.argmax(scores))
     if scores[best] < MIN_EXPLAINED:
         return 0, float(scores[best])
     return int(periods[best]), float(scores[best])
+
+
+def _fov_scores(ys, xs, values, fovs, region) -> np.ndarray:
+    """Held-out explained variance of the 2-D profile of each FOV size in ``fovs`` ((F, 2), pixels).
+
+    The score of :func:`_fov_fit`, for many sizes at once: every block
+    kept, the level of fixed ``region``² squares removed, the squares split
+    as a checkerboard, so that every size is scored on the same data.
+    """
+    fovs = np.asarray(fovs, dtype=np.float64).reshape(-1, 2)
+    ry, rx = (ys // region).astype(np.intp), (xs // region).astype(np.intp)
+    squares = ry * (rx.max() + 1) + rx
+    y = _demean(values, squares)
+    checker = (ry + rx) % 2 == 0
+    yy = (float(y[checker] @ y[checker]), float(y[~checker] @ y[~checker]))
+    weights = np.ones(ys.size)
+    # a few sizes at a time: (sizes, terms, blocks) work arrays of at most ~32 MB
+    step = max(1, 4_000_000 // (5 * max(ys.size, 1)))
+    scores = []
+    for part in np.array_split(fovs, -(-len(fovs) // step)):
+        py, px = part[:, :1], part[:, 1:]
+        terms = np.moveaxis(_poly_terms((ys % py) / py - 0.5, (xs % px) / px - 0.5), -1, 1)  # (F, T, N)
+        scores.append(_fold_scores(terms, weights, y, yy, squares, checker))
+    return np.concatenate(scores)
 
 
 def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
@@ -339,8 +383,8 @@ def estimate_shading(
         fov_px = (py, px)
         # the 1-D searches see each axis through the other's noise: settle both together
         region = min(REGION_PX, h // 2, w // 2)
-        fov_px = max(((a, b) for a in range(py - 3, py + 4) for b in range(px - 3, px + 4)),
-                     key=lambda f: _fov_fit(ys, xs, values, f, bin_px, region)[1])
+        sizes = [(a, b) for a in range(py - 3, py + 4) for b in range(px - 3, px + 4)]
+        fov_px = sizes[int(np.argmax(_fov_scores(ys, xs, values, sizes, region)))]
     py, px = (int(v) for v in fov_px)
     if py < 1 or px < 1:
         raise InputError(f"fov_px must be positive, got {fov_px}")

@@ -2527,6 +2527,29 @@ def check_library(spectra, names):
 # --------------------------------------------------------------------------
 
 
+def _shifted_many(spectrum, wl, shifts, widen=1.0):
+    """:func:`_shifted` for several shifts (and widening factors) at once, (T, C).
+
+    One spline for all of them; a row with shift 0 and widening 1 is the
+    spectrum itself.
+    """
+    from scipy.interpolate import CubicSpline
+
+    shifts = np.atleast_1d(np.asarray(shifts, dtype=np.float64))
+    widen = np.broadcast_to(np.asarray(widen, dtype=np.float64), shifts.shape)
+    peak = wl[np.argmax(spectrum)]
+    src = peak + (wl[None, :] - peak - shifts[:, None]) / widen[:, None]
+    out = CubicSpline(wl, spectrum)(np.clip(src, wl[0], wl[-1]))
+    # beyond the band grid the end bands' slope continues (see _shifted)
+    lo = spectrum[0] + (src - wl[0]) * (spectrum[1] - spectrum[0]) / (wl[1] - wl[0])
+    hi = spectrum[-1] + (src - wl[-1]) * (spectrum[-1] - spectrum[-2]) / (wl[-1] - wl[-2])
+    out = np.clip(np.where(src < wl[0], lo, np.where(src > wl[-1], hi, out)), 0.0, None)
+    m = out.max(axis=1, keepdims=True)
+    out = np.where(m > 0, out * (spectrum.max() / np.where(m > 0, m, 1.0)), spectrum[None, :])
+    out[(shifts == 0) & (widen == 1.0)] = spectrum
+    return out
+
+
 def _shifted(spectrum, wl, shift, widen=1.0):
     """``spectrum`` (sampled at ``wl``) moved by ``shift`` nm and widened about its peak.
 
@@ -2537,19 +2560,62 @@ def _shifted(spectrum, wl, shift, widen=1.0):
     in the end band. Negative values are clipped; the column keeps its
     original maximum.
     """
-    from scipy.interpolate import CubicSpline
+    return _shifted_many(spectrum, wl, [shift], widen)[0]
 
-    if shift == 0 and widen == 1.0:
-        return spectrum.copy()
-    peak = wl[np.argmax(spectrum)]
-    src = peak + (wl - peak - shift) / widen
-    out = CubicSpline(wl, spectrum)(np.clip(src, wl[0], wl[-1]))
-    below, above = src < wl[0], src > wl[-1]
-    out[below] = spectrum[0] + (src[below] - wl[0]) * (spectrum[1] - spectrum[0]) / (wl[1] - wl[0])
-    out[above] = spectrum[-1] + (src[above] - wl[-1]) * (spectrum[-1] - spectrum[-2]) / (wl[-1] - wl[-2])
-    out = np.clip(out, 0.0, None)
-    m = out.max()
-    return out * (spectrum.max() / m) if m > 0 else spectrum.copy()
+
+class _OneColumnResidual:
+    """Residual of pixels as one library column varies, their passive sets held.
+
+    For pixels ``b`` (C, n) unmixed with library ``a`` (C, K) into ``x``
+    (K, n), every pixel keeps its passive set P (its nonzero abundances,
+    which include column ``j``) and is fitted by least squares on P. With
+    Q = P without j, the residual of a pixel is its residual on Q less
+    ``(y . a_perp)^2 / |a_perp|^2``, where ``a_perp`` is the trial column's
+    part orthogonal to the other passive columns (Gram-Schmidt). Summed
+    over the pixels sharing a passive set, that takes their scatter matrix
+    ``S`` alone: ``a_perp' S a_perp``. So a trial costs O(groups x C^2),
+    whatever the number of pixels. Near the NNLS solution the passive sets
+    do not change with a small move of one column, and this is the NNLS
+    residual; :func:`refine_library` re-solves NNLS between rounds.
+    """
+
+    def __init__(self, b, x, a, j):
+        c, k = a.shape
+        bits = np.int64(1) << np.arange(k, dtype=np.int64)
+        codes, group = np.unique(bits @ (x > 0), return_inverse=True)
+        order = np.argsort(group, kind="stable")
+        edges = np.searchsorted(group[order], np.arange(len(codes) + 1))
+        sorted_b = b[:, order]
+        scatter = np.stack([sorted_b[:, e0:e1] @ sorted_b[:, e0:e1].T for e0, e1 in zip(edges[:-1], edges[1:])])
+        others = ((codes[:, None] & bits) != 0)  # (G, K): the passive set without j
+        others[:, j] = False
+        aq = a[None, :, :] * others[:, None, :]  # (G, C, K), columns outside Q zeroed
+        gram = np.einsum("gck,gcl->gkl", aq, aq) + np.eye(k) * ~others[:, None, :]
+        # the projector on the complement of span(A_Q), per group
+        proj = np.eye(c) - aq @ np.linalg.solve(gram, aq.transpose(0, 2, 1))
+        self._proj = proj
+        self._held = proj @ scatter @ proj  # the part of S the column can still explain
+
+    def __call__(self, columns):
+        """Change of the summed residual for each trial column (T, C): a (T,) array, up to a constant."""
+        cols = np.ascontiguousarray(columns.T)  # (C, T)
+        explained = np.einsum("ct,gct->gt", cols, self._held @ cols)  # a' M S M a
+        norm = np.einsum("ct,gct->gt", cols, self._proj @ cols)  # |M a|^2
+        return -(explained / np.maximum(norm, 1e-300)).sum(axis=0)
+
+
+def _argmin_fine(cost, lo, hi, n=41):
+    """The minimiser of ``cost`` (vectorised over trial points) on [lo, hi]: a grid, then a parabola."""
+    grid = np.linspace(lo, hi, n)
+    values = cost(grid)
+    i = int(np.argmin(values))
+    if 0 < i < n - 1:  # vertex of the parabola through the best point and its neighbours
+        y0, y1, y2 = values[i - 1 : i + 2]
+        curv = y0 - 2 * y1 + y2
+        if curv > 0:
+            step = grid[1] - grid[0]
+            return float(grid[i] + 0.5 * step * (y0 - y2) / curv)
+    return float(grid[i])
 
 
 def _sample_pixels(cube, n_pixels):
@@ -2562,18 +2628,10 @@ def _sample_pixels(cube, n_pixels):
     return np.asarray(sub, dtype=np.float64).reshape(c, -1)
 
 
-def _rss(b, a):
-    """Sum of squared NNLS residuals of pixels ``b`` (C, n) with library ``a``."""
-    _, r = unmix(b[:, None, :], a)
-    return float((r.astype(np.float64) ** 2).sum() * b.shape[0])
-
-
 #: A fitted shift within this of ``max_shift_nm`` counts as on the bound, nm.
 _AT_BOUND_NM = 0.05
 #: Most pixels an endmember's shift is fitted on, per round.
 _FIT_PIXELS = 8000
-#: The coarse shift grid of refine_library is scored on every this-many-th of those pixels.
-_GRID_STRIDE = 4
 
 
 def refine_library(
@@ -2595,8 +2653,13 @@ def refine_library(
     ``s_k`` nm (``|s_k| <= max_shift_nm``) and, optionally, widened by a
     factor ``w_k`` (``|w_k - 1| <= max_widen``) about its peak. The fit
     alternates NNLS unmixing of a subsample of pixels with, for each
-    endmember in turn, a bounded 1-D search of ``s_k`` (then ``w_k``) that
-    minimises the residual of the pixels that endmember dominates. An
+    endmember in turn, a search of ``s_k`` (then ``w_k``) that minimises
+    the residual of the pixels that endmember dominates: a 1-nm grid over
+    the bound, then a fine grid and a parabola about its best point. Each
+    trial keeps the pixels' passive sets from the round's NNLS, so its
+    residual comes from the pixels' scatter matrices alone
+    (:class:`_OneColumnResidual`, microseconds a trial), and the next
+    round's NNLS updates them. An
     endmember whose best shift lies on the bound keeps its library spectrum:
     a real drift lies within the bound, and a fit pressed against it is the
     spectrum absorbing other light (a stain absent from the slide fitting
@@ -2646,7 +2709,6 @@ def refine_library(
         ``residual_after`` over the whole subsample.
     """
     import pandas as pd
-    from scipy.optimize import minimize_scalar
 
     names = None
     if isinstance(spectra, pd.DataFrame):
@@ -2679,9 +2741,6 @@ def refine_library(
     at_bound = np.zeros(k, dtype=bool)
     a = a0.copy()
 
-    def column(j, s, w):
-        return _shifted(a0[:, j], wl, s, w)
-
     def dominated(x, j, spectra):
         # share of the pixel's stain signal; flat (offset) endmembers are not signal
         contrib = x * spectra.sum(axis=0)[:, None]
@@ -2698,26 +2757,17 @@ def refine_library(
             if sel.size < min_pixels:
                 continue
             # A regular subset is enough to place the minimum (the residual is a
-            # smooth function of the shift) and bounds the cost of each trial.
-            bj = b[:, sel[:: -(-sel.size // _FIT_PIXELS)]]
-
-            def cost(s, w, j=j, bj=bj):
-                trial = a.copy()
-                trial[:, j] = column(j, s, w)
-                return _rss(bj, trial)
-
+            # smooth function of the shift).
+            sel = sel[:: -(-sel.size // _FIT_PIXELS)]
+            residual = _OneColumnResidual(b[:, sel], x[:, sel], a, j)
             if max_shift_nm > 0:
-                # coarse grid (on a quarter of the pixels: it only has to find the
-                # basin), then a bounded scalar search around the best point on all
+                # a coarse grid finds the basin, a fine one about its best point the minimum
                 grid = np.linspace(-max_shift_nm, max_shift_nm, 13)
-                coarse = bj[:, ::_GRID_STRIDE]
-                costs = [cost(s, widen[j], bj=coarse) for s in grid]
-                i = int(np.argmin(costs))
+                i = int(np.argmin(residual(_shifted_many(a0[:, j], wl, grid, widen[j]))))
                 step = grid[1] - grid[0]
                 lo, hi = max(-max_shift_nm, grid[i] - step), min(max_shift_nm, grid[i] + step)
-                res = minimize_scalar(lambda s: cost(s, widen[j]), bounds=(lo, hi),
-                                      method="bounded", options={"xatol": 0.01})
-                shift[j] = res.x if res.fun <= cost(grid[i], widen[j]) else grid[i]
+                shift[j] = min(max(_argmin_fine(lambda s: residual(_shifted_many(a0[:, j], wl, s, widen[j])),
+                                                lo, hi), lo), hi)
                 # A best fit on the bound is not a drift the bound allows: the
                 # spectrum is absorbing light of another kind (leakage on a
                 # slide without the stain, off-library emitters), so keep the
@@ -2728,19 +2778,22 @@ def refine_library(
                     a[:, j] = a0[:, j]
                     continue
             if max_widen > 0:
-                res = minimize_scalar(lambda w: cost(shift[j], w), bounds=(1 - max_widen, 1 + max_widen),
-                                      method="bounded", options={"xatol": 1e-3})
-                widen[j] = res.x if res.fun <= cost(shift[j], widen[j]) else widen[j]
-            a[:, j] = column(j, shift[j], widen[j])
+                w = _argmin_fine(lambda w: residual(_shifted_many(a0[:, j], wl, np.full(len(w), shift[j]), w)),
+                                 1 - max_widen, 1 + max_widen)
+                widen[j] = min(max(w, 1 - max_widen), 1 + max_widen)
+            a[:, j] = _shifted(a0[:, j], wl, shift[j], widen[j])
 
-    # report
-    x0 = unmix(b[:, None, :], a0)[0][:, 0, :].astype(np.float64)
+    # report: the NNLS residual of every pixel with either library
+    x0, r0 = unmix(b[:, None, :], a0)
+    x0 = x0[:, 0, :].astype(np.float64)
+    sq0 = r0[0].astype(np.float64) ** 2 * c
+    sq1 = unmix(b[:, None, :], a)[1][0].astype(np.float64) ** 2 * c
     rows = []
     for j in range(k):
         sel = dominated(x0, j, a0)
         if sel.size:
-            before = math.sqrt(_rss(b[:, sel], a0) / (c * sel.size))
-            after = math.sqrt(_rss(b[:, sel], a) / (c * sel.size))
+            before = math.sqrt(sq0[sel].sum() / (c * sel.size))
+            after = math.sqrt(sq1[sel].sum() / (c * sel.size))
         else:
             before = after = float("nan")
         rows.append(dict(endmember=names[j], shift_nm=float(shift[j]), widen=float(widen[j]),
@@ -2748,8 +2801,8 @@ def refine_library(
                          residual_after=after))
     report = pd.DataFrame(rows)
     n = b.shape[1]
-    report.attrs["residual_before"] = math.sqrt(_rss(b, a0) / (c * n))
-    report.attrs["residual_after"] = math.sqrt(_rss(b, a) / (c * n))
+    report.attrs["residual_before"] = math.sqrt(sq0.sum() / (c * n))
+    report.attrs["residual_after"] = math.sqrt(sq1.sum() / (c * n))
     if isinstance(spectra, pd.DataFrame):
         refined = frame.copy()
         refined[names] = a
