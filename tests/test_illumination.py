@@ -104,3 +104,50 @@ def test_unmix_step_applies_it(shaded_slide):
                for m, d in dapi.items()}
     assert falloff["none"] < 0.9, falloff
     assert abs(falloff["estimate"] - 1) < 0.4 * abs(falloff["none"] - 1), falloff
+
+
+def test_period_and_fov_scores_equal_the_per_block_held_out_fits():
+    """The summed-normal-equation scores (all periods, all FOV sizes at once) are the
+    held-out R² of the plain per-block fits they stand for."""
+    rng = np.random.default_rng(5)
+    shape, fov = (1024, 1280), (112, 144)
+    truth = _vignetting(shape, fov, 0.2)
+    b = illumination.BIN_PX
+    blocks = truth.reshape(shape[0] // b, b, shape[1] // b, b).mean(axis=(1, 3))
+    yc, xc = np.nonzero(rng.random(blocks.shape) > 0.3)
+    values = np.log(blocks[yc, xc]) + rng.normal(0, 0.2, yc.size)
+    ys, xs = (yc + 0.5) * b - 0.5, (xc + 0.5) * b - 0.5
+    region = 256
+    periods = np.array([64, 100, 112, 113, 150])
+    scores = illumination._period_scores(ys, values, periods, region)
+    strip = (ys // region).astype(np.intp)
+    for p, score in zip(periods, scores):
+        terms = illumination._poly_terms((ys % p) / p - 0.5, None)
+        assert score == pytest.approx(illumination._cross_explained(terms, values, strip, strip % 2 == 0), abs=1e-9)
+    assert periods[np.argmax(scores)] == fov[0]
+    sizes = [(112, 144), (110, 146), (64, 64)]
+    fov_scores = illumination._fov_scores(ys, xs, values, sizes, region)
+    for size, score in zip(sizes, fov_scores):
+        assert score == pytest.approx(illumination._fov_fit(ys, xs, values, size, b, region)[1], abs=1e-9)
+    assert np.argmax(fov_scores) == 0
+
+
+def test_fused_kernels_equal_the_numpy_path(monkeypatch):
+    """Block brightness and the correction: numba's one pass equals numpy's several."""
+    slide = simulate.simulate_slide(her2_score="2+", shape=(384, 320), seed=12, crowded=True, photons_per_count=2.0)
+    a = slide.library.drop(columns="wavelength_nm").to_numpy()
+    nuclear = list(slide.library.columns[1:]).index("DAPI")
+    cube = da.from_array(slide.cube, chunks=(-1, 200, 150))  # chunk edges cut blocks
+    weights, offset = np.linalg.pinv(a)[nuclear], np.full(a.shape[0], 100.0)
+    shading = illumination.Shading((96, 80), (0.7 + 0.3 * _vignetting((96, 80), (96, 80), 1.0)).astype(np.float32))
+    fused = (illumination.nuclear_brightness(cube, weights, a[:, nuclear], offset),
+             illumination.correct_shading(cube, shading, offset).compute())
+    assert np.isfinite(fused[0]).sum() > 50
+    monkeypatch.setattr(illumination, "_numba", None)
+    plain = (illumination.nuclear_brightness(cube, weights, a[:, nuclear], offset),
+             illumination.correct_shading(cube, shading, offset).compute())
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-5)
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-6)
+    field = illumination.shading_field(shading, 0, 384, 0, 320)
+    np.testing.assert_allclose(plain[1], offset[:, None, None] + (slide.cube - offset[:, None, None]) / field,
+                               rtol=1e-5)

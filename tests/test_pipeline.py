@@ -133,3 +133,15 @@ def test_report_scatter_draws_a_bounded_subset_of_the_selected_cells(monkeypatch
     assert (report._drawn(selected) == drawn).all()  # reproducible
     small = np.arange(40) % 2 == 0
     assert (report._drawn(small) == small).all()
+
+
+def test_pixel_sample_strides_its_windows_to_at_most_max_pixels():
+    import dask.array as da
+
+    rng = np.random.default_rng(3)
+    image = da.from_array(rng.random((2, 2048, 2048)).astype(np.float32), chunks=(2, 1024, 1024))
+    full, = pipeline._pixel_sample(image)
+    assert full.shape == (2, 384, 4 * 384)
+    strided, = pipeline._pixel_sample(image, max_pixels=100_000)
+    assert strided.shape[1] * strided.shape[2] <= 100_000
+    np.testing.assert_array_equal(strided, full[:, ::3, ::3])  # windows 384 wide: stride 3 keeps each's columns

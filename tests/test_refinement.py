@@ -101,3 +101,34 @@ def test_a_shift_pressed_against_the_bound_keeps_the_library_spectrum():
     for k in pressed:
         np.testing.assert_array_equal(refined[k], slide.library[k])
     assert not report.loc[within, "at_bound"].any() and (report.loc[within, "shift_nm"] != 0).all()
+
+
+def test_one_column_residual_is_the_least_squares_residual_on_each_pixels_passive_set():
+    """The trial residual from scatter matrices equals, up to one constant, the sum of
+    per-pixel least squares on each pixel's passive set with the trial column."""
+    from qdquant.unmixing import _OneColumnResidual, _shifted_many, unmix
+
+    slide = simulate.simulate_slide(her2_score="3+", shape=(96, 96), seed=31, drift_nm=3.0)
+    wl = slide.wavelengths_nm
+    a = slide.library.drop(columns="wavelength_nm").to_numpy()
+    b = slide.cube.reshape(a.shape[0], -1).astype(np.float64)[:, ::3]
+    x = unmix(b[:, None, :], a)[0][:, 0, :].astype(np.float64)
+    j = list(slide.library.columns[1:]).index("QD655")
+    keep = x[j] > 0
+    b, x = b[:, keep], x[:, keep]
+    trials = _shifted_many(a[:, j], wl, np.array([-2.0, 0.0, 1.5, 3.0]))
+    fast = _OneColumnResidual(b, x, a, j)(trials)
+
+    def brute(column):
+        trial = a.copy()
+        trial[:, j] = column
+        total = 0.0
+        for i in range(b.shape[1]):
+            p = x[:, i] > 0
+            coef, *_ = np.linalg.lstsq(trial[:, p], b[:, i], rcond=None)
+            total += float(((b[:, i] - trial[:, p] @ coef) ** 2).sum())
+        return total
+
+    slow = np.array([brute(t) for t in trials])
+    np.testing.assert_allclose(fast - fast[1], slow - slow[1], rtol=1e-6, atol=1e-6 * slow[1])
+    assert np.argmin(slow) != 1  # the drifted QD655 is better fitted moved

@@ -711,3 +711,15 @@ def test_leica_lambda_stack_relative_residual():
     # the three maps are distinct (measured: EtBr vs others 0.08, -0.25; A532 vs A488 0.78)
     corr = np.corrcoef(abund[:, tissue])
     assert abs(corr[0, 1]) < 0.4 and abs(corr[0, 2]) < 0.4 and corr[1, 2] < 0.9
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int32, np.float32, np.float64])
+def test_estimate_offset_is_the_percentile_of_its_sample(dtype):
+    from qdquant.unmixing import estimate_offset
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 9, 400):
+        cube = (rng.random((4, n, 11)) * 200).astype(dtype)
+        for p in (0.0, 1.0, 37.5, 100.0):
+            expected = np.percentile(np.asarray(cube, dtype=np.float64).reshape(4, -1), p, axis=1)
+            np.testing.assert_allclose(estimate_offset(cube, percentile=p), expected, rtol=1e-12, atol=1e-9)

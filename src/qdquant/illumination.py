@@ -31,6 +31,11 @@ import numpy as np
 
 from qdquant.errors import InputError
 
+try:  # fused single passes over the cube; without numba, numpy does the same in several
+    import numba as _numba
+except Exception:  # pragma: no cover - numba is a dependency
+    _numba = None
+
 log = logging.getLogger(__name__)
 
 #: Degree of the polynomial shading surface (higher orders fit the tissue, not the shading).
@@ -50,10 +55,8 @@ MIN_FOV_PX = 64
 MAX_FOV_PX = 2048
 #: Edge of the fixed regions whose own tissue level is removed when FOV sizes are compared, pixels.
 REGION_PX = 512
-#: Rows of a chunk the block brightness is computed on at a time, pixels.
-SLAB_PX = 64
-#: Pixels the dark offset is estimated on (its 1st percentile: 2500 pixels below it).
-OFFSET_PIXELS = 250_000
+#: Pixels the dark offset is estimated on (its 1st percentile: about 650 pixels below it).
+OFFSET_PIXELS = 65_536
 #: Blocks the FOV size is searched on (a random subset beyond this many).
 MAX_DETECTION_BLOCKS = 40_000
 
@@ -253,6 +256,45 @@ def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
     return coef, explained
 
 
+if _numba is not None:
+
+    @_numba.njit(cache=True, nogil=True, fastmath=True)
+    def _nb_weighted_and_total(x, weights, weighted, total):
+        """``weighted[i, j] = weights . x[:, i, j]`` and ``total[i, j] = sum(x[:, i, j])``, one read of ``x``."""
+        c, h, w = x.shape
+        for i in range(h):
+            for j in range(w):
+                weighted[i, j] = 0.0
+                total[i, j] = 0.0
+            for b in range(c):
+                wb = weights[b]
+                for j in range(w):
+                    v = np.float32(x[b, i, j])
+                    weighted[i, j] += wb * v
+                    total[i, j] += v
+
+    @_numba.njit(cache=True, nogil=True, fastmath=True)
+    def _nb_correct(x, inverse, offset, out):
+        """``out = offset + (x - offset) * inverse`` (the inverse shading per pixel), one read of ``x``."""
+        c, h, w = x.shape
+        for b in range(c):
+            o = offset[b]
+            for i in range(h):
+                for j in range(w):
+                    out[b, i, j] = o + (np.float32(x[b, i, j]) - o) * inverse[i, j]
+
+
+def _weighted_and_total(x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of a (C, H, W) block: ``weights`` (C,) float32 . spectrum, and the summed counts (float32)."""
+    c, h, w = x.shape
+    if _numba is not None and h and w:
+        weighted, total = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
+        _nb_weighted_and_total(x, weights, weighted, total)
+        return weighted, total
+    y = x.astype(np.float32).reshape(c, -1)
+    return weights @ y, y.sum(axis=0)
+
+
 def nuclear_brightness(
     cube: np.ndarray | da.Array,
     weights: np.ndarray,
@@ -300,26 +342,28 @@ def nuclear_brightness(
         nuclear pixels (or a chunk edge cuts it).
     """
     weights = np.asarray(weights, dtype=np.float32)
-    offset = np.asarray(offset, dtype=np.float32)
+    offset = np.asarray(offset, dtype=np.float64)
     scale = float(np.sum(spectrum))  # signal of one abundance unit of pure stain
+    # the offset is subtracted from the two sums, not from every band
+    weighted_offset, total_offset = float(weights.astype(np.float64) @ offset), float(offset.sum())
 
     def block(x):
         _, h, w = x.shape
         hb, wb = h // bin_px, w // bin_px
         out = np.full((-(-h // bin_px), -(-w // bin_px)), np.nan)
-        # a few block rows at a time: float32 work arrays of a few MB, not a copy of the chunk
-        rows = max(1, SLAB_PX // bin_px)
-        for r0 in range(0, hb if wb else 0, rows):
-            r1 = min(hb, r0 + rows)
-            y = x[:, r0 * bin_px : r1 * bin_px, : wb * bin_px].astype(np.float32) - offset[:, None, None]
-            nuc = np.tensordot(weights, y, 1)
-            nuclear = nuc * scale >= min_share * np.maximum(y.sum(axis=0), 1e-6)
-            values = np.where(nuclear & (nuc > 0), nuc, np.nan)
-            tiles = values.reshape(r1 - r0, bin_px, wb, bin_px).transpose(0, 2, 1, 3).reshape(r1 - r0, wb, -1)
-            enough = np.isfinite(tiles).sum(axis=2) >= min_pixels
-            med = np.full((r1 - r0, wb), np.nan)
-            med[enough] = np.nanmedian(tiles[enough], axis=1)
-            out[r0:r1, :wb] = med
+        if not (hb and wb):
+            return out
+        nuc, total = _weighted_and_total(x[:, : hb * bin_px, : wb * bin_px], weights)
+        nuc = nuc.reshape(hb * bin_px, wb * bin_px) - np.float32(weighted_offset)
+        total = total.reshape(hb * bin_px, wb * bin_px) - np.float32(total_offset)
+        nuclear = (nuc * scale >= min_share * np.maximum(total, 1e-6)) & (nuc > 0)
+        # the median of each block's nuclear pixels: sorted, the others (inf) last
+        tiles = np.where(nuclear, nuc, np.inf).reshape(hb, bin_px, wb, bin_px).transpose(0, 2, 1, 3)
+        tiles = np.sort(tiles.reshape(hb, wb, -1), axis=2)
+        n = nuclear.reshape(hb, bin_px, wb, bin_px).sum(axis=(1, 3))
+        lo = np.take_along_axis(tiles, (np.maximum(n - 1, 0) // 2)[..., None], axis=2)[..., 0]
+        hi = np.take_along_axis(tiles, (n // 2)[..., None], axis=2)[..., 0]
+        out[:hb, :wb] = np.where(n >= min_pixels, 0.5 * (lo.astype(np.float64) + hi), np.nan)
         return out
 
     if isinstance(cube, da.Array):
@@ -438,12 +482,20 @@ def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.
     (C, Y, X) float32 dask array
         ``offset + (cube - offset) / profile``, chunked like ``cube``.
     """
-    offset = np.asarray(offset, dtype=np.float32)[:, None, None]
+    offset = np.asarray(offset, dtype=np.float32)
 
     def block(x, block_info=None):
         (_, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
-        field = shading_field(shading, y0, y1, x0, x1)
-        return (offset + (x.astype(np.float32) - offset) / field).astype(np.float32)
+        inverse = 1.0 / shading_field(shading, y0, y1, x0, x1)
+        if _numba is not None and x.size:
+            out = np.empty(x.shape, np.float32)
+            _nb_correct(x, inverse, offset, out)
+            return out
+        out = x.astype(np.float32)
+        out -= offset[:, None, None]
+        out *= inverse
+        out += offset[:, None, None]
+        return out
 
     cube = da.asarray(cube)
     return cube.map_blocks(block, dtype=np.float32)

@@ -74,28 +74,32 @@ def _about(path: Path):
 # steps
 
 
-def _pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384) -> list[np.ndarray]:
+def _pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384,
+                  max_pixels: int | None = None) -> list[np.ndarray]:
     """The same windows of a few evenly spaced chunks of lazy (..., Y, X) arrays, side by side along X.
 
     Enough pixels to fit a handful of parameters on (``n_blocks`` windows of
     at most ``window``² pixels, centred in their chunks), read without
     touching the rest of the slide. Chunks follow the first array's (Y, X) grid.
+    With ``max_pixels``, each window is strided (the same stride along Y and
+    X) to keep at most about that many pixels in all.
     """
     ys, xs = arrays[0].chunks[-2:]
     y_edges, x_edges = np.cumsum((0,) + ys), np.cumsum((0,) + xs)
     picks = np.unique(np.linspace(0, len(ys) * len(xs) - 1, min(n_blocks, len(ys) * len(xs))).round().astype(int))
     height = min(min(ys[p // len(xs)] for p in picks), window)
-    out = []
-    for array in arrays:
-        blocks = []
-        for p in picks:
-            by, bx = p // len(xs), p % len(xs)
-            y0 = y_edges[by] + (ys[by] - height) // 2
-            width = min(xs[bx], window)
-            x0 = x_edges[bx] + (xs[bx] - width) // 2
-            blocks.append(np.asarray(array[..., y0 : y0 + height, x0 : x0 + width]))
-        out.append(np.concatenate(blocks, axis=-1))
-    return out
+    windows = []
+    for p in picks:
+        by, bx = p // len(xs), p % len(xs)
+        width = min(xs[bx], window)
+        windows.append((y_edges[by] + (ys[by] - height) // 2, x_edges[bx] + (xs[bx] - width) // 2, width))
+    total = height * sum(w for _, _, w in windows)
+    stride = 1 if max_pixels is None else max(1, int(np.ceil(np.sqrt(total / max_pixels))))
+    parts = [array[..., y0 : y0 + height : stride, x0 : x0 + width : stride]
+             for array in arrays for y0, x0, width in windows]
+    parts = [np.asarray(p) for p in da.compute(*parts)]  # one graph: the windows read together
+    n = len(windows)
+    return [np.concatenate(parts[i * n : (i + 1) * n], axis=-1) for i in range(len(arrays))]
 
 
 def _with_control_autofluorescence(cfg: Config, sample, library):
@@ -132,7 +136,7 @@ def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
     if mode is False:
         return library
     refined, shifts = unmixing.refine_library(
-        _pixel_sample(data)[0], library.to_frame(), library.wavelengths_nm,
+        _pixel_sample(data, max_pixels=REFINE_SAMPLING["n_pixels"])[0], library.to_frame(), library.wavelengths_nm,
         max_shift_nm=cfg.unmixing.max_shift_nm, **REFINE_SAMPLING,
     )
     before, after = shifts.attrs["residual_before"], shifts.attrs["residual_after"]

@@ -2443,12 +2443,22 @@ def estimate_offset(cube, *, percentile=1.0, max_pixels=1_000_000):
         cube = np.asarray(cube)
         stride = max(1, int(math.sqrt(h * w / max_pixels)))
         sample = cube[:, ::stride, ::stride].reshape(c, -1)
-    sample = np.asarray(sample, dtype=np.float64)
+    sample = np.asarray(sample)
     if sample.shape[1] == 0:
         raise InputError(f"cube has no pixels; shape {cube.shape}")
-    if not np.isfinite(sample).all():
+    if sample.dtype.kind == "f" and not np.isfinite(sample).all():
         raise InputError(f"cube contains NaN or inf; shape {cube.shape}")
-    return np.percentile(sample, percentile, axis=1)
+    # np.percentile's linear interpolation between the two order statistics
+    # around the rank, from one partition of the samples in their own dtype
+    pos = percentile / 100.0 * (sample.shape[1] - 1)
+    k = int(math.floor(pos))
+    kth = sorted({k, min(k + 1, sample.shape[1] - 1)})
+    if sample.dtype.kind in "ui" and sample.dtype.itemsize <= 2:
+        part = np.sort(sample, axis=1, kind="stable")  # a radix sort: faster than a partition
+    else:
+        part = np.partition(sample, kth, axis=1)
+    lo, hi = part[:, kth[0]].astype(np.float64), part[:, kth[-1]].astype(np.float64)
+    return lo + (pos - k) * (hi - lo)
 
 
 @dataclass(frozen=True)
@@ -2527,19 +2537,22 @@ def check_library(spectra, names):
 # --------------------------------------------------------------------------
 
 
-def _shifted_many(spectrum, wl, shifts, widen=1.0):
+def _shifted_many(spectrum, wl, shifts, widen=1.0, spline=None):
     """:func:`_shifted` for several shifts (and widening factors) at once, (T, C).
 
-    One spline for all of them; a row with shift 0 and widening 1 is the
-    spectrum itself.
+    One spline for all of them (``spline``: the spectrum's ``CubicSpline``
+    over ``wl``, when the caller keeps one); a row with shift 0 and
+    widening 1 is the spectrum itself.
     """
-    from scipy.interpolate import CubicSpline
+    if spline is None:
+        from scipy.interpolate import CubicSpline
 
+        spline = CubicSpline(wl, spectrum)
     shifts = np.atleast_1d(np.asarray(shifts, dtype=np.float64))
     widen = np.broadcast_to(np.asarray(widen, dtype=np.float64), shifts.shape)
     peak = wl[np.argmax(spectrum)]
     src = peak + (wl[None, :] - peak - shifts[:, None]) / widen[:, None]
-    out = CubicSpline(wl, spectrum)(np.clip(src, wl[0], wl[-1]))
+    out = spline(np.clip(src, wl[0], wl[-1]))
     # beyond the band grid the end bands' slope continues (see _shifted)
     lo = spectrum[0] + (src - wl[0]) * (spectrum[1] - spectrum[0]) / (wl[1] - wl[0])
     hi = spectrum[-1] + (src - wl[-1]) * (spectrum[-1] - spectrum[-2]) / (wl[-1] - wl[-2])
@@ -2592,15 +2605,14 @@ class _OneColumnResidual:
         aq = a[None, :, :] * others[:, None, :]  # (G, C, K), columns outside Q zeroed
         gram = np.einsum("gck,gcl->gkl", aq, aq) + np.eye(k) * ~others[:, None, :]
         # the projector on the complement of span(A_Q), per group
-        proj = np.eye(c) - aq @ np.linalg.solve(gram, aq.transpose(0, 2, 1))
-        self._proj = proj
-        self._held = proj @ scatter @ proj  # the part of S the column can still explain
+        self._proj = np.eye(c) - aq @ np.linalg.solve(gram, aq.transpose(0, 2, 1))
+        self._scatter = scatter
 
     def __call__(self, columns):
         """Change of the summed residual for each trial column (T, C): a (T,) array, up to a constant."""
-        cols = np.ascontiguousarray(columns.T)  # (C, T)
-        explained = np.einsum("ct,gct->gt", cols, self._held @ cols)  # a' M S M a
-        norm = np.einsum("ct,gct->gt", cols, self._proj @ cols)  # |M a|^2
+        perp = self._proj @ np.ascontiguousarray(columns.T)  # (G, C, T): M a
+        explained = np.einsum("gct,gct->gt", perp, self._scatter @ perp)  # a' M S M a
+        norm = np.einsum("gct,gct->gt", perp, perp)  # |M a|^2
         return -(explained / np.maximum(norm, 1e-300)).sum(axis=0)
 
 
@@ -2748,8 +2760,18 @@ def refine_library(
         share = contrib[j] / np.maximum(contrib.sum(axis=0), 1e-300)
         return np.flatnonzero((share >= min_share) & (x[j] > 0))
 
-    for _ in range(max(1, int(n_iter))):
-        x = unmix(b[:, None, :], a)[0][:, 0, :].astype(np.float64)
+    from scipy.interpolate import CubicSpline
+
+    splines = [CubicSpline(wl, a0[:, j]) for j in range(k)]
+
+    def moved(j, shifts, widens):
+        return _shifted_many(a0[:, j], wl, shifts, widens, spline=splines[j])
+
+    for it in range(max(1, int(n_iter))):
+        x, r = unmix(b[:, None, :], a)
+        x = x[:, 0, :].astype(np.float64)
+        if it == 0:  # the library's own fit, for the report
+            x0, sq0 = x, r[0].astype(np.float64) ** 2 * c
         for j in range(k):
             if flat[j]:
                 continue
@@ -2763,11 +2785,10 @@ def refine_library(
             if max_shift_nm > 0:
                 # a coarse grid finds the basin, a fine one about its best point the minimum
                 grid = np.linspace(-max_shift_nm, max_shift_nm, 13)
-                i = int(np.argmin(residual(_shifted_many(a0[:, j], wl, grid, widen[j]))))
+                i = int(np.argmin(residual(moved(j, grid, widen[j]))))
                 step = grid[1] - grid[0]
                 lo, hi = max(-max_shift_nm, grid[i] - step), min(max_shift_nm, grid[i] + step)
-                shift[j] = min(max(_argmin_fine(lambda s: residual(_shifted_many(a0[:, j], wl, s, widen[j])),
-                                                lo, hi), lo), hi)
+                shift[j] = min(max(_argmin_fine(lambda s: residual(moved(j, s, widen[j])), lo, hi), lo), hi)
                 # A best fit on the bound is not a drift the bound allows: the
                 # spectrum is absorbing light of another kind (leakage on a
                 # slide without the stain, off-library emitters), so keep the
@@ -2778,15 +2799,12 @@ def refine_library(
                     a[:, j] = a0[:, j]
                     continue
             if max_widen > 0:
-                w = _argmin_fine(lambda w: residual(_shifted_many(a0[:, j], wl, np.full(len(w), shift[j]), w)),
+                w = _argmin_fine(lambda w: residual(moved(j, np.full(len(w), shift[j]), w)),
                                  1 - max_widen, 1 + max_widen)
                 widen[j] = min(max(w, 1 - max_widen), 1 + max_widen)
-            a[:, j] = _shifted(a0[:, j], wl, shift[j], widen[j])
+            a[:, j] = moved(j, shift[j], widen[j])[0]
 
     # report: the NNLS residual of every pixel with either library
-    x0, r0 = unmix(b[:, None, :], a0)
-    x0 = x0[:, 0, :].astype(np.float64)
-    sq0 = r0[0].astype(np.float64) ** 2 * c
     sq1 = unmix(b[:, None, :], a)[1][0].astype(np.float64) ** 2 * c
     rows = []
     for j in range(k):
