@@ -2595,12 +2595,16 @@ class _OneColumnResidual:
     def __init__(self, b, x, a, j):
         c, k = a.shape
         bits = np.int64(1) << np.arange(k, dtype=np.int64)
-        codes, group = np.unique(bits @ (x > 0), return_inverse=True)
-        order = np.argsort(group, kind="stable")
-        edges = np.searchsorted(group[order], np.arange(len(codes) + 1))
+        code = bits @ (x > 0)
+        if k <= 16:  # a radix sort
+            code = code.astype(np.uint16)
+        order = np.argsort(code, kind="stable")
+        sorted_code = code[order]
+        edges = np.flatnonzero(np.r_[True, sorted_code[1:] != sorted_code[:-1], True])
+        codes = sorted_code[edges[:-1]]
         sorted_b = b[:, order]
         scatter = np.stack([sorted_b[:, e0:e1] @ sorted_b[:, e0:e1].T for e0, e1 in zip(edges[:-1], edges[1:])])
-        others = ((codes[:, None] & bits) != 0)  # (G, K): the passive set without j
+        others = (codes.astype(np.int64)[:, None] & bits) != 0  # (G, K): the passive set without j
         others[:, j] = False
         aq = a[None, :, :] * others[:, None, :]  # (G, C, K), columns outside Q zeroed
         gram = np.einsum("gck,gcl->gkl", aq, aq) + np.eye(k) * ~others[:, None, :]
@@ -2666,8 +2670,8 @@ def refine_library(
     factor ``w_k`` (``|w_k - 1| <= max_widen``) about its peak. The fit
     alternates NNLS unmixing of a subsample of pixels with, for each
     endmember in turn, a search of ``s_k`` (then ``w_k``) that minimises
-    the residual of the pixels that endmember dominates: a 1-nm grid over
-    the bound, then a fine grid and a parabola about its best point. Each
+    the residual of the pixels that endmember dominates: a 13-point grid
+    over the bound (1 nm apart at 6 nm), then a fine grid and a parabola about its best point. Each
     trial keeps the pixels' passive sets from the round's NNLS, so its
     residual comes from the pixels' scatter matrices alone
     (:class:`_OneColumnResidual`, microseconds a trial), and the next
@@ -2721,6 +2725,7 @@ def refine_library(
         ``residual_after`` over the whole subsample.
     """
     import pandas as pd
+    from scipy.interpolate import CubicSpline
 
     names = None
     if isinstance(spectra, pd.DataFrame):
@@ -2753,14 +2758,11 @@ def refine_library(
     at_bound = np.zeros(k, dtype=bool)
     a = a0.copy()
 
-    def dominated(x, j, spectra):
-        # share of the pixel's stain signal; flat (offset) endmembers are not signal
-        contrib = x * spectra.sum(axis=0)[:, None]
-        contrib[flat] = 0.0
-        share = contrib[j] / np.maximum(contrib.sum(axis=0), 1e-300)
-        return np.flatnonzero((share >= min_share) & (x[j] > 0))
-
-    from scipy.interpolate import CubicSpline
+    def dominance(x, spectra):
+        """(K, n) bool: endmember k gives at least min_share of the pixel's stain signal."""
+        # flat (offset) endmembers are not signal
+        contrib = x * np.where(flat, 0.0, spectra.sum(axis=0))[:, None]
+        return (contrib >= min_share * np.maximum(contrib.sum(axis=0), 1e-300)) & (x > 0)
 
     splines = [CubicSpline(wl, a0[:, j]) for j in range(k)]
 
@@ -2772,10 +2774,11 @@ def refine_library(
         x = x[:, 0, :].astype(np.float64)
         if it == 0:  # the library's own fit, for the report
             x0, sq0 = x, r[0].astype(np.float64) ** 2 * c
+        shares = dominance(x, a)
         for j in range(k):
             if flat[j]:
                 continue
-            sel = dominated(x, j, a)
+            sel = np.flatnonzero(shares[j])
             if sel.size < min_pixels:
                 continue
             # A regular subset is enough to place the minimum (the residual is a
@@ -2806,9 +2809,10 @@ def refine_library(
 
     # report: the NNLS residual of every pixel with either library
     sq1 = unmix(b[:, None, :], a)[1][0].astype(np.float64) ** 2 * c
+    shares0 = dominance(x0, a0)
     rows = []
     for j in range(k):
-        sel = dominated(x0, j, a0)
+        sel = np.flatnonzero(shares0[j])
         if sel.size:
             before = math.sqrt(sq0[sel].sum() / (c * sel.size))
             after = math.sqrt(sq1[sel].sum() / (c * sel.size))
