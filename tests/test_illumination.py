@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import repo_config
-from qdquant import illumination, io, pipeline, simulate
+from qdquant import illumination, io, pipeline, simulate, unmixing
 from qdquant.config import load_config
+from qdquant.errors import InputError
 
 
 def _vignetting(shape, fov, amount):
@@ -144,6 +145,7 @@ def test_fused_kernels_equal_the_numpy_path(monkeypatch):
              illumination.correct_shading(cube, shading, offset).compute())
     assert np.isfinite(fused[0]).sum() > 50
     monkeypatch.setattr(illumination, "_numba", None)
+    monkeypatch.setattr(unmixing, "_numba", None)  # apply_gain's kernel
     plain = (illumination.nuclear_brightness(cube, weights, a[:, nuclear], offset),
              illumination.correct_shading(cube, shading, offset).compute())
     np.testing.assert_allclose(fused[0], plain[0], rtol=1e-5)
@@ -151,3 +153,25 @@ def test_fused_kernels_equal_the_numpy_path(monkeypatch):
     field = illumination.shading_field(shading, 0, 384, 0, 320)
     np.testing.assert_allclose(plain[1], offset[:, None, None] + (slide.cube - offset[:, None, None]) / field,
                                rtol=1e-5)
+
+
+def test_unmix_with_a_gain_fits_the_corrected_cube():
+    """unmix(cube, gain=1/profile) is the fit of the corrected cube, numpy and dask alike,
+    slab by slab (a slab smaller than the image)."""
+    slide = simulate.simulate_slide(her2_score="2+", shape=(300, 260), seed=13, photons_per_count=2.0)
+    a = slide.library.drop(columns="wavelength_nm").to_numpy()
+    offset = np.linspace(95.0, 105.0, a.shape[0])
+    shading = illumination.Shading((100, 130), (0.75 + 0.25 * _vignetting((100, 130), (100, 130), 1.0))
+                                   .astype(np.float32))
+    cube = da.from_array(slide.cube, chunks=(-1, 128, 200))
+    corrected = illumination.correct_shading(cube, shading, offset).compute()
+    expected = unmixing.unmix(corrected, a)
+    gain = illumination.inverse_field(shading, cube.chunks[1:])
+    lazy = da.compute(*unmixing.unmix(cube, a, gain=gain, gain_offset=offset))
+    eager = unmixing.unmix(slide.cube, a, gain=gain.compute(), gain_offset=offset)
+    assert unmixing._GAIN_SLAB_PX < 300 * 260
+    for got in (lazy, eager):
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-3)
+    with pytest.raises(InputError, match="gain must have"):
+        unmixing.unmix(slide.cube, a, gain=np.ones((10, 10)))

@@ -273,15 +273,6 @@ if _numba is not None:
                     weighted[i, j] += wb * v
                     total[i, j] += v
 
-    @_numba.njit(cache=True, nogil=True, fastmath=True)
-    def _nb_correct(x, inverse, offset, out):
-        """``out = offset + (x - offset) * inverse`` (the inverse shading per pixel), one read of ``x``."""
-        c, h, w = x.shape
-        for b in range(c):
-            o = offset[b]
-            for i in range(h):
-                for j in range(w):
-                    out[b, i, j] = o + (np.float32(x[b, i, j]) - o) * inverse[i, j]
 
 
 def _weighted_and_total(x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -465,6 +456,16 @@ def shading_field(shading: Shading, y0: int, y1: int, x0: int, x1: int) -> np.nd
     return shading.profile[np.arange(y0, y1)[:, None] % py, np.arange(x0, x1)[None, :] % px]
 
 
+def inverse_field(shading: Shading, chunks) -> da.Array:
+    """The gain that undoes ``shading`` over a slide of (Y, X) ``chunks`` (dask's tuples): 1 / profile, lazy."""
+
+    def block(block_info=None):
+        (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        return (1.0 / shading_field(shading, y0, y1, x0, x1)).astype(np.float32)
+
+    return da.map_blocks(block, chunks=chunks, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+
+
 def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.Array:
     """Divide the shading out of a (C, Y, X) cube's signal, lazily.
 
@@ -480,22 +481,15 @@ def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.
     Returns
     -------
     (C, Y, X) float32 dask array
-        ``offset + (cube - offset) / profile``, chunked like ``cube``.
+        ``offset + (cube - offset) / profile``, chunked like ``cube``. (The
+        unmix step does not read it: :func:`qdquant.unmixing.unmix` applies
+        the same correction slab by slab, with ``gain=inverse_field(...)``.)
     """
-    offset = np.asarray(offset, dtype=np.float32)
+    from qdquant.unmixing import apply_gain
 
     def block(x, block_info=None):
         (_, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
-        inverse = 1.0 / shading_field(shading, y0, y1, x0, x1)
-        if _numba is not None and x.size:
-            out = np.empty(x.shape, np.float32)
-            _nb_correct(x, inverse, offset, out)
-            return out
-        out = x.astype(np.float32)
-        out -= offset[:, None, None]
-        out *= inverse
-        out += offset[:, None, None]
-        return out
+        return apply_gain(x, 1.0 / shading_field(shading, y0, y1, x0, x1), offset)
 
     cube = da.asarray(cube)
     return cube.map_blocks(block, dtype=np.float32)

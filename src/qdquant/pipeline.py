@@ -149,16 +149,17 @@ def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
     return replace(library, spectra=refined[list(library.names)].to_numpy()) if kept else library
 
 
-def _shading_corrected(cfg: Config, library, data: da.Array, qc_dir: Path) -> da.Array:
-    """The cube with the field-of-view shading estimated on it divided out (``illumination: estimate``)."""
+def _shading(cfg: Config, library, data: da.Array, qc_dir: Path):
+    """The field-of-view shading estimated on the cube (``illumination: estimate``), with the dark
+    offset it leaves alone; None when off or none is found."""
     if cfg.illumination != "estimate":
-        return data
+        return None
     from qdquant import illumination, report
 
     nuclear = library.names.index(cfg.panel_row(role="nuclear_stain").endmember)
     shading, brightness, offset = illumination.estimate_slide_shading(data, library.spectra, nuclear)
     report.plot_shading(shading, brightness, qc_dir / "illumination.png")
-    return data if shading.is_flat else illumination.correct_shading(data, shading, offset)
+    return None if shading.is_flat else (shading, offset)
 
 
 #: Flagged pixels are grown by this margin (about the optics' blur), micrometres.
@@ -175,14 +176,22 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
     with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, _about(sample.image):
         unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
         library = _with_control_autofluorescence(cfg, sample, cfg.library)
-        data = _shading_corrected(cfg, library, cube.data, out["unmixing_qc"].parent)
+        shading = _shading(cfg, library, cube.data, out["unmixing_qc"].parent)
+        data, gain = cube.data, {}
+        if shading is not None:  # divided out before refinement and the fit
+            from qdquant import illumination
+
+            data = illumination.correct_shading(cube.data, *shading)
+            # the fit applies it slab by slab itself, without the corrected cube
+            gain = dict(gain=illumination.inverse_field(shading[0], cube.data.chunks[1:]), gain_offset=shading[1])
         library = _library_for(cfg, library, data, out["unmixing_qc"].parent)
         log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, data.shape[0],
                  "x".join(map(str, data.shape[1:])), len(library.names))
         abundances, residual = unmixing.unmix(
-            data,
+            cube.data,
             library.spectra,
             weights="poisson" if cfg.unmixing.poisson_weights else None,
+            **gain,
         )
         image = da.concatenate([abundances, residual[None]], axis=0)
         io.write_ome_zarr(

@@ -54,6 +54,7 @@ except Exception:  # pragma: no cover - numba is a dependency, but keep working 
 __all__ = [
     "CONDITION_LIMIT",
     "LibraryCheck",
+    "apply_gain",
     "check_library",
     "estimate_offset",
     "refine_library",
@@ -407,13 +408,63 @@ def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None):
         resid[y0:y1, :] = rms.reshape(y1 - y0, w)
 
 
-def _unmix_block(block, a, offset, weights):
-    """map_blocks kernel: (C, y, x) -> (K + 1, y, x) float32 (residual last)."""
+def _unmix_block(block, a, offset, weights, gain=None, gain_offset=None):
+    """map_blocks kernel: (C, y, x) -> (K + 1, y, x) float32 (residual last); ``gain``: (1, y, x) or None."""
     k = a.shape[1]
     out = np.empty((k + 1,) + block.shape[1:], np.float32)
     if block.size:
-        _unmix_into(block, a, offset, weights, out[:k], out[k])
+        if gain is None:
+            _unmix_into(block, a, offset, weights, out[:k], out[k])
+        else:
+            _unmix_into_gained(block, gain[0], gain_offset, a, offset, weights, out[:k], out[k])
     return out
+
+
+#: Pixels per slab that a gain is applied to before the fit (a float32 slab of
+#: 31 bands: 8 MB, reused: no corrected copy of the cube, no fresh pages).
+_GAIN_SLAB_PX = 65536
+
+
+def apply_gain(cube, gain, gain_offset, out=None):
+    """``gain_offset + gain * (cube - gain_offset)``, float32, in one pass.
+
+    Parameters
+    ----------
+    cube : (C, Y, X) numpy array
+        Counts, any real dtype.
+    gain : (Y, X) array
+        Multiplier of each pixel's signal (e.g. the inverse of a shading profile).
+    gain_offset : (C,) array
+        The part of each band that the gain leaves alone (the camera's dark offset), counts.
+    out : (C, Y, X) float32 array, optional
+        Where to write; default a new array.
+
+    Returns
+    -------
+    (C, Y, X) float32 array
+    """
+    gain = np.asarray(gain, dtype=np.float32)
+    gain_offset = np.asarray(gain_offset, dtype=np.float32)
+    if out is None:
+        out = np.empty(cube.shape, np.float32)
+    if _numba is not None and cube.size:
+        _nb_apply_gain(cube, gain, gain_offset, out)
+    else:
+        np.subtract(cube, gain_offset[:, None, None], out=out, dtype=np.float32)
+        out *= gain
+        out += gain_offset[:, None, None]
+    return out
+
+
+def _unmix_into_gained(cube, gain, gain_offset, a, offset, weights, abund, resid):
+    """:func:`_unmix_into` of ``apply_gain(cube, gain, gain_offset)``, by slabs of rows into one buffer."""
+    c, h, w = cube.shape
+    rows = max(1, _GAIN_SLAB_PX // max(w, 1))
+    buf = np.empty((c, min(rows, h), w), np.float32)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        slab = apply_gain(cube[:, y0:y1], gain[y0:y1], gain_offset, out=buf[:, : y1 - y0])
+        _unmix_into(slab, a, offset, weights, abund[:, y0:y1], resid[y0:y1])
 
 
 # --------------------------------------------------------------------------
@@ -1398,6 +1449,17 @@ if _numba is not None:
 
     _njit_inline = _numba.njit(inline="always", **_NB_OPTS)
 
+    @_numba.njit(cache=True, nogil=True, fastmath=True)
+    def _nb_apply_gain(x, gain, gain_offset, out):
+        """``out = gain_offset + gain * (x - gain_offset)``, band by band, one read of ``x``."""
+        c, h, w = x.shape
+        for b in range(c):
+            o = gain_offset[b]
+            for i in range(h):
+                for j in range(w):
+                    out[b, i, j] = o + (np.float32(x[b, i, j]) - o) * gain[i, j]
+
+
     #: Blocks of 8 pixels per group of the fast kernel (64 pixels: the bit
     #: masks of the group's pixels are int64; the kernel's stack buffers are
     #: sized for it).
@@ -2300,7 +2362,7 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
 # --------------------------------------------------------------------------
 
 
-def unmix(cube, spectra, *, offset=None, weights=None):
+def unmix(cube, spectra, *, offset=None, weights=None, gain=None, gain_offset=None):
     """Non-negative least-squares unmixing of a multispectral cube.
 
     Parameters
@@ -2321,6 +2383,15 @@ def unmix(cube, spectra, *, offset=None, weights=None):
         fit is repeated once with each band of each pixel weighted by
         ``1 / max(e, floor)``, ``floor = max(1, 0.01 * max_c e)`` counts, a
         stand-in for the read noise.
+    gain : None or (Y, X) array_like, optional
+        A per-pixel multiplier of the signal (e.g. the inverse of a field-of-view
+        shading profile): the cube fitted is ``gain_offset + gain * (cube -
+        gain_offset)`` (:func:`apply_gain`), made slab by slab as the fit goes
+        (no corrected copy of the cube). A dask array for a dask cube is
+        rechunked to the cube's chunks.
+    gain_offset : None or (C,) array_like, optional
+        The part of each band the gain leaves alone (the dark offset, which
+        shading does not scale), counts; default zeros.
 
     Returns
     -------
@@ -2367,11 +2438,19 @@ def unmix(cube, spectra, *, offset=None, weights=None):
     offset = _as_offset(offset, c)
     if weights not in (None, "poisson"):
         raise InputError(f"weights must be None or 'poisson', got {weights!r}")
+    if gain is not None:
+        if tuple(gain.shape) != tuple(cube.shape[1:]):
+            raise InputError(f"gain must have the cube's (Y, X) shape {cube.shape[1:]}, got {gain.shape}")
+        gain_offset = np.zeros(c) if gain_offset is None else _as_offset(gain_offset, c)
 
     if isinstance(cube, da.Array):
         cube = cube.rechunk({0: -1})
+        if gain is None:
+            extra = ()
+        else:
+            extra = (da.asarray(gain).astype(np.float32)[None].rechunk(((1,),) + cube.chunks[1:]), gain_offset)
         out = da.map_blocks(
-            _unmix_block, cube, a, offset, weights,
+            _unmix_block, cube, a, offset, weights, *extra,
             dtype=np.float32,
             chunks=((k + 1,),) + cube.chunks[1:],
             meta=np.empty((0, 0, 0), np.float32),
@@ -2385,7 +2464,11 @@ def unmix(cube, spectra, *, offset=None, weights=None):
     try:
         # NaN and inf are found in the pass (a non-finite residual), not by
         # a read of the cube of their own
-        _unmix_into(cube, a, offset, weights, abund, resid)
+        if gain is None:
+            _unmix_into(cube, a, offset, weights, abund, resid)
+        else:
+            _unmix_into_gained(cube, np.asarray(gain, dtype=np.float32), gain_offset, a, offset, weights,
+                               abund, resid)
     except _NonFiniteCube:
         bad = np.argwhere(~np.isfinite(cube)) if np.issubdtype(cube.dtype, np.floating) else ()
         if len(bad):
