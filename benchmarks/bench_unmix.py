@@ -122,8 +122,8 @@ def corrections(size: int) -> int:
     cube = da.from_array(slide.cube, chunks=(slide.cube.shape[0], 1024, 1024))
 
     def refine(data):
-        return refine_library(_pixel_sample(data, max_pixels=REFINE_SAMPLING["n_pixels"])[0], library, slide.wavelengths_nm, max_shift_nm=6,
-                              **REFINE_SAMPLING)
+        sample = _pixel_sample(data, max_pixels=REFINE_SAMPLING["n_pixels"])[0]  # as the unmix step reads it
+        return refine_library(sample, library, slide.wavelengths_nm, max_shift_nm=6, **REFINE_SAMPLING)
 
     def estimate(data):
         return illumination.estimate_slide_shading(data, a, nuclear)

@@ -135,9 +135,10 @@ def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
     mode = cfg.unmixing.refine_library
     if mode is False:
         return library
+    sample = _pixel_sample(data, max_pixels=REFINE_SAMPLING["n_pixels"])[0]
     refined, shifts = unmixing.refine_library(
-        _pixel_sample(data, max_pixels=REFINE_SAMPLING["n_pixels"])[0], library.to_frame(), library.wavelengths_nm,
-        max_shift_nm=cfg.unmixing.max_shift_nm, **REFINE_SAMPLING,
+        sample, library.to_frame(), library.wavelengths_nm, max_shift_nm=cfg.unmixing.max_shift_nm,
+        **REFINE_SAMPLING,
     )
     before, after = shifts.attrs["residual_before"], shifts.attrs["residual_after"]
     kept = mode is True or after < before
