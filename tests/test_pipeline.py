@@ -145,3 +145,21 @@ def test_pixel_sample_strides_its_windows_to_at_most_max_pixels():
     strided, = pipeline._pixel_sample(image, max_pixels=100_000)
     assert strided.shape[1] * strided.shape[2] <= 100_000
     np.testing.assert_array_equal(strided, full[:, ::3, ::3])  # windows 384 wide: stride 3 keeps each's columns
+
+
+def test_cube_sample_reads_the_same_windows_from_the_tiles(tmp_path):
+    """The sample read from the file's tiles equals the windows of the chunked cube, shading divided out."""
+    from qdquant import illumination, simulate
+
+    slide = simulate.simulate_slide(her2_score="2+", shape=(512, 512), seed=14)
+    path = simulate.write_slide(slide, tmp_path, "s")["image"]
+    profile = np.linspace(0.7, 1.0, 96 * 80, dtype=np.float32).reshape(96, 80)
+    shading = (illumination.Shading((96, 80), profile), np.full(slide.cube.shape[0], 100.0))
+    with io.open_cube(path, chunk_size=256) as cube:
+        assert cube.tiles is not None and cube.tiles.chunksize != cube.data.chunksize
+        plain = pipeline._cube_sample(cube, max_pixels=20_000)
+        np.testing.assert_array_equal(plain, pipeline._pixel_sample(cube.data, max_pixels=20_000)[0])
+        corrected = pipeline._cube_sample(cube, shading, max_pixels=20_000)
+        expected = pipeline._pixel_sample(illumination.correct_shading(cube.data, *shading), max_pixels=20_000)[0]
+        np.testing.assert_allclose(corrected, expected, rtol=1e-6)
+        assert not np.allclose(corrected, plain)

@@ -436,16 +436,19 @@ def estimate_shading(
     return Shading((py, px), profile, float(explained))
 
 
-def estimate_slide_shading(cube, spectra: np.ndarray, nuclear: int) -> tuple[Shading, np.ndarray, np.ndarray]:
+def estimate_slide_shading(cube, spectra: np.ndarray, nuclear: int, *,
+                           offset: np.ndarray | None = None) -> tuple[Shading, np.ndarray, np.ndarray]:
     """Shading of a (C, Y, X) slide from its nuclear stain (endmember ``nuclear`` of ``spectra``, (C, K)).
 
     Returns the :class:`Shading`, the block brightness it was fitted on
     (:func:`nuclear_brightness`) and the dark offset per band (counts),
-    which :func:`correct_shading` keeps unshaded.
+    which :func:`correct_shading` keeps unshaded: ``offset`` when given,
+    else estimated on :data:`OFFSET_PIXELS` pixels of the cube.
     """
     from qdquant.unmixing import estimate_offset
 
-    offset = estimate_offset(cube, max_pixels=OFFSET_PIXELS)
+    if offset is None:
+        offset = estimate_offset(cube, max_pixels=OFFSET_PIXELS)
     brightness = nuclear_brightness(cube, np.linalg.pinv(spectra)[nuclear], spectra[:, nuclear], offset)
     return estimate_shading(brightness), brightness, offset
 

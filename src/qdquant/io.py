@@ -43,12 +43,17 @@ class Cube:
         PhysicalSizeX from the OME metadata, in micrometres, if present.
     path : Path
         The file it was read from.
+    tiles : (C, Y, X) dask array or None
+        The same image chunked as the file stores it (its tiles or strips).
+        Read a small part of the image (a sample window) from it: a window
+        of :attr:`data`, whose chunks merge many tiles, decodes whole chunks.
     """
 
     data: da.Array
     pixel_size_um: float | None
     path: Path
     _handle: object = None
+    tiles: da.Array | None = None
 
     def close(self) -> None:
         """Close the file behind :attr:`data` (which cannot be read after)."""
@@ -131,11 +136,11 @@ def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
     path = Path(path)
     _, _, pixel_size = read_cube_header(path)
     level0 = _TiffLevel0(path)
-    data = da.from_array(level0, chunks=level0.chunks, asarray=True, meta=np.empty((0,) * level0.ndim, level0.dtype))
+    tiles = da.from_array(level0, chunks=level0.chunks, asarray=True, meta=np.empty((0,) * level0.ndim, level0.dtype))
     if _band_axis_last(level0.axes):
-        data = data.transpose(2, 0, 1)
-    data = data.rechunk((data.shape[0], chunk_size, chunk_size))
-    return Cube(data=data, pixel_size_um=pixel_size, path=path, _handle=level0)
+        tiles = tiles.transpose(2, 0, 1)
+    data = tiles.rechunk((tiles.shape[0], chunk_size, chunk_size))
+    return Cube(data=data, pixel_size_um=pixel_size, path=path, _handle=level0, tiles=tiles)
 
 
 class _TiffLevel0:

@@ -75,16 +75,17 @@ def _about(path: Path):
 
 
 def _pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384,
-                  max_pixels: int | None = None) -> list[np.ndarray]:
+                  max_pixels: int | None = None, grid=None) -> list[np.ndarray]:
     """The same windows of a few evenly spaced chunks of lazy (..., Y, X) arrays, side by side along X.
 
     Enough pixels to fit a handful of parameters on (``n_blocks`` windows of
     at most ``window``² pixels, centred in their chunks), read without
-    touching the rest of the slide. Chunks follow the first array's (Y, X) grid.
-    With ``max_pixels``, each window is strided (the same stride along Y and
-    X) to keep at most about that many pixels in all.
+    touching the rest of the slide. Chunks are those of ``grid`` (dask's
+    (Y, X) chunk tuples; default the first array's). With ``max_pixels``,
+    each window is strided (the same stride along Y and X) to keep at most
+    about that many pixels in all.
     """
-    ys, xs = arrays[0].chunks[-2:]
+    ys, xs = grid if grid is not None else arrays[0].chunks[-2:]
     y_edges, x_edges = np.cumsum((0,) + ys), np.cumsum((0,) + xs)
     picks = np.unique(np.linspace(0, len(ys) * len(xs) - 1, min(n_blocks, len(ys) * len(xs))).round().astype(int))
     height = min(min(ys[p // len(xs)] for p in picks), window)
@@ -102,6 +103,22 @@ def _pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384,
     return [np.concatenate(parts[i * n : (i + 1) * n], axis=-1) for i in range(len(arrays))]
 
 
+def _cube_sample(cube: io.Cube, shading=None, **kwargs) -> np.ndarray:
+    """:func:`_pixel_sample` of a cube on its chunks' grid, read from its tiles, the shading divided out.
+
+    ``shading``: ``(Shading, offset)`` or None.
+    """
+    grid = cube.data.chunks[-2:]
+    source = cube.tiles if cube.tiles is not None else cube.data
+    if shading is None:
+        return _pixel_sample(source, grid=grid, **kwargs)[0]
+    from qdquant import illumination
+
+    gain = illumination.inverse_field(shading[0], grid)
+    raw, window_gain = _pixel_sample(source, gain[None], grid=grid, **kwargs)
+    return unmixing.apply_gain(raw, window_gain[0], shading[1])
+
+
 def _with_control_autofluorescence(cfg: Config, sample, library):
     """The library with its autofluorescence endmember measured on the sample's unstained control."""
     if sample.unstained is None:
@@ -110,7 +127,7 @@ def _with_control_autofluorescence(cfg: Config, sample, library):
 
     row = cfg.panel_row(role="autofluorescence")  # exactly one: checked by load_config
     with io.open_cube(sample.unstained, chunk_size=cfg.chunk_size) as control, _about(sample.unstained):
-        af = autofluorescence_spectrum(_pixel_sample(control.data)[0])
+        af = autofluorescence_spectrum(_cube_sample(control))
     spectra = library.spectra.copy()
     spectra[:, library.names.index(row.endmember)] = af
     log.info("autofluorescence '%s' from the unstained control %s (peak %.0f nm)", row.endmember,
@@ -124,8 +141,8 @@ def _with_control_autofluorescence(cfg: Config, sample, library):
 REFINE_SAMPLING = dict(n_pixels=100_000, min_share=0.1)
 
 
-def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
-    """The library the fit uses: refined on the slide when the config says so.
+def _library_for(cfg: Config, library, cube: io.Cube, shading, qc_dir: Path):
+    """The library the fit uses: refined on the slide (shading divided out) when the config says so.
 
     ``refine_library: auto`` keeps the refined spectra only when they lower
     the residual on the sampled pixels; ``true`` always, ``false`` never.
@@ -135,7 +152,7 @@ def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
     mode = cfg.unmixing.refine_library
     if mode is False:
         return library
-    sample = _pixel_sample(data, max_pixels=REFINE_SAMPLING["n_pixels"])[0]
+    sample = _cube_sample(cube, shading, max_pixels=REFINE_SAMPLING["n_pixels"])
     refined, shifts = unmixing.refine_library(
         sample, library.to_frame(), library.wavelengths_nm, max_shift_nm=cfg.unmixing.max_shift_nm,
         **REFINE_SAMPLING,
@@ -150,7 +167,7 @@ def _library_for(cfg: Config, library, data: da.Array, qc_dir: Path):
     return replace(library, spectra=refined[list(library.names)].to_numpy()) if kept else library
 
 
-def _shading(cfg: Config, library, data: da.Array, qc_dir: Path):
+def _shading(cfg: Config, library, cube: io.Cube, qc_dir: Path):
     """The field-of-view shading estimated on the cube (``illumination: estimate``), with the dark
     offset it leaves alone; None when off or none is found."""
     if cfg.illumination != "estimate":
@@ -158,7 +175,11 @@ def _shading(cfg: Config, library, data: da.Array, qc_dir: Path):
     from qdquant import illumination, report
 
     nuclear = library.names.index(cfg.panel_row(role="nuclear_stain").endmember)
-    shading, brightness, offset = illumination.estimate_slide_shading(data, library.spectra, nuclear)
+    # the offset from a few of the file's tiles, not from whole chunks
+    offset = unmixing.estimate_offset(cube.tiles if cube.tiles is not None else cube.data,
+                                      max_pixels=illumination.OFFSET_PIXELS)
+    shading, brightness, offset = illumination.estimate_slide_shading(cube.data, library.spectra, nuclear,
+                                                                      offset=offset)
     report.plot_shading(shading, brightness, qc_dir / "illumination.png")
     return None if shading.is_flat else (shading, offset)
 
@@ -177,7 +198,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
     with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, _about(sample.image):
         unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
         library = _with_control_autofluorescence(cfg, sample, cfg.library)
-        shading = _shading(cfg, library, cube.data, out["unmixing_qc"].parent)
+        shading = _shading(cfg, library, cube, out["unmixing_qc"].parent)
         data, gain = cube.data, {}
         if shading is not None:  # divided out before refinement and the fit
             from qdquant import illumination
@@ -185,7 +206,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
             data = illumination.correct_shading(cube.data, *shading)
             # the fit applies it slab by slab itself, without the corrected cube
             gain = dict(gain=illumination.inverse_field(shading[0], cube.data.chunks[1:]), gain_offset=shading[1])
-        library = _library_for(cfg, library, data, out["unmixing_qc"].parent)
+        library = _library_for(cfg, library, cube, shading, out["unmixing_qc"].parent)
         log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, data.shape[0],
                  "x".join(map(str, data.shape[1:])), len(library.names))
         abundances, residual = unmixing.unmix(
@@ -205,7 +226,8 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         io.write_csv(library.to_frame(), out["spectra_used"])
         stored, _ = io.read_ome_zarr(out["zarr"])
         # pixels the library cannot explain (residual far above photon + read noise)
-        noise = unmixing.noise_model(*_pixel_sample(data, stored[-1]))
+        noise = unmixing.noise_model(_cube_sample(cube, shading),
+                                     _pixel_sample(stored[-1], grid=data.chunks[-2:])[0])
         if cfg.unmixing.flag_poor_fit:
             probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
             flagged = unmixing.flag_poor_fit(data, stored[-1], noise) | unmixing.flag_broadband(
