@@ -484,9 +484,9 @@ def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.
     Returns
     -------
     (C, Y, X) float32 dask array
-        ``offset + (cube - offset) / profile``, chunked like ``cube``. (The
-        unmix step does not read it: :func:`qdquant.unmixing.unmix` applies
-        the same correction slab by slab, with ``gain=inverse_field(...)``.)
+        ``offset + (cube - offset) / profile``, chunked like ``cube`` (the
+        residual flags and QC read it; the fit itself applies the same
+        correction slab by slab: ``unmix(..., gain=inverse_field(...))``).
     """
     from qdquant.unmixing import apply_gain
 
