@@ -107,6 +107,19 @@ def test_unmix_step_applies_it(shaded_slide):
     assert abs(falloff["estimate"] - 1) < 0.4 * abs(falloff["none"] - 1), falloff
 
 
+def _held_out_r2(terms, values, tile, train):
+    """Reference: R² on the tiles not in ``train`` of a within-tile least-squares fit on those in it."""
+    coef = illumination._fit(terms[train], values[train], tile[train])
+    test = ~train
+    y = illumination._demean(values[test], tile[test])
+    pred = illumination._demean(terms[test] @ coef, tile[test])
+    return 1.0 - float(((y - pred) ** 2).sum()) / float((y * y).sum())
+
+
+def _cross_r2(terms, values, tile, half):
+    return 0.5 * (_held_out_r2(terms, values, tile, half) + _held_out_r2(terms, values, tile, ~half))
+
+
 def test_period_and_fov_scores_equal_the_per_block_held_out_fits():
     """The summed-normal-equation scores (all periods, all FOV sizes at once) are the
     held-out R² of the plain per-block fits they stand for."""
@@ -124,12 +137,16 @@ def test_period_and_fov_scores_equal_the_per_block_held_out_fits():
     strip = (ys // region).astype(np.intp)
     for p, score in zip(periods, scores):
         terms = illumination._poly_terms((ys % p) / p - 0.5, None)
-        assert score == pytest.approx(illumination._cross_explained(terms, values, strip, strip % 2 == 0), abs=1e-9)
+        assert score == pytest.approx(_cross_r2(terms, values, strip, strip % 2 == 0), abs=1e-9)
     assert periods[np.argmax(scores)] == fov[0]
     sizes = [(112, 144), (110, 146), (64, 64)]
     fov_scores = illumination._fov_scores(ys, xs, values, sizes, region)
-    for size, score in zip(sizes, fov_scores):
-        assert score == pytest.approx(illumination._fov_fit(ys, xs, values, size, b, region)[1], abs=1e-9)
+    ry, rx = (ys // region).astype(np.intp), (xs // region).astype(np.intp)
+    squares, checker = ry * (rx.max() + 1) + rx, (ry + rx) % 2 == 0
+    for (py, px), score in zip(sizes, fov_scores):
+        terms = illumination._poly_terms((ys % py) / py - 0.5, (xs % px) / px - 0.5)
+        assert score == pytest.approx(_cross_r2(terms, values, squares, checker), abs=1e-9)
+        assert illumination._fov_fit(ys, xs, values, (py, px), b, region)[1] == pytest.approx(score, abs=1e-12)
     assert np.argmax(fov_scores) == 0
 
 

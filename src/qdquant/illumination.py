@@ -112,23 +112,6 @@ def _fit(terms: np.ndarray, values: np.ndarray, groups: np.ndarray) -> np.ndarra
     return coef
 
 
-def _explained(terms, values, tile, train) -> float:
-    """Held-out R² of a within-tile fit trained on tiles ``train`` and scored on the others."""
-    if train.all() or not train.any():
-        return 0.0
-    coef = _fit(terms[train], values[train], tile[train])
-    test = ~train
-    y = _demean(values[test], tile[test])
-    pred = _demean(terms[test] @ coef, tile[test])
-    denom = float((y * y).sum())
-    return 0.0 if denom <= 0 else 1.0 - float(((y - pred) ** 2).sum()) / denom
-
-
-def _cross_explained(terms, values, tile, half) -> float:
-    """Mean held-out R² of a within-tile fit over the two folds ``half`` and ``~half``."""
-    return 0.5 * (_explained(terms, values, tile, half) + _explained(terms, values, tile, ~half))
-
-
 def _fold_scores(terms: np.ndarray, weights: np.ndarray, ysum: np.ndarray, yy: tuple[float, float],
                  group: np.ndarray, fold: np.ndarray) -> np.ndarray:
     """Two-fold held-out R² of within-group least-squares fits, for many term sets at once.
@@ -247,12 +230,7 @@ def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
     ty, tx = (ys // py).astype(np.intp), (xs // px).astype(np.intp)
     fov = ty * (tx.max() + 1) + tx
     coef = _fit(terms[inside], values[inside], fov[inside])
-    if region is None:
-        region = max(py, px)
-    ry, rx = (ys // region).astype(np.intp), (xs // region).astype(np.intp)
-    squares = ry * (rx.max() + 1) + rx
-    checker = (ry + rx) % 2 == 0
-    explained = _cross_explained(terms, values, squares, checker)
+    explained = _fov_scores(ys, xs, values, [fov_px], max(py, px) if region is None else region)[0]
     return coef, explained
 
 
