@@ -723,3 +723,37 @@ def test_estimate_offset_is_the_percentile_of_its_sample(dtype):
         for p in (0.0, 1.0, 37.5, 100.0):
             expected = np.percentile(np.asarray(cube, dtype=np.float64).reshape(4, -1), p, axis=1)
             np.testing.assert_allclose(estimate_offset(cube, percentile=p), expected, rtol=1e-12, atol=1e-9)
+
+
+@with_engines
+@pytest.mark.parametrize("k", [5, 9])
+@pytest.mark.parametrize("weights", [None, "poisson"])
+def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights):
+    """``unmix(cube, gain=g, gain_offset=o)`` fits ``o + g (cube - o)``, for every kernel
+    (the 16-lane one applies the gain in its band sums, the others to slabs), with an
+    offset of its own subtracted too, on a whole cube and on a window of one (rows
+    strided, short blocks at the row ends)."""
+    rng = np.random.default_rng(40 + k)
+    centres = np.linspace(520, 660, k - 1)
+    a = gaussians(list(centres) + [600], [10] * (k - 1) + [80])
+    shape = (37, 203)
+    x = rng.gamma(2.0, 60.0, (k,) + shape) * (rng.random((k,) + shape) < 0.5)
+    gain_offset = rng.uniform(90.0, 110.0, WL.size)
+    cube = rng.poisson(np.einsum("ck,kyx->cyx", a, x)).astype(np.float64) + gain_offset[:, None, None]
+    cube = cube.astype(np.uint16)
+    gain = rng.uniform(1.0, 1.4, shape).astype(np.float32)
+    offset = gain_offset - 3.0  # not the gain's: the corrected cube keeps 3 counts of it
+    for window in (np.s_[:, :, :], np.s_[:, 2:, 5:198]):
+        sub, g = cube[window], gain[window[1:]]
+        corrected = gain_offset[:, None, None] + g.astype(np.float64) * (sub - gain_offset[:, None, None])
+        with engine(engine_name):
+            want = unmix(corrected, a, offset=offset, weights=weights)
+            got = unmix(sub, a, offset=offset, weights=weights, gain=g, gain_offset=gain_offset)
+            lazy = da.compute(*unmix(da.from_array(sub, chunks=(-1, 16, 64)), a, offset=offset,
+                                     weights=weights, gain=da.from_array(g, chunks=(16, 64)),
+                                     gain_offset=gain_offset))
+        for abund, resid in (got, lazy):
+            assert_close_per_pixel(abund, want[0].astype(np.float64), rtol=1e-5)
+            np.testing.assert_allclose(resid, want[1], rtol=1e-5, atol=1e-4)
+    if engine_name == "numba" and weights is None and k == 9:
+        assert unmixing._tiles16_kernel(k, True).signatures  # the fused kernel ran

@@ -374,23 +374,28 @@ def _unmix_slab(b, a, a_w, solver, offset, weights):
     return x, rms
 
 
-def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None):
+def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None, gain=None, gain_offset=None):
     """Unmix a numpy (C, Y, X) cube into preallocated outputs.
 
     With numba: the fused kernel, multi-threaded when called from the main
     thread (a dask worker thread runs it single-threaded: dask already works
     on several blocks at once). Without: the numpy FC-NNLS by slabs of rows.
+    ``gain``, ``gain_offset``: fit ``apply_gain(cube, gain, gain_offset)``.
     """
     global _USE_NUMBA
     if _USE_NUMBA and _numba is not None:
         parallel = threading.current_thread() is threading.main_thread()
         try:
-            _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=parallel)
+            _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=parallel,
+                              gain=gain, gain_offset=gain_offset)
             return
         except _numba.core.errors.NumbaError as exc:  # pragma: no cover - a broken numba install
             _USE_NUMBA = False
             warnings.warn(f"numba kernel unavailable ({exc.__class__.__name__}: {exc}); using numpy from now on",
                           RuntimeWarning, stacklevel=2)
+    if gain is not None:
+        _unmix_into_gained(cube, gain, gain_offset, a, offset, weights, abund, resid)
+        return
     c, h, w = cube.shape
     wd = _work_dtype(cube.dtype)
     a_w = a.astype(wd)
@@ -413,10 +418,8 @@ def _unmix_block(block, a, offset, weights, gain=None, gain_offset=None):
     k = a.shape[1]
     out = np.empty((k + 1,) + block.shape[1:], np.float32)
     if block.size:
-        if gain is None:
-            _unmix_into(block, a, offset, weights, out[:k], out[k])
-        else:
-            _unmix_into_gained(block, gain[0], gain_offset, a, offset, weights, out[:k], out[k])
+        _unmix_into(block, a, offset, weights, out[:k], out[k],
+                    gain=None if gain is None else gain[0], gain_offset=gain_offset)
     return out
 
 
@@ -1976,14 +1979,23 @@ if _numba is not None:
     _ACC16 = 8 * _K16_MAX
 
     @_njit_inline
-    def _nb_tiles16_body(cube, ak, ginvk, gsk, table, ok, offset, k, max_outer, t0, t1,
-                         abund, resid3, status):
+    def _nb_tiles16_body(cube, ak, ginvk, gsk, table, ok, offset, gain3, hk, ath, hh, k, gained, max_outer,
+                         t0, t1, abund, resid3, status):
         """``_nb_tiles8`` for _KP < K = k <= _K16_MAX, a pixel's variables 16 lanes a vector.
 
-        ``k`` must be a compile-time constant (see _tiles16_kernel). ``ak``
-        (C, K), ``ginvk`` (the inverse of G) and ``gsk`` (the upper triangle
-        of G, off-diagonal doubled) flat; ``table``, ``ok`` from _nb_table16
-        (ok as uint8).
+        ``k`` and ``gained`` must be compile-time constants (see
+        _tiles16_kernel). ``ak`` (C, K), ``ginvk`` (the inverse of G) and
+        ``gsk`` (the upper triangle of G, off-diagonal doubled) flat;
+        ``table``, ``ok`` from _nb_table16 (ok as uint8).
+
+        With ``gained``, the pixel fitted is ``g y + (1 - g) o`` (:func:`apply_gain`,
+        ``g`` from ``gain3`` (1, H, W), unit stride along X), offset
+        subtracted: with ``d = y - offset`` and ``h = o - offset`` (``hk``,
+        (C,)) that is ``g d + (1 - g) h``, so its band sums follow from the
+        raw pixel's: ``A.T b = g A.T d + (1 - g) A.T h`` (``ath``) and
+        ``|b|^2 = g^2 |d|^2 + 2 g (1 - g) d.h + (1 - g)^2 |h|^2`` (``hh``),
+        one more accumulator (``d.h``) in the pass over the bands and no
+        corrected copy of the cube.
         """
         c_n, _, w_n = cube.shape
         nt = _TILE
@@ -2032,6 +2044,7 @@ if _numba is not None:
                     for i in range(k):
                         _v_store(acc, 8 * i, zero)
                     yy = zero
+                    dh = zero
                     for c in range(c_n):
                         if nv == 8:
                             yv = _v_load_row(cube, c, y, xs)
@@ -2043,6 +2056,20 @@ if _numba is not None:
                         for i in range(k):
                             _v_store(acc, 8 * i, _v_fma(_v_splat(ak[c * k + i]), yv, _v_load(acc, 8 * i)))
                         yy = _v_fma(yv, yv, yy)
+                        if gained:
+                            dh = _v_fma(_v_splat(hk[c]), yv, dh)
+                    if gained:  # the sums of the gained pixel g d + (1 - g) h
+                        if nv == 8:
+                            gv = _v_load_row(gain3, 0, y, xs)
+                        else:
+                            for q in range(8):
+                                tmp[q] = np.float64(gain3[0, y, xs + q]) if q < nv else 1.0
+                            gv = _v_load(tmp, 0)
+                        qv = _v_sub(_v_splat(1.0), gv)
+                        for i in range(k):
+                            _v_store(acc, 8 * i, _v_fma(gv, _v_load(acc, 8 * i), _v_mul(qv, _v_splat(ath[i]))))
+                        yy = _v_fma(gv, _v_fma(gv, yy, _v_mul(_v_add(qv, qv), dh)),
+                                    _v_mul(_v_mul(qv, qv), _v_splat(hh)))
                     for i in range(k):
                         _v_store(bb, ob + 8 * i, _v_load(acc, 8 * i))
                     _v_store(yyg, blk * 8, yy)
@@ -2169,8 +2196,11 @@ if _numba is not None:
                             jj = _ctz(redo)
                             redo &= redo - 1
                             r2 = 0.0
+                            gj = np.float64(gain3[0, y, xs + jj]) if gained else 1.0
                             for c in range(c_n):
                                 e = np.float64(cube[c, y, xs + jj]) - offset[c]
+                                if gained:
+                                    e = gj * e + (1.0 - gj) * hk[c]
                                 for i in range(k):
                                     e -= ak[c * k + i] * xx[ox + 8 * i + jj]
                                 r2 += e * e
@@ -2191,23 +2221,26 @@ if _numba is not None:
 
     _TILES16 = {}
 
-    def _tiles16_kernel(k):
-        """The 16-lane kernel for ``k`` endmembers (compiled on first use, cached on disk).
+    def _tiles16_kernel(k, gained=False):
+        """The 16-lane kernel for ``k`` endmembers (compiled on first use, cached on disk),
+        with a per-pixel gain when ``gained``.
 
-        A closure over ``k`` (numba's cache key of a closure adds the values
-        it closes over, here an int), so that K is a constant of the compiled
-        code, around the inlined _nb_tiles16_body. There is no numba-parallel
+        A closure over ``k`` and ``gained`` (numba's cache key of a closure
+        adds the values it closes over), so that both are constants of the
+        compiled code, around the inlined _nb_tiles16_body. There is no numba-parallel
         twin: its compilation (parfor passes over the inlined body) took
         10 s; _unmix_into_numba runs this one, which releases the GIL, on
         chunks of tiles from a thread pool instead.
         """
-        kern = _TILES16.get(k)
+        gained = bool(gained)
+        kern = _TILES16.get((k, gained))
         if kern is None:
-            def nb_tiles16(cube, ak, ginvk, gsk, table, ok, offset, max_outer, t0, t1, abund, resid3, status):
-                return _nb_tiles16_body(cube, ak, ginvk, gsk, table, ok, offset, k, max_outer, t0, t1,
-                                        abund, resid3, status)
+            def nb_tiles16(cube, ak, ginvk, gsk, table, ok, offset, gain3, hk, ath, hh, max_outer, t0, t1,
+                           abund, resid3, status):
+                return _nb_tiles16_body(cube, ak, ginvk, gsk, table, ok, offset, gain3, hk, ath, hh, k, gained,
+                                        max_outer, t0, t1, abund, resid3, status)
 
-            kern = _TILES16[k] = _njit(nb_tiles16)
+            kern = _TILES16[(k, gained)] = _njit(nb_tiles16)
         return kern
 
 
@@ -2283,10 +2316,19 @@ def _fast16_args(a, gram, ginv):
     return out
 
 
-def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
-    """Unmix a numpy (C, Y, X) cube into preallocated outputs with the numba kernel."""
+def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True, gain=None, gain_offset=None):
+    """Unmix a numpy (C, Y, X) cube into preallocated outputs with the numba kernel.
+
+    ``gain`` (Y, X), ``gain_offset`` (C,): fit ``apply_gain(cube, gain,
+    gain_offset)``; the 16-lane kernel applies it in its pass over the
+    bands, the others fit corrected slabs (:func:`_unmix_into_gained`).
+    """
     c, h, w = cube.shape
     k = a.shape[1]
+    lanes16 = _FAST_LH and _KP < k <= _K16_MAX and weights is None
+    if gain is not None and not lanes16:
+        _unmix_into_gained(cube, gain, gain_offset, a, offset, weights, abund, resid)
+        return
     if np.dtype(cube.dtype) not in _NB_SUPPORTED or not cube.dtype.isnative:
         cube = cube.astype(_work_dtype(cube.dtype))
     if (cube.strides[-1] != cube.itemsize and weights is None and _FAST_LH and k <= _K16_MAX
@@ -2300,7 +2342,8 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
         for y0 in range(0, h, rows):
             y1 = min(h, y0 + rows)
             _unmix_into_numba(np.ascontiguousarray(cube[:, y0:y1]), a, offset, weights,
-                              abund[:, y0:y1], resid[y0:y1], parallel=parallel)
+                              abund[:, y0:y1], resid[y0:y1], parallel=parallel,
+                              gain=None if gain is None else gain[y0:y1], gain_offset=gain_offset)
         return
     gram = np.ascontiguousarray(a.T @ a)
     ginv = np.ascontiguousarray(np.linalg.inv(gram))
@@ -2315,27 +2358,40 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
     off = np.zeros(c) if offset is None else np.ascontiguousarray(offset, dtype=np.float64)
     status = np.zeros((h, w), np.int8)
     args = (a, gram, ginv, table, ok, g8, fast, off, weights == "poisson", _LH_ITER_FACTOR * k + 1)
+    raw = cube
     if w < _TILE // 4 and _flat_plane(cube).shape[-2] != 1:
         cube = np.ascontiguousarray(cube)  # narrow rows would make tiny tiles
-    views = [_flat_plane(v) for v in (cube, abund, resid[None], status[None])]
-    if all(v.shape[-2] == 1 for v in views):  # one long row of pixels: full tiles
+    # the gain (1, H, W) and what the kernel adds for the gain's offset; inert without a gain
+    if gain is None:
+        gain3, hk = np.ones((1, 1, 1), np.float32), np.zeros(c)
+    else:
+        gain3 = np.ascontiguousarray(gain, dtype=np.float32)[None]
+        hk = np.zeros(c) if gain_offset is None else np.asarray(gain_offset, dtype=np.float64) - off
+    views = [_flat_plane(v) for v in (cube, abund, resid[None], status[None], gain3)]
+    if all(v.shape[-2] == 1 for v in views[:4]) and (gain is None or views[4].shape[-2] == 1):
+        # one long row of pixels: full tiles
         cube_v, abund_v, resid_v, status_v = views[0], views[1], views[2][0], views[3][0]
+        gain_v = views[4] if gain is not None else gain3
     else:  # tiles along each row, the last one short
-        cube_v, abund_v, resid_v, status_v = cube, abund, resid, status
+        cube_v, abund_v, resid_v, status_v, gain_v = cube, abund, resid, status, gain3
     ntiles = cube_v.shape[1] * (-(-cube_v.shape[2] // _TILE))
     n_threads = _numba.get_num_threads() if parallel else 1
     n_chunks = min(ntiles, 4 * n_threads) if n_threads > 1 else 1
     unit = [v.strides[-1] == v.itemsize for v in (cube_v, abund_v, resid_v)]
     outs = (abund_v, resid_v[None], status_v)
+    if gain is not None and not all(unit):  # (outputs that no caller of ours passes)
+        _unmix_into_gained(raw, gain, gain_offset, a, offset, weights, abund, resid)
+        return
     if fast and weights is None and all(unit):  # the vector kernel
         args8 = _fast8_args(a, g8, table, ok) + (off, k, _LH_ITER_FACTOR * k + 1)
         if n_chunks > 1:
             n_bad, n_nonfinite = _nb_tiles8_parallel(cube_v, *args8, n_chunks, *outs)
         else:
             n_bad, n_nonfinite = _nb_tiles8(cube_v, *args8, 0, ntiles, *outs)
-    elif _FAST_LH and _KP < k <= _K16_MAX and weights is None and all(unit):  # the 16-lane one
-        args16 = _fast16_args(a, gram, ginv) + (off, _LH_ITER_FACTOR * k + 1)
-        kern = _tiles16_kernel(k)
+    elif lanes16 and all(unit):  # the 16-lane one
+        args16 = _fast16_args(a, gram, ginv) + (off, gain_v, hk, a.T @ hk, float(hk @ hk),
+                                                _LH_ITER_FACTOR * k + 1)
+        kern = _tiles16_kernel(k, gain is not None)
         if n_chunks > 1:
             bounds = [ntiles * ch // n_chunks for ch in range(n_chunks + 1)]
             counts = _thread_pool(n_threads).map(
@@ -2352,6 +2408,9 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True):
     if n_bad:  # rare: not converged or not positive definite; numpy FC-NNLS
         bad = np.nonzero(status)
         b = np.asarray(cube[:, bad[0], bad[1]], dtype=np.float64)
+        if gain is not None:
+            go = np.zeros(c) if gain_offset is None else np.asarray(gain_offset, dtype=np.float64)
+            b = go[:, None] + np.asarray(gain, dtype=np.float64)[bad] * (b - go[:, None])
         x, rms = _unmix_slab(b, a, a, _SharedGram(gram), offset, weights)
         abund[:, bad[0], bad[1]] = x
         resid[bad] = rms
@@ -2464,11 +2523,8 @@ def unmix(cube, spectra, *, offset=None, weights=None, gain=None, gain_offset=No
     try:
         # NaN and inf are found in the pass (a non-finite residual), not by
         # a read of the cube of their own
-        if gain is None:
-            _unmix_into(cube, a, offset, weights, abund, resid)
-        else:
-            _unmix_into_gained(cube, np.asarray(gain, dtype=np.float32), gain_offset, a, offset, weights,
-                               abund, resid)
+        _unmix_into(cube, a, offset, weights, abund, resid,
+                    gain=None if gain is None else np.asarray(gain, dtype=np.float32), gain_offset=gain_offset)
     except _NonFiniteCube:
         bad = np.argwhere(~np.isfinite(cube)) if np.issubdtype(cube.dtype, np.floating) else ()
         if len(bad):
