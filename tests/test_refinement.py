@@ -117,7 +117,7 @@ def test_one_column_residual_is_the_least_squares_residual_on_each_pixels_passiv
     keep = x[j] > 0
     b, x = b[:, keep], x[:, keep]
     trials = _shifted_many(a[:, j], wl, np.array([-2.0, 0.0, 1.5, 3.0]))
-    fast = _OneColumnResidual(b, x, a, j)(trials)
+    fast = _OneColumnResidual(b.T, x, a, j)(trials)
 
     def brute(column):
         trial = a.copy()

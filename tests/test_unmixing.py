@@ -713,13 +713,14 @@ def test_leica_lambda_stack_relative_residual():
     assert abs(corr[0, 1]) < 0.4 and abs(corr[0, 2]) < 0.4 and corr[1, 2] < 0.9
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int16, np.int32, np.float32, np.float64])
 def test_estimate_offset_is_the_percentile_of_its_sample(dtype):
     from qdquant.unmixing import estimate_offset
 
     rng = np.random.default_rng(7)
+    low = -100 if np.dtype(dtype).kind in "if" else 0  # signed: counts below zero too
     for n in (1, 2, 9, 400):
-        cube = (rng.random((4, n, 11)) * 200).astype(dtype)
+        cube = (low + rng.random((4, n, 11)) * 200).astype(dtype)
         for p in (0.0, 1.0, 37.5, 100.0):
             expected = np.percentile(np.asarray(cube, dtype=np.float64).reshape(4, -1), p, axis=1)
             np.testing.assert_allclose(estimate_offset(cube, percentile=p), expected, rtol=1e-12, atol=1e-9)
@@ -728,11 +729,12 @@ def test_estimate_offset_is_the_percentile_of_its_sample(dtype):
 @with_engines
 @pytest.mark.parametrize("k", [5, 9])
 @pytest.mark.parametrize("weights", [None, "poisson"])
-def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights):
+def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights, monkeypatch):
     """``unmix(cube, gain=g, gain_offset=o)`` fits ``o + g (cube - o)``, for every kernel
-    (the 16-lane one applies the gain in its band sums, the others to slabs), with an
-    offset of its own subtracted too, on a whole cube and on a window of one (rows
-    strided, short blocks at the row ends)."""
+    (the 16-lane one applies the gain in its band sums, the others to slabs, here several
+    a cube), with an offset of its own subtracted too, on a whole cube and on a window of
+    one (rows strided, short blocks at the row ends)."""
+    monkeypatch.setattr(unmixing, "_GAIN_SLAB_PX", 1000)
     rng = np.random.default_rng(40 + k)
     centres = np.linspace(520, 660, k - 1)
     a = gaussians(list(centres) + [600], [10] * (k - 1) + [80])

@@ -197,22 +197,59 @@ def _fov_scores(ys, xs, values, fovs, region) -> np.ndarray:
     The score of :func:`_fov_fit`, for many sizes at once: every block
     kept, the level of fixed ``region``² squares removed, the squares split
     as a checkerboard, so that every size is scored on the same data.
+
+    The fits' normal equations are sums over blocks of products of the
+    terms ``u^p v^q`` (``u`` from a block's row and the FOV height, ``v``
+    from its column and the FOV width) and of the values: per square, the
+    sums over its rows of ``u^p`` times the blocks (or values) in each
+    column, then over its columns of ``v^q``. So a size costs
+    O(rows + columns), not O(blocks), and all the sizes' heights and widths
+    are done together.
     """
     fovs = np.asarray(fovs, dtype=np.float64).reshape(-1, 2)
     ry, rx = (ys // region).astype(np.intp), (xs // region).astype(np.intp)
-    squares = ry * (rx.max() + 1) + rx
-    y = _demean(values, squares)
+    y = _demean(values, ry * (rx.max() + 1) + rx)
     checker = (ry + rx) % 2 == 0
     yy = (float(y[checker] @ y[checker]), float(y[~checker] @ y[~checker]))
-    weights = np.ones(ys.size)
-    # a few sizes at a time: (sizes, terms, blocks) work arrays of at most ~32 MB
-    step = max(1, 4_000_000 // (5 * max(ys.size, 1)))
-    scores = []
-    for part in np.array_split(fovs, -(-len(fovs) // step)):
-        py, px = part[:, :1], part[:, 1:]
-        terms = np.moveaxis(_poly_terms((ys % py) / py - 0.5, (xs % px) / px - 0.5), -1, 1)  # (F, T, N)
-        scores.append(_fold_scores(terms, weights, y, yy, squares, checker))
-    return np.concatenate(scores)
+    rows, iy = np.unique(ys, return_inverse=True)
+    cols, ix = np.unique(xs, return_inverse=True)
+    cell = iy * cols.size + ix
+    count = np.bincount(cell, minlength=rows.size * cols.size).reshape(rows.size, cols.size).astype(np.float64)
+    ysum = np.bincount(cell, y, minlength=rows.size * cols.size).reshape(rows.size, cols.size)
+    heights, fy = np.unique(fovs[:, 0], return_inverse=True)
+    widths, fx = np.unique(fovs[:, 1], return_inverse=True)
+    powers = np.arange(2 * ORDER + 1)[:, None, None]
+    up = (((rows % heights[:, None]) / heights[:, None] - 0.5)[None]) ** powers  # (n, heights, rows)
+    vp = (((cols % widths[:, None]) / widths[:, None] - 0.5)[None]) ** powers  # (n, widths, cols)
+    row_band, col_band = (rows // region).astype(np.intp), (cols // region).astype(np.intp)
+    col_starts = np.flatnonzero(np.r_[True, col_band[1:] != col_band[:-1]])
+    # moments per square: sums of u^p v^q over its blocks (count) and over its values (ysum),
+    # (n, heights, n, widths, col bands) for each row band
+    moments, value_moments, parity = [], [], []
+    for band in np.unique(row_band):
+        in_band = row_band == band
+        for grid, out in ((count, moments), (ysum, value_moments)):
+            w = np.einsum("phr,rc->phc", up[:, :, in_band], grid[in_band])
+            out.append(np.add.reduceat(w[:, :, None, None, :] * vp[None, None], col_starts, axis=-1))
+        parity.append((band + col_band[col_starts]) % 2 == 0)
+    m = np.concatenate(moments, axis=-1)[:, fy, :, fx]  # (F, n, n, squares): the sizes asked for
+    my = np.concatenate(value_moments, axis=-1)[:, fy, :, fx]
+    in_checker = np.concatenate(parity)
+    expo = np.array([(i, total - i) for total in range(1, ORDER + 1) for i in range(total + 1)])  # _poly_terms'
+    n = m[:, 0, 0]  # (F, squares) blocks per square
+    means = m[:, expo[:, 0], expo[:, 1]] / np.maximum(n, 1e-300)[:, None]  # (F, T, squares)
+    second = m[:, expo[:, 0, None] + expo[None, :, 0], expo[:, 1, None] + expo[None, :, 1]]  # (F, T, T, sq.)
+    gram = second - n[:, None, None] * means[:, :, None] * means[:, None, :]
+    rhs = my[:, expo[:, 0], expo[:, 1]] - means * my[:, None, 0, 0]
+    folds = [(gram[..., part].sum(axis=-1), rhs[..., part].sum(axis=-1)) for part in (in_checker, ~in_checker)]
+    scores = np.zeros(len(fovs))
+    for (g_train, r_train), (g_test, r_test), yy_test in zip(folds, folds[::-1], yy[::-1]):
+        if yy_test <= 0:
+            continue
+        coef = np.einsum("ptu,pu->pt", np.linalg.pinv(g_train), r_train)
+        sse = yy_test - 2 * np.einsum("pt,pt->p", coef, r_test) + np.einsum("pt,ptu,pu->p", coef, g_test, coef)
+        scores += 0.5 * (1.0 - sse / yy_test)
+    return scores
 
 
 def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
@@ -237,31 +274,57 @@ def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
 if _numba is not None:
 
     @_numba.njit(cache=True, nogil=True, fastmath=True)
-    def _nb_weighted_and_total(x, weights, weighted, total):
-        """``weighted[i, j] = weights . x[:, i, j]`` and ``total[i, j] = sum(x[:, i, j])``, one read of ``x``."""
+    def _nb_nuclear_values(x, weights, weighted_offset, total_offset, scale, min_share, bin_px, values, counts):
+        """:func:`_nuclear_values` in one read of ``x``, a row of pixels at a time."""
         c, h, w = x.shape
+        weighted = np.empty(w, np.float32)
+        total = np.empty(w, np.float32)
         for i in range(h):
             for j in range(w):
-                weighted[i, j] = 0.0
-                total[i, j] = 0.0
+                weighted[j] = 0.0
+                total[j] = 0.0
             for b in range(c):
                 wb = weights[b]
                 for j in range(w):
                     v = np.float32(x[b, i, j])
-                    weighted[i, j] += wb * v
-                    total[i, j] += v
+                    weighted[j] += wb * v
+                    total[j] += v
+            bi, r0 = i // bin_px, (i % bin_px) * bin_px
+            for j in range(w):
+                nuc = weighted[j] - weighted_offset
+                tot = max(total[j] - total_offset, np.float32(1e-6))
+                bj = j // bin_px
+                if nuc > 0 and nuc * scale >= min_share * tot:
+                    values[bi, bj, r0 + j % bin_px] = nuc
+                    counts[bi, bj] += 1
+                else:
+                    values[bi, bj, r0 + j % bin_px] = np.inf
 
 
+def _nuclear_values(x, weights, weighted_offset, total_offset, scale, min_share, bin_px):
+    """The nuclear pixels of the ``bin_px``² blocks of ``x`` (C, hb bin_px, wb bin_px).
 
-def _weighted_and_total(x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pixel of a (C, H, W) block: ``weights`` (C,) float32 . spectrum, and the summed counts (float32)."""
+    Per pixel, the nuclear abundance ``weights . x - weighted_offset`` and
+    the signal ``sum(x) - total_offset`` (float32); a pixel is nuclear when
+    its abundance is positive and ``scale`` times it is at least
+    ``min_share`` of the signal. Returns each block's pixels' abundances,
+    inf where not nuclear, (hb, wb, bin_px²) float32, and its nuclear
+    pixels, (hb, wb) int64.
+    """
     c, h, w = x.shape
-    if _numba is not None and h and w:
-        weighted, total = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
-        _nb_weighted_and_total(x, weights, weighted, total)
-        return weighted, total
-    y = x.astype(np.float32).reshape(c, -1)
-    return weights @ y, y.sum(axis=0)
+    hb, wb = h // bin_px, w // bin_px
+    f4 = np.float32
+    if _numba is not None:
+        values, counts = np.empty((hb, wb, bin_px * bin_px), f4), np.zeros((hb, wb), np.int64)
+        _nb_nuclear_values(x, weights, f4(weighted_offset), f4(total_offset), f4(scale), f4(min_share), bin_px,
+                           values, counts)
+        return values, counts
+    y = x.astype(f4).reshape(c, -1)
+    nuc = (weights @ y).reshape(h, w) - f4(weighted_offset)
+    total = np.maximum(y.sum(axis=0).reshape(h, w) - f4(total_offset), f4(1e-6))
+    nuclear = (nuc > 0) & (nuc * f4(scale) >= f4(min_share) * total)
+    tiles = np.where(nuclear, nuc, np.inf).reshape(hb, bin_px, wb, bin_px).transpose(0, 2, 1, 3)
+    return tiles.reshape(hb, wb, -1), nuclear.reshape(hb, bin_px, wb, bin_px).sum(axis=(1, 3))
 
 
 def nuclear_brightness(
@@ -322,14 +385,10 @@ def nuclear_brightness(
         out = np.full((-(-h // bin_px), -(-w // bin_px)), np.nan)
         if not (hb and wb):
             return out
-        nuc, total = _weighted_and_total(x[:, : hb * bin_px, : wb * bin_px], weights)
-        nuc = nuc.reshape(hb * bin_px, wb * bin_px) - np.float32(weighted_offset)
-        total = total.reshape(hb * bin_px, wb * bin_px) - np.float32(total_offset)
-        nuclear = (nuc * scale >= min_share * np.maximum(total, 1e-6)) & (nuc > 0)
+        tiles, n = _nuclear_values(x[:, : hb * bin_px, : wb * bin_px], weights, weighted_offset, total_offset,
+                                   scale, min_share, bin_px)
         # the median of each block's nuclear pixels: sorted, the others (inf) last
-        tiles = np.where(nuclear, nuc, np.inf).reshape(hb, bin_px, wb, bin_px).transpose(0, 2, 1, 3)
-        tiles = np.sort(tiles.reshape(hb, wb, -1), axis=2)
-        n = nuclear.reshape(hb, bin_px, wb, bin_px).sum(axis=(1, 3))
+        tiles.sort(axis=2)
         lo = np.take_along_axis(tiles, (np.maximum(n - 1, 0) // 2)[..., None], axis=2)[..., 0]
         hi = np.take_along_axis(tiles, (n // 2)[..., None], axis=2)[..., 0]
         out[:hb, :wb] = np.where(n >= min_pixels, 0.5 * (lo.astype(np.float64) + hi), np.nan)

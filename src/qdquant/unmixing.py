@@ -2592,11 +2592,16 @@ def estimate_offset(cube, *, percentile=1.0, max_pixels=1_000_000):
     pos = percentile / 100.0 * (sample.shape[1] - 1)
     k = int(math.floor(pos))
     kth = sorted({k, min(k + 1, sample.shape[1] - 1)})
-    if sample.dtype.kind in "ui" and sample.dtype.itemsize <= 2:
-        part = np.sort(sample, axis=1, kind="stable")  # a radix sort: faster than a partition
+    if sample.dtype.kind in "ui" and sample.dtype.itemsize <= 2:  # a histogram: faster than a partition
+        order = np.empty((c, len(kth)))
+        for band, row in enumerate(sample):
+            low = int(row.min()) if row.dtype.kind == "i" else 0
+            ranks = np.cumsum(np.bincount(row.astype(np.int32) - low if low else row))
+            order[band] = np.searchsorted(ranks, kth, side="right") + low
+        lo, hi = order[:, 0], order[:, -1]
     else:
         part = np.partition(sample, kth, axis=1)
-    lo, hi = part[:, kth[0]].astype(np.float64), part[:, kth[-1]].astype(np.float64)
+        lo, hi = part[:, kth[0]].astype(np.float64), part[:, kth[-1]].astype(np.float64)
     return lo + (pos - k) * (hi - lo)
 
 
@@ -2718,8 +2723,8 @@ def _shifted(spectrum, wl, shift, widen=1.0):
 class _OneColumnResidual:
     """Residual of pixels as one library column varies, their passive sets held.
 
-    For pixels ``b`` (C, n) unmixed with library ``a`` (C, K) into ``x``
-    (K, n), every pixel keeps its passive set P (its nonzero abundances,
+    For pixels ``pixels`` (n, C), pixel-major, unmixed with library ``a``
+    (C, K) into ``x`` (K, n), every pixel keeps its passive set P (its nonzero abundances,
     which include column ``j``) and is fitted by least squares on P. With
     Q = P without j, the residual of a pixel is its residual on Q less
     ``(y . a_perp)^2 / |a_perp|^2``, where ``a_perp`` is the trial column's
@@ -2731,7 +2736,7 @@ class _OneColumnResidual:
     residual; :func:`refine_library` re-solves NNLS between rounds.
     """
 
-    def __init__(self, b, x, a, j):
+    def __init__(self, pixels, x, a, j):
         c, k = a.shape
         bits = np.int64(1) << np.arange(k, dtype=np.int64)
         code = bits @ (x > 0)
@@ -2741,12 +2746,12 @@ class _OneColumnResidual:
         sorted_code = code[order]
         edges = np.flatnonzero(np.r_[True, sorted_code[1:] != sorted_code[:-1], True])
         codes = sorted_code[edges[:-1]]
-        sorted_b = b[:, order]
-        scatter = np.stack([sorted_b[:, e0:e1] @ sorted_b[:, e0:e1].T for e0, e1 in zip(edges[:-1], edges[1:])])
+        rows = pixels[order]  # a group's pixels: consecutive rows
+        scatter = np.stack([rows[e0:e1].T @ rows[e0:e1] for e0, e1 in zip(edges[:-1], edges[1:])])
         others = (codes.astype(np.int64)[:, None] & bits) != 0  # (G, K): the passive set without j
         others[:, j] = False
         aq = a[None, :, :] * others[:, None, :]  # (G, C, K), columns outside Q zeroed
-        gram = np.einsum("gck,gcl->gkl", aq, aq) + np.eye(k) * ~others[:, None, :]
+        gram = (a.T @ a) * (others[:, :, None] & others[:, None, :]) + np.eye(k) * ~others[:, None, :]
         # the projector on the complement of span(A_Q), per group
         self._proj = np.eye(c) - aq @ np.linalg.solve(gram, aq.transpose(0, 2, 1))
         self._scatter = scatter
@@ -2892,6 +2897,7 @@ def refine_library(
     b = _sample_pixels(cube_sample, n_pixels)
     if offset is not None:
         b = b - offset[:, None]
+    pixels = np.ascontiguousarray(b.T)  # pixel-major: the pixels of a fit are gathered as rows
     flat = np.ptp(a0, axis=0) <= 1e-9 * a0.max(axis=0)
     shift, widen = np.zeros(k), np.ones(k)
     at_bound = np.zeros(k, dtype=bool)
@@ -2923,7 +2929,7 @@ def refine_library(
             # A regular subset is enough to place the minimum (the residual is a
             # smooth function of the shift).
             sel = sel[:: -(-sel.size // _FIT_PIXELS)]
-            residual = _OneColumnResidual(b[:, sel], x[:, sel], a, j)
+            residual = _OneColumnResidual(pixels[sel], x[:, sel], a, j)
             if max_shift_nm > 0:
                 # a coarse grid finds the basin, a fine one about its best point the minimum
                 grid = np.linspace(-max_shift_nm, max_shift_nm, 13)
