@@ -131,7 +131,7 @@ def corrections(size: int) -> int:
     def unmix_pass(data, **kw):
         return da.compute(*unmix(data, a, **kw))
 
-    def gain_of(data, shading, offset):  # as the unmix step corrects: in the fit, slab by slab
+    def gain_of(data, shading, offset):  # as the unmix step corrects: inside the fit
         return dict(gain=illumination.inverse_field(shading, data.chunks[1:]), gain_offset=offset)
 
     # compile / load every kernel on a corner first (numpy and dask signatures,

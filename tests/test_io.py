@@ -23,6 +23,27 @@ def test_ome_tiff_round_trip_is_lazy_and_keeps_pixel_size(tmp_path):
     np.testing.assert_array_equal(read.data.compute(), cube)
 
 
+def test_a_cube_of_one_chunk_is_decoded_once_and_a_larger_one_stays_lazy(tmp_path):
+    """decoded_once holds a one-chunk cube in memory (the file is not read again: it can
+    be deleted), with the file's tiling kept for sampling; a cube of several chunks is
+    returned as it is."""
+    cube = np.random.default_rng(2).integers(0, 4000, size=(4, 300, 260)).astype(np.uint16)
+    path = tmp_path / "slide.ome.tif"
+    io.write_ome_tiff(path, da.from_array(cube, chunks=(4, 100, 100)), pixel_size_um=0.5, tile=64)
+    with io.open_cube(path, chunk_size=512) as read:
+        held = io.decoded_once(read)
+        file_tiles = read.tiles.chunks
+    copy = tmp_path / "copy.ome.tif"
+    copy.write_bytes(path.read_bytes())
+    with io.open_cube(copy, chunk_size=128) as read:
+        assert io.decoded_once(read) is read
+    path.unlink()  # only what was decoded can still be read
+    assert held.tiles.chunks == file_tiles and held.data.chunks == ((4,), (300,), (260,))
+    np.testing.assert_array_equal(held.data.compute(), cube)
+    np.testing.assert_array_equal(held.tiles[:, 70:130, 5:250:3].compute(), cube[:, 70:130, 5:250:3])
+    assert held.pixel_size_um == pytest.approx(0.5) and held.path == path
+
+
 def test_interleaved_cube_reads_as_cyx(tmp_path):
     cube = np.random.default_rng(1).integers(0, 4000, size=(31, 200, 300)).astype(np.uint16)
     path = tmp_path / "interleaved.ome.tif"

@@ -523,7 +523,7 @@ def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.
     (C, Y, X) float32 dask array
         ``offset + (cube - offset) / profile``, chunked like ``cube`` (the
         residual flags and QC read it; the fit itself applies the same
-        correction slab by slab: ``unmix(..., gain=inverse_field(...))``).
+        correction as it reads the cube: ``unmix(..., gain=inverse_field(...))``).
     """
     from qdquant.unmixing import apply_gain
 

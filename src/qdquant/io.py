@@ -14,7 +14,7 @@ import tempfile
 import threading
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask.array as da
@@ -65,6 +65,27 @@ class Cube:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def decoded_once(cube: Cube) -> Cube:
+    """``cube`` decoded into memory when :attr:`Cube.data` is a single chunk; else ``cube``.
+
+    A step that reads a cube several times (the unmix step: the shading
+    estimate, the sample windows, the fit, the residual flags, QC) decodes
+    a compressed file again at each read. A cube of one chunk (a field of
+    view, a TMA core, a region of up to ``chunk_size``² pixels) is what the
+    step's memory allows a chunk anyway (:func:`qdquant.config.chunk_size_for`),
+    so it is decoded once and held. A larger cube (a whole slide) stays
+    lazy, read chunk by chunk at each pass. :attr:`Cube.tiles` keeps the
+    file's chunking (over the held array), so what is sampled from it is
+    unchanged.
+    """
+    if cube.data.npartitions != 1:
+        return cube
+    array = np.asarray(cube.data.compute())
+    data = da.from_array(array, chunks=cube.data.chunks, name=False)
+    tiles = None if cube.tiles is None else data.rechunk(cube.tiles.chunks)
+    return replace(cube, data=data, tiles=tiles)
 
 
 def _ome_pixel_size_um(ome_xml: str | None) -> float | None:

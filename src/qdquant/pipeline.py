@@ -197,6 +197,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
     _, pixel_size = check_image(cfg, sample)
     with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, _about(sample.image):
         unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
+        cube = io.decoded_once(cube)  # read four or five times below
         library = _with_control_autofluorescence(cfg, sample, cfg.library)
         shading = _shading(cfg, library, cube, out["unmixing_qc"].parent)
         data, gain = cube.data, {}
@@ -204,7 +205,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
             from qdquant import illumination
 
             data = illumination.correct_shading(cube.data, *shading)
-            # the fit applies it slab by slab itself, without the corrected cube
+            # the fit applies it itself as it reads the cube, without a corrected copy
             gain = dict(gain=illumination.inverse_field(shading[0], cube.data.chunks[1:]), gain_offset=shading[1])
         library = _library_for(cfg, library, cube, shading, out["unmixing_qc"].parent)
         log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, data.shape[0],

@@ -2445,9 +2445,11 @@ def unmix(cube, spectra, *, offset=None, weights=None, gain=None, gain_offset=No
     gain : None or (Y, X) array_like, optional
         A per-pixel multiplier of the signal (e.g. the inverse of a field-of-view
         shading profile): the cube fitted is ``gain_offset + gain * (cube -
-        gain_offset)`` (:func:`apply_gain`), made slab by slab as the fit goes
-        (no corrected copy of the cube). A dask array for a dask cube is
-        rechunked to the cube's chunks.
+        gain_offset)`` (:func:`apply_gain`), never as a corrected copy of the
+        cube: the 16-lane kernel (9 to 12 endmembers) folds the gain into its
+        band sums, the other kernels fit corrected slabs of rows made as the
+        fit goes. A dask array for a dask cube is rechunked to the cube's
+        chunks.
     gain_offset : None or (C,) array_like, optional
         The part of each band the gain leaves alone (the dark offset, which
         shading does not scale), counts; default zeros.
