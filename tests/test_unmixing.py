@@ -757,5 +757,11 @@ def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights, monkeypa
         for abund, resid in (got, lazy):
             assert_close_per_pixel(abund, want[0].astype(np.float64), rtol=1e-5)
             np.testing.assert_allclose(resid, want[1], rtol=1e-5, atol=1e-4)
+        # no gain_offset: the gain scales the offset too
+        with engine(engine_name):
+            want = unmix(g.astype(np.float64) * sub, a, offset=offset, weights=weights)
+            got = unmix(sub, a, offset=offset, weights=weights, gain=g)
+        assert_close_per_pixel(got[0], want[0].astype(np.float64), rtol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
     if engine_name == "numba" and weights is None and k == 9:
         assert unmixing._tiles16_kernel(k, True).signatures  # the fused kernel ran

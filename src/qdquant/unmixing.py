@@ -462,6 +462,7 @@ def apply_gain(cube, gain, gain_offset, out=None):
 def _unmix_into_gained(cube, gain, gain_offset, a, offset, weights, abund, resid):
     """:func:`_unmix_into` of ``apply_gain(cube, gain, gain_offset)``, by slabs of rows into one buffer."""
     c, h, w = cube.shape
+    gain_offset = np.zeros(c) if gain_offset is None else gain_offset
     rows = max(1, _GAIN_SLAB_PX // max(w, 1))
     buf = np.empty((c, min(rows, h), w), np.float32)
     for y0 in range(0, h, rows):
@@ -2366,7 +2367,7 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True, gai
         gain3, hk = np.ones((1, 1, 1), np.float32), np.zeros(c)
     else:
         gain3 = np.ascontiguousarray(gain, dtype=np.float32)[None]
-        hk = np.zeros(c) if gain_offset is None else np.asarray(gain_offset, dtype=np.float64) - off
+        hk = (0.0 if gain_offset is None else np.asarray(gain_offset, dtype=np.float64)) - off
     views = [_flat_plane(v) for v in (cube, abund, resid[None], status[None], gain3)]
     if all(v.shape[-2] == 1 for v in views[:4]) and (gain is None or views[4].shape[-2] == 1):
         # one long row of pixels: full tiles
