@@ -77,14 +77,14 @@ def decoded_once(cube: Cube) -> Cube:
     step's memory allows a chunk anyway (:func:`qdquant.config.chunk_size_for`),
     so it is decoded once and held. A larger cube (a whole slide) stays
     lazy, read chunk by chunk at each pass. :attr:`Cube.tiles` keeps the
-    file's chunking (over the held array), so what is sampled from it is
-    unchanged.
+    file's tiling in Y and X (over the held array; every band a chunk), so
+    what is sampled from it is unchanged.
     """
     if cube.data.npartitions != 1:
         return cube
     array = np.asarray(cube.data.compute())
     data = da.from_array(array, chunks=cube.data.chunks, name=False)
-    tiles = None if cube.tiles is None else data.rechunk(cube.tiles.chunks)
+    tiles = None if cube.tiles is None else da.from_array(array, chunks=(-1,) + cube.tiles.chunks[1:], name=False)
     return replace(cube, data=data, tiles=tiles)
 
 
