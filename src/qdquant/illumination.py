@@ -112,6 +112,23 @@ def _fit(terms: np.ndarray, values: np.ndarray, groups: np.ndarray) -> np.ndarra
     return coef
 
 
+def _two_fold_r2(folds, yy) -> np.ndarray:
+    """Mean held-out R² of each fold's least-squares fit on the other fold.
+
+    ``folds``: per fold, the normal equations ``G`` (P, T, T) and ``r``
+    (P, T) of P candidate fits; ``yy``: per fold, the summed squared
+    values. A fold's error under coefficients ``c`` is ``|y|² - 2 c·r + c G c``.
+    """
+    scores = np.zeros(folds[0][1].shape[0])
+    for (g_train, r_train), (g_test, r_test), yy_test in zip(folds, folds[::-1], yy[::-1]):
+        if yy_test <= 0:
+            continue
+        coef = np.einsum("ptu,pu->pt", np.linalg.pinv(g_train), r_train)
+        sse = yy_test - 2 * np.einsum("pt,pt->p", coef, r_test) + np.einsum("pt,ptu,pu->p", coef, g_test, coef)
+        scores += 0.5 * (1.0 - sse / yy_test)
+    return scores
+
+
 def _fold_scores(terms: np.ndarray, weights: np.ndarray, ysum: np.ndarray, yy: tuple[float, float],
                  group: np.ndarray, fold: np.ndarray) -> np.ndarray:
     """Two-fold held-out R² of within-group least-squares fits, for many term sets at once.
@@ -135,14 +152,7 @@ def _fold_scores(terms: np.ndarray, weights: np.ndarray, ysum: np.ndarray, yy: t
     for part in (fold, ~fold):
         dp = d[..., part]
         folds.append(((dp * weights[part]) @ dp.swapaxes(1, 2), dp @ ysum[part]))
-    scores = np.zeros(terms.shape[0])
-    for (g_train, r_train), (g_test, r_test), yy_test in zip(folds, folds[::-1], yy[::-1]):
-        if yy_test <= 0:
-            continue
-        coef = np.einsum("ptu,pu->pt", np.linalg.pinv(g_train), r_train)
-        sse = yy_test - 2 * np.einsum("pt,pt->p", coef, r_test) + np.einsum("pt,ptu,pu->p", coef, g_test, coef)
-        scores += 0.5 * (1.0 - sse / yy_test)
-    return scores
+    return _two_fold_r2(folds, yy)
 
 
 def _period_scores(coords: np.ndarray, values: np.ndarray, periods: np.ndarray, region: int) -> np.ndarray:
@@ -242,14 +252,7 @@ def _fov_scores(ys, xs, values, fovs, region) -> np.ndarray:
     gram = second - n[:, None, None] * means[:, :, None] * means[:, None, :]
     rhs = my[:, expo[:, 0], expo[:, 1]] - means * my[:, None, 0, 0]
     folds = [(gram[..., part].sum(axis=-1), rhs[..., part].sum(axis=-1)) for part in (in_checker, ~in_checker)]
-    scores = np.zeros(len(fovs))
-    for (g_train, r_train), (g_test, r_test), yy_test in zip(folds, folds[::-1], yy[::-1]):
-        if yy_test <= 0:
-            continue
-        coef = np.einsum("ptu,pu->pt", np.linalg.pinv(g_train), r_train)
-        sse = yy_test - 2 * np.einsum("pt,pt->p", coef, r_test) + np.einsum("pt,ptu,pu->p", coef, g_test, coef)
-        scores += 0.5 * (1.0 - sse / yy_test)
-    return scores
+    return _two_fold_r2(folds, yy)
 
 
 def _fov_fit(ys, xs, values, fov_px, bin_px, region=None):
