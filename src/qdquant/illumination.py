@@ -59,6 +59,11 @@ REGION_PX = 512
 OFFSET_PIXELS = 65_536
 #: Blocks the FOV size is searched on (a random subset beyond this many).
 MAX_DETECTION_BLOCKS = 40_000
+#: Pixels a slide's shading is estimated on (268 Mpx: 16384², 256 FOVs of 1024 px); a larger
+#: slide is read on evenly spaced chunks of that many pixels, not decoded whole once more.
+#: (On a 4096² slide of 192-px FOVs half its pixels gave the shading as well as all of them,
+#: a quarter less well, an eighth none.)
+MAX_SHADING_PIXELS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -339,6 +344,7 @@ def nuclear_brightness(
     bin_px: int = BIN_PX,
     min_share: float = MIN_NUCLEAR_SHARE,
     min_pixels: int = MIN_NUCLEAR_PX,
+    max_pixels: int | None = MAX_SHADING_PIXELS,
 ) -> np.ndarray:
     """The brightness of the nuclear stain in ``bin_px``² blocks of a slide.
 
@@ -369,6 +375,10 @@ def nuclear_brightness(
         Share of a pixel's signal the nuclear stain must have.
     min_pixels : int
         Nuclear pixels a block needs.
+    max_pixels : int or None
+        A dask cube of more pixels is read on evenly spaced chunks of about
+        this many pixels in all (as BaSiC fits a subset of a mosaic's
+        fields); the blocks of the others are NaN. None: every chunk.
 
     Returns
     -------
@@ -400,7 +410,18 @@ def nuclear_brightness(
     if isinstance(cube, da.Array):
         c = cube.rechunk({0: -1})
         chunks = tuple(tuple(-(-n // bin_px) for n in axis) for axis in c.chunks[1:])
-        coarse = c.map_blocks(block, chunks=chunks, drop_axis=0, dtype=np.float64).compute()
+        lazy = c.map_blocks(block, chunks=chunks, drop_axis=0, dtype=np.float64)
+        nby, nbx = lazy.numblocks
+        n_read = nby * nbx if max_pixels is None else max(1, -(-int(max_pixels) * nby * nbx // (c.shape[1] * c.shape[2])))
+        if n_read >= nby * nbx:
+            coarse = lazy.compute()
+        else:  # evenly spaced chunks, the rest NaN (no data)
+            picks = np.unique(np.linspace(0, nby * nbx - 1, n_read).round().astype(int))
+            coarse = np.full(lazy.shape, np.nan)
+            starts = [np.r_[0, np.cumsum(axis)] for axis in lazy.chunks]
+            for p, part in zip(picks, da.compute(*[lazy.blocks[p // nbx, p % nbx] for p in picks])):
+                by, bx = p // nbx, p % nbx
+                coarse[starts[0][by]:starts[0][by + 1], starts[1][bx]:starts[1][bx + 1]] = part
     else:
         coarse = block(np.asarray(cube))
     return coarse[: cube.shape[1] // bin_px, : cube.shape[2] // bin_px]
@@ -476,20 +497,22 @@ def estimate_shading(
     return Shading((py, px), profile, float(explained))
 
 
-def estimate_slide_shading(cube, spectra: np.ndarray, nuclear: int, *,
-                           offset: np.ndarray | None = None) -> tuple[Shading, np.ndarray, np.ndarray]:
+def estimate_slide_shading(cube, spectra: np.ndarray, nuclear: int, *, offset: np.ndarray | None = None,
+                           max_pixels: int | None = MAX_SHADING_PIXELS) -> tuple[Shading, np.ndarray, np.ndarray]:
     """Shading of a (C, Y, X) slide from its nuclear stain (endmember ``nuclear`` of ``spectra``, (C, K)).
 
     Returns the :class:`Shading`, the block brightness it was fitted on
-    (:func:`nuclear_brightness`) and the dark offset per band (counts),
-    which :func:`correct_shading` keeps unshaded: ``offset`` when given,
-    else estimated on :data:`OFFSET_PIXELS` pixels of the cube.
+    (:func:`nuclear_brightness`, on at most about ``max_pixels`` pixels of
+    a dask cube) and the dark offset per band (counts), which
+    :func:`correct_shading` keeps unshaded: ``offset`` when given, else
+    estimated on :data:`OFFSET_PIXELS` pixels of the cube.
     """
     from qdquant.unmixing import estimate_offset
 
     if offset is None:
         offset = estimate_offset(cube, max_pixels=OFFSET_PIXELS)
-    brightness = nuclear_brightness(cube, np.linalg.pinv(spectra)[nuclear], spectra[:, nuclear], offset)
+    brightness = nuclear_brightness(cube, np.linalg.pinv(spectra)[nuclear], spectra[:, nuclear], offset,
+                                    max_pixels=max_pixels)
     return estimate_shading(brightness), brightness, offset
 
 
