@@ -416,7 +416,9 @@ def nuclear_brightness(
         if n_read >= nby * nbx:
             coarse = lazy.compute()
         else:  # evenly spaced chunks, the rest NaN (no data)
-            picks = np.unique(np.linspace(0, nby * nbx - 1, n_read).round().astype(int))
+            from qdquant.unmixing import evenly_spaced
+
+            picks = evenly_spaced(nby * nbx, n_read)
             coarse = np.full(lazy.shape, np.nan)
             starts = [np.r_[0, np.cumsum(axis)] for axis in lazy.chunks]
             for p, part in zip(picks, da.compute(*[lazy.blocks[p // nbx, p % nbx] for p in picks])):

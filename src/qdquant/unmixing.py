@@ -383,6 +383,8 @@ def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None, gain=None
     ``gain``, ``gain_offset``: fit ``apply_gain(cube, gain, gain_offset)``.
     """
     global _USE_NUMBA
+    if gain is not None and gain_offset is None:
+        gain_offset = np.zeros(cube.shape[0])
     if _USE_NUMBA and _numba is not None:
         parallel = threading.current_thread() is threading.main_thread()
         try:
@@ -462,7 +464,6 @@ def apply_gain(cube, gain, gain_offset, out=None):
 def _unmix_into_gained(cube, gain, gain_offset, a, offset, weights, abund, resid):
     """:func:`_unmix_into` of ``apply_gain(cube, gain, gain_offset)``, by slabs of rows into one buffer."""
     c, h, w = cube.shape
-    gain_offset = np.zeros(c) if gain_offset is None else gain_offset
     rows = max(1, _GAIN_SLAB_PX // max(w, 1))
     buf = np.empty((c, min(rows, h), w), np.float32)
     for y0 in range(0, h, rows):
@@ -2320,8 +2321,8 @@ def _fast16_args(a, gram, ginv):
 def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True, gain=None, gain_offset=None):
     """Unmix a numpy (C, Y, X) cube into preallocated outputs with the numba kernel.
 
-    ``gain`` (Y, X), ``gain_offset`` (C,): fit ``apply_gain(cube, gain,
-    gain_offset)``; the 16-lane kernel applies it in its pass over the
+    ``gain`` (Y, X), ``gain_offset`` (C,) (not None with a gain): fit
+    ``apply_gain(cube, gain, gain_offset)``; the 16-lane kernel applies it in its pass over the
     bands, the others fit corrected slabs (:func:`_unmix_into_gained`).
     """
     c, h, w = cube.shape
@@ -2367,12 +2368,10 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True, gai
         gain3, hk = np.ones((1, 1, 1), np.float32), np.zeros(c)
     else:
         gain3 = np.ascontiguousarray(gain, dtype=np.float32)[None]
-        hk = (0.0 if gain_offset is None else np.asarray(gain_offset, dtype=np.float64)) - off
+        hk = np.asarray(gain_offset, dtype=np.float64) - off
     views = [_flat_plane(v) for v in (cube, abund, resid[None], status[None], gain3)]
-    if all(v.shape[-2] == 1 for v in views[:4]) and (gain is None or views[4].shape[-2] == 1):
-        # one long row of pixels: full tiles
-        cube_v, abund_v, resid_v, status_v = views[0], views[1], views[2][0], views[3][0]
-        gain_v = views[4] if gain is not None else gain3
+    if all(v.shape[-2] == 1 for v in views):  # one long row of pixels: full tiles
+        cube_v, abund_v, resid_v, status_v, gain_v = views[0], views[1], views[2][0], views[3][0], views[4]
     else:  # tiles along each row, the last one short
         cube_v, abund_v, resid_v, status_v, gain_v = cube, abund, resid, status, gain3
     ntiles = cube_v.shape[1] * (-(-cube_v.shape[2] // _TILE))
@@ -2410,8 +2409,8 @@ def _unmix_into_numba(cube, a, offset, weights, abund, resid, parallel=True, gai
         bad = np.nonzero(status)
         b = np.asarray(cube[:, bad[0], bad[1]], dtype=np.float64)
         if gain is not None:
-            go = np.zeros(c) if gain_offset is None else np.asarray(gain_offset, dtype=np.float64)
-            b = go[:, None] + np.asarray(gain, dtype=np.float64)[bad] * (b - go[:, None])
+            go = np.asarray(gain_offset, dtype=np.float64)[:, None]
+            b = go + np.asarray(gain, dtype=np.float64)[bad] * (b - go)
         x, rms = _unmix_slab(b, a, a, _SharedGram(gram), offset, weights)
         abund[:, bad[0], bad[1]] = x
         resid[bad] = rms
@@ -2539,6 +2538,11 @@ def unmix(cube, spectra, *, offset=None, weights=None, gain=None, gain_offset=No
     return abund, resid
 
 
+def evenly_spaced(n, count):
+    """``count`` (at most ``n``) evenly spaced indices of ``0 .. n - 1``, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+
+
 def estimate_offset(cube, *, percentile=1.0, max_pixels=1_000_000):
     """Estimate each band's dark offset (counts) from the image itself.
 
@@ -2571,8 +2575,7 @@ def estimate_offset(cube, *, percentile=1.0, max_pixels=1_000_000):
         raise InputError(f"percentile must be in [0, 100], got {percentile}")
     if isinstance(cube, da.Array):
         nby, nbx = cube.numblocks[1], cube.numblocks[2]
-        n_blocks = nby * nbx
-        picks = np.unique(np.linspace(0, n_blocks - 1, min(16, n_blocks)).round().astype(int))
+        picks = evenly_spaced(nby * nbx, 16)
         parts = []
         per_block = max(1, max_pixels // picks.size)
         for p in picks:
