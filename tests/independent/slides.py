@@ -13,7 +13,14 @@ share the id), ``{sample_id}_truth_cells.csv`` and ``truth_samples.csv``.
 Nothing here comes from qdquant (no import of it, no reading of its simulator); see
 ``spectra.py`` and ``tissue.py`` for the conventions. Truth HER2 levels are in the
 units of the WRITTEN library column QD655 (counts above the dark offset per unit of
-the peak-normalised column), before shading and blur.
+the peak-normalised column), before shading. ``her2_level`` is the level a perfect
+measurement of the contract's 2-px ring would read on the blurred slide to within
+~sqrt(retention) (0.77-0.95): the membrane is painted at ``her2_level_painted`` =
+level / sqrt(r), r = ``ring_retention(psf)`` (0.6-0.9), so an isolated stained cell reads
+~sqrt(r) x level and one among equally stained neighbours ~level / sqrt(r). Class
+ranges (1+ 30-48, 2+ 80-125, 3+ 200-300) keep both ends inside the class.
+``her2_class_oracle``: the contract's rule on the noise-free blurred HER2 map with the
+true labels (what perfect unmixing and segmentation would give).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ except ImportError:  # pragma: no cover
     import tissue as ts
 
 PIXEL_UM = 0.5
-VERSION = 1
+VERSION = 2
 CLASSES = ["0", "1+", "2+", "3+"]
 CONFIG = """\
 samples: config/samples.tsv     # sample sheet
@@ -169,13 +176,13 @@ def assign_her2(rng, t: ts.Tissue, case: str, n_all: int):
         pos += len(ids)
         cls[ids] = "2+" if key == "2+s" else key
         if key == "3+":
-            level[ids] = rng.uniform(180, 280, len(ids))
+            level[ids] = rng.uniform(200, 300, len(ids))
         elif key == "2+s":
-            level[ids] = rng.uniform(180, 260, len(ids))
+            level[ids] = rng.uniform(200, 280, len(ids))
             comp[ids] = rng.uniform(0.3, 0.7, len(ids))
             strong_incomplete[ids] = True
         else:
-            lo, hi = (75, 130) if key == "2+" else (28, 50)
+            lo, hi = (80, 125) if key == "2+" else (30, 48)
             level[ids] = rng.uniform(lo, hi, len(ids))
             half = rng.random(len(ids)) < 0.5
             comp[ids[half]] = rng.uniform(0.3, 0.7, half.sum())
@@ -183,6 +190,16 @@ def assign_her2(rng, t: ts.Tissue, case: str, n_all: int):
     faint = zero[rng.random(len(zero)) < 0.15]
     level[faint] = rng.uniform(2, 8, len(faint))
     return cls, level, comp, theta0, strong_incomplete
+
+
+def ring_retention(sigma_px: float, ring_px: int = 2) -> float:
+    """Mean over a ``ring_px``-wide membrane band, after a Gaussian blur, of a unit band
+    whose outer neighbour is unstained (1-D; 1 without blur)."""
+    if sigma_px <= 0:
+        return 1.0
+    x = np.zeros(81)
+    x[40: 40 + ring_px] = 1.0
+    return float(ndi.gaussian_filter1d(x, sigma_px)[40: 40 + ring_px].mean())
 
 
 def shading_map(shape, fovs: int, depth: float) -> np.ndarray:
@@ -250,13 +267,17 @@ def make_slide(rng, sample_id: str, case: str, p: dict, size: int, lib: pd.DataF
                      [rng.uniform(250, 450, n), rng.uniform(300, 500, n), rng.uniform(500, 800, n)], 0.0)
     ecad = np.where(tum, rng.uniform(120, 220, n), 0.0)
     shape = t.shape
+    retention = ring_retention(p["psf_sigma_px"] * 655 / 600)
     chrom = ts.texture(rng, shape, 1.5, 0.18)
     maps = {
         "DAPI": ts.paint_nuclei(t, dapi, chrom),
         "QD525": ts.paint_nuclei(t, ki, chrom),
         "QD565": ts.paint_nuclei(t, er),
         "QD605": ts.paint_nuclei(t, pr),
-        "QD655": ts.paint_membranes(t, her2_level, comp, theta0, ts.texture(rng, shape, 2.0, 0.1)),
+        # the membrane is painted at level / sqrt(retention): after the PSF the ring mean of an
+        # isolated stained cell is ~ sqrt(r) * level, of one among stained neighbours ~ level / sqrt(r)
+        "QD655": ts.paint_membranes(t, her2_level / np.sqrt(retention), comp, theta0,
+                                    ts.texture(rng, shape, 2.0, 0.1)),
         "QD705": ts.paint_membranes(t, ecad, np.ones(n), theta0, ts.texture(rng, shape, 2.0, 0.1)),
     }
     af = p["af_level"] * t.tissue * ts.texture(rng, shape, 5.0, 0.3) * ts.texture(rng, shape, 1.5, 0.1)
@@ -283,6 +304,7 @@ def make_slide(rng, sample_id: str, case: str, p: dict, size: int, lib: pd.DataF
             "cell_id": int(i), "y": round(cyx[0], 2), "x": round(cyx[1], 2),
             "cell_type": {1: "tumour", 2: "fibroblast", 3: "lymphocyte"}[kind[i]],
             "is_tumour": bool(tum[i]), "her2_class": cls[i], "her2_level": round(float(her2_level[i]), 3),
+            "her2_level_painted": round(float(her2_level[i] / np.sqrt(retention)), 3),
             "her2_completeness": round(float(comp[i]), 4), "her2_strong_incomplete": bool(strong_inc[i]),
             "nucleus_diameter_um": round(t.nuc_diam_um.get(int(i), 0.0), 3),
             "area_px": int(t.rings[i][1].sum()), "ecad_level": round(float(ecad[i]), 2),
@@ -308,7 +330,7 @@ def make_slide(rng, sample_id: str, case: str, p: dict, size: int, lib: pd.DataF
         "min_margin_to_10pct": round(min(margins), 2),
         "her2_score_oracle": o_score, "her2_category_oracle": o_cat,
         "offset_mean": float(np.mean(p["offset"])), "offset_per_band": ";".join(f"{v:.2f}" for v in p["offset"]),
-        "psf_sigma_px": p["psf_sigma_px"], "gain_counts_per_photon": p["gain"],
+        "psf_sigma_px": p["psf_sigma_px"], "her2_ring_retention": retention, "gain_counts_per_photon": p["gain"],
         "photons_per_unit": 1.0 / p["gain"], "read_noise_counts": p["read_noise"],
         "nucleus_diameter_um": p["nucleus_um"], "spacing_factor": p["spacing_factor"],
         "tissue_coverage": float(t.tissue.mean()), "shading_fovs": p["shading_fovs"],
