@@ -110,6 +110,9 @@ def evaluate_slide(cfg, sample_id: str, folder: Path, truth_row) -> dict:
         # kappa is undefined (0 by formula) when the truth has a single class (null slides)
         "kappa": quadratic_kappa(t_cls, m_cls) if len(set(t_cls)) > 1 else np.nan,
         "fp0_pct": 100.0 * float(np.mean(m_rank[zero] >= 1)) if zero.any() else np.nan,
+        # the same rate for the oracle (perfect unmixing + segmentation): membrane spill-over floor
+        "fp0_oracle_pct": 100.0 * float(np.mean(truth_cells.loc[truth_cells.her2_class == "0", "her2_class_oracle"]
+                                                .astype(str) != "0")),
         "bias0": float(np.nanmean(her2[zero] - t.loc[zero, "her2_level"].to_numpy())) if zero.any() else np.nan,
         "nuclei_f1": match_instances(true_nuc, nuclei, iou_threshold=0.5)["f1"],
         "cell_f1": match_instances(true_cells, seg_cells, iou_threshold=0.5)["f1"],
@@ -191,14 +194,14 @@ def main() -> None:
     table.to_csv(out / "eval_independent.csv", index=False)
     fmt = {"float_format": lambda v: f"{v:.3f}"}
     cols = [c for c in ["cohort", "sample", "her2_true", "her2_got", "her2_oracle", "cat_true", "cat_got",
-                        "agreement", "kappa", "fp0_pct", "bias0", "nuclei_f1", "cell_f1", "n_true", "n_got",
+                        "agreement", "kappa", "fp0_pct", "fp0_oracle_pct", "bias0", "nuclei_f1", "cell_f1", "n_true", "n_got",
                         "seconds", "error"] if c in table]
     pd.set_option("display.width", 250)
     print("\nper slide\n" + table[cols].to_string(index=False, **fmt))
     if "agreement" in table:
         per = table.groupby("cohort", sort=False).agg(
             slides=("sample", "size"), score_ok=("score_ok", "sum"), category_ok=("category_ok", "sum"),
-            agreement=("agreement", "mean"), kappa=("kappa", "mean"), min_kappa=("kappa", "min"), fp0_pct=("fp0_pct", "mean"),
+            agreement=("agreement", "mean"), kappa=("kappa", "mean"), min_kappa=("kappa", "min"), fp0_pct=("fp0_pct", "mean"), fp0_oracle_pct=("fp0_oracle_pct", "mean"),
             bias0=("bias0", "mean"), nuclei_f1=("nuclei_f1", "mean"), cell_f1=("cell_f1", "mean"))
         print("\nper cohort\n" + per.to_string(**fmt))
         ph = phenomenon_table(table)
