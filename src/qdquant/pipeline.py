@@ -141,7 +141,7 @@ def _with_control_autofluorescence(cfg: Config, sample, library):
 REFINE_SAMPLING = dict(n_pixels=100_000, min_share=0.1)
 
 
-def _library_for(cfg: Config, library, cube: io.Cube, shading, qc_dir: Path):
+def _library_for(cfg: Config, library, cube: io.Cube, shading, offset: np.ndarray, qc_dir: Path):
     """The library the fit uses: refined on the slide (shading divided out) when the config says so.
 
     ``refine_library: auto`` keeps the refined spectra only when they lower
@@ -154,7 +154,7 @@ def _library_for(cfg: Config, library, cube: io.Cube, shading, qc_dir: Path):
         return library
     sample = _cube_sample(cube, shading, max_pixels=REFINE_SAMPLING["n_pixels"])
     refined, shifts = unmixing.refine_library(
-        sample, library.to_frame(), library.wavelengths_nm, max_shift_nm=cfg.unmixing.max_shift_nm,
+        sample, library.to_frame(), library.wavelengths_nm, max_shift_nm=cfg.unmixing.max_shift_nm, offset=offset,
         **REFINE_SAMPLING,
     )
     before, after = shifts.attrs["residual_before"], shifts.attrs["residual_after"]
@@ -175,13 +175,41 @@ def _shading(cfg: Config, library, cube: io.Cube, qc_dir: Path):
     from qdquant import illumination, report
 
     nuclear = library.names.index(cfg.panel_row(role="nuclear_stain").endmember)
-    # the offset from a few of the file's tiles, not from whole chunks
+    # the camera offset the shading leaves alone: each band's low percentile (on a slide covered
+    # with tissue it stays below the faintest tissue's light, which the shading does scale)
     offset = unmixing.estimate_offset(cube.tiles if cube.tiles is not None else cube.data,
                                       max_pixels=illumination.OFFSET_PIXELS)
     shading, brightness, offset = illumination.estimate_slide_shading(cube.data, library.spectra, nuclear,
                                                                       offset=offset)
     report.plot_shading(shading, brightness, qc_dir / "illumination.png")
     return None if shading.is_flat else (shading, offset)
+
+
+def _dark_offset(library, cube: io.Cube, qc_dir: Path):
+    """The camera's dark offset per band, from the slide's darkest region; recorded in ``qc/dark_offset.csv``.
+
+    Always subtracted before the fit, whether or not the library has a flat
+    column (which cannot explain an offset that differs between bands).
+    Returns the :class:`~qdquant.dark_offset.DarkOffset` and a warning (or None)
+    when the library alone cannot explain the dark region.
+    """
+    from qdquant import dark_offset
+
+    # a few dozen of the file's own tiles across the slide, not whole chunks
+    dark = dark_offset.estimate_dark_offset(cube.tiles if cube.tiles is not None else cube.data)
+    io.write_csv(pd.DataFrame({"wavelength_nm": library.wavelengths_nm, "dark_offset_counts": dark.counts,
+                               "dark_region_sd_counts": dark.spread}), qc_dir / "dark_offset.csv")
+    lo, hi = dark.counts.min(), dark.counts.max()
+    log.info("dark offset %.1f-%.1f counts per band (median of the darkest %.0f%% of %s sampled px); subtracted",
+             lo, hi, 100 * dark.dark_fraction, f"{round(dark.n_pixels / dark.dark_fraction):,}")
+    warning = None
+    if not dark_offset.library_explains(library.spectra, dark):
+        what = "a constant" if dark.is_flat else "different in each band"
+        warning = (f"The spectral library cannot explain the slide's darkest region (glass) by itself: a dark "
+                   f"offset of {lo:.0f}-{hi:.0f} counts ({what}) was estimated from it and subtracted "
+                   "(qc/dark_offset.csv).")
+        log.warning(warning)
+    return dark, warning
 
 
 #: Flagged pixels are grown by this margin (about the optics' blur), micrometres.
@@ -199,7 +227,9 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
         cube = io.decoded_once(cube)  # read four or five times below
         library = _with_control_autofluorescence(cfg, sample, cfg.library)
-        shading = _shading(cfg, library, cube, out["unmixing_qc"].parent)
+        qc_dir = out["unmixing_qc"].parent
+        dark, dark_warning = _dark_offset(library, cube, qc_dir)
+        shading = _shading(cfg, library, cube, qc_dir)
         data, gain = cube.data, {}
         if shading is not None:  # divided out before refinement and the fit
             from qdquant import illumination
@@ -207,12 +237,13 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
             data = illumination.correct_shading(cube.data, *shading)
             # the fit applies it itself as it reads the cube, without a corrected copy
             gain = dict(gain=illumination.inverse_field(shading[0], cube.data.chunks[1:]), gain_offset=shading[1])
-        library = _library_for(cfg, library, cube, shading, out["unmixing_qc"].parent)
+        library = _library_for(cfg, library, cube, shading, dark.counts, qc_dir)
         log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, data.shape[0],
                  "x".join(map(str, data.shape[1:])), len(library.names))
         abundances, residual = unmixing.unmix(
             cube.data,
             library.spectra,
+            offset=dark.counts,
             weights="poisson" if cfg.unmixing.poisson_weights else None,
             **gain,
         )
@@ -226,20 +257,22 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         )
         io.write_csv(library.to_frame(), out["spectra_used"])
         stored, _ = io.read_ome_zarr(out["zarr"])
+        signal = data - dark.counts.astype(np.float32)[:, None, None]  # what was fitted
         # pixels the library cannot explain (residual far above photon + read noise)
-        noise = unmixing.noise_model(_cube_sample(cube, shading),
+        noise = unmixing.noise_model(_cube_sample(cube, shading) - dark.counts[:, None, None],
                                      _pixel_sample(stored[-1], grid=data.chunks[-2:])[0])
         if cfg.unmixing.flag_poor_fit:
             probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
-            flagged = unmixing.flag_poor_fit(data, stored[-1], noise) | unmixing.flag_broadband(
-                data, probes, noise, n_endmembers=len(library.names))
+            flagged = unmixing.flag_poor_fit(signal, stored[-1], noise) | unmixing.flag_broadband(
+                signal, probes, noise, n_endmembers=len(library.names))
             # the optics spread an emitter's light a little beyond where it is detectable
             flagged = unmixing.grow_mask(flagged, round(FLAG_MARGIN_UM / pixel_size))
         else:  # switched off: the mask stays, empty
             flagged = da.zeros(stored.shape[1:], dtype=bool, chunks=stored.chunks[1:])
         io.write_labels(out["zarr"], {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
-        stats = report.plot_unmixing_qc(data, stored, library, out["unmixing_qc"],
-                                        flagged=io.read_labels(out["zarr"], "flagged"), noise=noise)
+        stats = report.plot_unmixing_qc(signal, stored, library, out["unmixing_qc"],
+                                        flagged=io.read_labels(out["zarr"], "flagged"), noise=noise,
+                                        dark_offset=dark.counts, warnings=[w for w in (dark_warning,) if w])
         log.info("unmixed %s: median relative residual %.3f, %.2f%% pixels flagged", sample_id,
                  stats["relative_residual_median"], 100 * stats["fraction_flagged"])
 

@@ -48,7 +48,7 @@ def unmixing_stats(cube, stored, spectra, flagged=None) -> dict:
     """Fit statistics from a strided sample of pixels.
 
     ``relative_residual``: median over tissue pixels of RMS residual / RMS
-    signal (offset included in the fit); ``fraction_at_bound``: pixels with at
+    signal (the counts fitted: dark offset subtracted); ``fraction_at_bound``: pixels with at
     least one abundance at 0 (the non-negativity bound active).
     """
     step = _stride(cube.shape[1:], 256)
@@ -68,14 +68,21 @@ def unmixing_stats(cube, stored, spectra, flagged=None) -> dict:
     }
 
 
-def plot_unmixing_qc(cube, stored, library, path: Path, *, flagged=None, noise=None) -> dict:
+def plot_unmixing_qc(cube, stored, library, path: Path, *, flagged=None, noise=None, dark_offset=None,
+                     warnings=()) -> dict:
     """Library spectra, the tissue's mean spectrum and its fit, and the residual map.
 
+    ``cube``: the counts that were fitted (dark offset subtracted);
+    ``dark_offset``: the (C,) counts subtracted, drawn beside the mean
+    spectrum; ``warnings``: lines the sample's report shows.
     Also writes the statistics next to the PNG (``unmixing.json``) and returns them.
     """
     stats = unmixing_stats(cube, stored, library.spectra, flagged)
     if noise is not None:
         stats["noise_model_a"], stats["noise_model_b"] = noise
+    if dark_offset is not None:
+        stats["dark_offset_counts"] = np.asarray(dark_offset, dtype=float).tolist()
+    stats["warnings"] = list(warnings)
     wl = library.wavelengths_nm
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for k, name in enumerate(library.names):
@@ -84,6 +91,8 @@ def plot_unmixing_qc(cube, stored, library, path: Path, *, flagged=None, noise=N
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].plot(wl, stats["mean_spectrum"], "k.-", label="tissue mean")
     axes[1].plot(wl, stats["mean_fit"], "r-", label="fit")
+    if dark_offset is not None:
+        axes[1].plot(wl, stats["dark_offset_counts"], "--", color="grey", label="dark offset (subtracted)")
     axes[1].set(title=f"mean spectrum; {100 * stats['fraction_at_bound']:.0f}% px at a bound",
                 xlabel="wavelength (nm)", ylabel="counts")
     axes[1].legend()
@@ -288,6 +297,8 @@ def sample_warnings(summary: dict, stats: dict | None, cfg) -> list[str]:
             f"{100 * stats['fraction_flagged']:.1f}% of pixels fit the spectral library poorly (off-library "
             "autofluorescence?); they are left out of every measurement."
         )
+    if stats:
+        out += stats.get("warnings", [])
     if stats and stats.get("relative_residual_median", 0) > RESIDUAL_WARN:
         out.append(
             f"High unmixing residual (median {100 * stats['relative_residual_median']:.0f}% of the signal): "
