@@ -5,9 +5,12 @@ nuclei then have a median equivalent diameter of 11.83 um):
 
 * DSB2018 ``stardist_bundled/img2d.tif``: estimate 12.8-12.9 um (+8-9 %)
   for ``auto`` and every hint from 6 to 24 um; segmentation F1 at IoU 0.5
-  0.898 with ``auto`` and with every hint (the hint used as the diameter
-  itself: 0.54 at 7.2 um, 0.78 at 18 um).
-* Synthetic blurred ellipses of 5 to 18 um: within 6 % of the truth.
+  0.898 with ``auto`` and with every hint (0.900 with 12 um, which is kept
+  as within 1.2 times the estimate; the hint used as the diameter itself:
+  0.54 at 7.2 um, 0.78 at 18 um).
+* Synthetic blurred ellipses of 5 to 18 um: within 9 % of the truth.
+* The simulator's messy slide (textured nuclei, 7.84 um): 7.1-7.2 um (it
+  was 3.9 um before nested blobs were left out); a hint of 8 um is kept.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def test_dsb2018_segmentation_with_auto_and_any_hint(dsb):
         f1[setting] = match_instances(truth, labels, iou_threshold=0.5)["f1"]
     print("DSB2018 F1@0.5 by setting:", {k: round(v, 3) for k, v in f1.items()})
     assert f1["auto"] >= 0.88  # reached 0.898
-    assert min(f1.values()) >= 0.85  # every hint 0.898
+    assert min(f1.values()) >= 0.85  # every hint 0.898-0.900
     # A number without the hint flag is the diameter itself: 6 um is far too small.
     as_given = match_instances(truth, segment_nuclei(image, PS, 6), iou_threshold=0.5)["f1"]
     assert as_given < 0.7
@@ -132,7 +135,28 @@ def test_synthetic_estimate_within_15_percent(diameter_um):
     for hint in (None, 8):
         est = estimate_nucleus_diameter(image, PS, hint_um=hint)
         print(f"synthetic {diameter_um} um, hint {hint}: estimate {est:.2f}, truth {true_um:.2f}")
-        assert abs(est / true_um - 1) < 0.15  # within 6 %
+        assert abs(est / true_um - 1) < 0.15  # within 9 %
+
+
+def test_textured_nuclei_of_a_messy_slide():
+    """Chromatin texture: spots inside each nucleus are nested blobs, not nuclei.
+
+    The simulator's messy slide (crowded nests, textured nuclei; true median
+    7.84 um): the estimate was 3.9 um while every spot of a nucleus counted
+    as a blob; with only the strongest of nested blobs 7.2 um (auto) and
+    7.1 um (hint 8), and the hint of 8 um itself is used (within 1.2 times).
+    """
+    from qdquant import simulate
+
+    slide = simulate.simulate_slide(**simulate.messy_cohort(512)["messy_null"])
+    dapi = slide.abundances[0]
+    true_um = slide.pixel_size_um * _median_equivalent_diameter(slide.nuclei)
+    for hint in (None, 8):
+        est = estimate_nucleus_diameter(dapi, slide.pixel_size_um, hint_um=hint)
+        print(f"messy_null hint {hint}: estimate {est:.2f} um, truth {true_um:.2f} um")
+        assert abs(est / true_um - 1) < 0.15  # -8 %, -10 %
+    assert resolve_nucleus_diameter(dapi, slide.pixel_size_um, 8, hint=True)[0] == 8
+    assert resolve_nucleus_diameter(dapi, slide.pixel_size_um, 12, hint=True)[0] < 8
 
 
 def test_whole_slide_reads_windows_and_tiles_share_the_size():
