@@ -51,6 +51,18 @@ def test_unknown_nested_key_and_wrong_type(tiny_project):
     with pytest.raises(InputError) as e:
         load_config(tiny_project)
     assert_one_line(e, "segmentation.nucleus_diameter_um")
+    edit_yaml(tiny_project, segmentation={"nucleus_diameter_um": -3})
+    with pytest.raises(InputError) as e:
+        load_config(tiny_project)
+    assert_one_line(e, "segmentation.nucleus_diameter_um", "'auto' or a number > 0")
+
+
+def test_nucleus_diameter_auto_or_a_hint(tiny_project):
+    assert load_config(tiny_project).segmentation.nucleus_diameter_um == "auto"  # the default
+    edit_yaml(tiny_project, segmentation={"nucleus_diameter_um": 8})
+    assert load_config(tiny_project).segmentation.nucleus_diameter_um == 8  # a hint
+    edit_yaml(tiny_project, segmentation={"nucleus_diameter_um": "auto"})
+    assert load_config(tiny_project).segmentation.nucleus_diameter_um == "auto"
 
 
 def test_malformed_yaml(tiny_project):

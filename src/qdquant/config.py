@@ -79,7 +79,9 @@ class Library:
 
 @dataclass(frozen=True)
 class Segmentation:
-    nucleus_diameter_um: float = 8.0
+    #: "auto" (estimated from the nuclear stain) or a hint in micrometres (see
+    #: :func:`qdquant.nucleus_size.resolve_nucleus_diameter`)
+    nucleus_diameter_um: float | str = "auto"
     cell_expansion_um: float = 5.0
     membrane_width_px: float = 2.0
 
@@ -198,7 +200,8 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "required":
         return f"missing key {error.message.split()[0]}" + ("" if key == "(top level)" else f" in '{key}'")
     if error.validator == "oneOf":
-        return f"key '{key}': {error.instance!r} is not valid (expected 'auto' or a number >= 0)"
+        strict = any("exclusiveMinimum" in sub for sub in error.validator_value)
+        return f"key '{key}': {error.instance!r} is not valid (expected 'auto' or a number {'>' if strict else '>='} 0)"
     if error.validator == "pattern":
         expected = " ".join(error.schema.get("description", "").split()) or f"matching {error.validator_value}"
         return f"key '{key}': {error.instance!r} is not valid (expected {expected})"

@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from qdquant import io, quantification, scoring, segmentation, unmixing
+from qdquant import io, nucleus_size, quantification, scoring, segmentation, unmixing
 from qdquant.config import Config, check_image
 from qdquant.errors import InputError
 
@@ -47,6 +47,7 @@ def outputs(cfg: Config, sample_id: str) -> dict[str, Path]:
         "spectra_used": d / "spectra_used.csv",
         "unmixing_qc": d / "qc" / "unmixing.png",
         "segmentation_qc": d / "qc" / "segmentation.png",
+        "nucleus_size": d / "qc" / "nucleus_size.csv",
         "measurements": d / "measurements.csv",
         "cells": d / "cells.csv",
         "summary": d / "summary.csv",
@@ -303,13 +304,22 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
     nuclear = abundances[_panel_channel(cfg, names, "nuclear_stain", out["zarr"])]
     membrane_idx = _panel_channel(cfg, names, "membrane_stain", out["zarr"])
     membrane = None if membrane_idx is None else abundances[membrane_idx]
+    # Once per slide (a few windows of it), so that every tile uses the same size.
+    hint = seg.nucleus_diameter_um
+    used, estimate = nucleus_size.resolve_nucleus_diameter(nuclear, pixel_size, hint, hint=hint != "auto")
+    log.info("%s: nucleus diameter %.2f um (setting %s, estimate %.2f um)", sample_id, used, hint, estimate)
+    out["nucleus_size"].parent.mkdir(parents=True, exist_ok=True)
+    io.write_csv(
+        pd.DataFrame([{"hint_um": hint, "estimate_um": estimate, "used_um": used, "pixel_size_um": pixel_size}]),
+        out["nucleus_size"],
+    )
     # Tiles wait for their neighbours on local disk ($TMPDIR), not in memory.
     with tempfile.TemporaryDirectory(prefix="qdquant-segment-") as scratch:
         nuclei, cells = segmentation.segment_chunked(
             nuclear,
             membrane,
             pixel_size_um=pixel_size,
-            nucleus_diameter_um=seg.nucleus_diameter_um,
+            nucleus_diameter_um=used,
             cell_expansion_um=seg.cell_expansion_um,
             chunk_size=cfg.chunk_size,
             scratch=scratch,

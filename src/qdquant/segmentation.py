@@ -575,7 +575,9 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
     return _relabel(lab)
 
 
-def segment_nuclei(image, pixel_size_um: float, nucleus_diameter_um: float = 8) -> np.ndarray:
+def segment_nuclei(
+    image, pixel_size_um: float, nucleus_diameter_um: float | str = 8, *, nucleus_diameter_hint: bool = False
+) -> np.ndarray:
     """Label the nuclei of a nuclear-stain abundance image.
 
     The stain image (DAPI/Hoechst abundance, histone counts, ...) may carry a
@@ -611,13 +613,18 @@ def segment_nuclei(image, pixel_size_um: float, nucleus_diameter_um: float = 8) 
         non-finite values count as 0).
     pixel_size_um : float
         Pixel edge, micrometres.
-    nucleus_diameter_um : float, optional
+    nucleus_diameter_um : float or "auto", optional
         Typical nucleus diameter (of a disc of the same area), micrometres.
-        It sets every scale of the method. Where sizes vary, err on the large
-        side (e.g. the upper quartile, or the tumour nuclei rather than the
-        lymphocytes): too small a value splits large textured nuclei, too
-        large a value merges touching small ones; nuclei under a third of it
-        across tend to be missed.
+        It sets every scale of the method. A number is used as given (unless
+        ``nucleus_diameter_hint``); ``"auto"`` estimates it from the image
+        (:func:`qdquant.nucleus_size.estimate_nucleus_diameter`, 3-40 um).
+        Where sizes vary, err on the large side (e.g. the upper quartile, or
+        the tumour nuclei rather than the lymphocytes): too small a value
+        splits large textured nuclei, too large a value merges touching
+        small ones; nuclei under a third of it across tend to be missed.
+    nucleus_diameter_hint : bool, optional
+        Treat a number ``nucleus_diameter_um`` as a hint: the diameter is
+        estimated from the image within 1/3 to 3 times it.
 
     Returns
     -------
@@ -633,7 +640,8 @@ def segment_nuclei(image, pixel_size_um: float, nucleus_diameter_um: float = 8) 
         is under 3 pixels across.
     """
     image = _check_image(image)
-    ps, (d,) = _check_scale(pixel_size_um, nucleus_diameter_um=nucleus_diameter_um)
+    d = _diameter(image, pixel_size_um, nucleus_diameter_um, nucleus_diameter_hint)
+    ps, (d,) = _check_scale(pixel_size_um, nucleus_diameter_um=d)
     r = _radius_px(d, ps)
     stats = _image_stats(image, r, max(_SMOOTH_Q * r, 0.7))
     if stats.empty:
@@ -649,6 +657,15 @@ def segment_nuclei(image, pixel_size_um: float, nucleus_diameter_um: float = 8) 
             f"segment_nuclei: no nuclei found in image of shape {tuple(image.shape)}", UserWarning, stacklevel=2
         )
     return lab
+
+
+def _diameter(image, pixel_size_um, nucleus_diameter_um, hint: bool):
+    """The diameter to use (um): the number given, or the estimate for "auto" or a hint."""
+    if isinstance(nucleus_diameter_um, str) or hint:
+        from qdquant.nucleus_size import resolve_nucleus_diameter
+
+        return resolve_nucleus_diameter(image, pixel_size_um, nucleus_diameter_um, hint=hint)[0]
+    return nucleus_diameter_um
 
 
 def _radius_px(d_um: float, ps: float) -> float:
@@ -843,7 +860,8 @@ def segment_chunked(
     membrane=None,
     *,
     pixel_size_um: float,
-    nucleus_diameter_um: float = 8,
+    nucleus_diameter_um: float | str = 8,
+    nucleus_diameter_hint: bool = False,
     cell_expansion_um: float = 5,
     chunk_size: int = 2048,
     overlap_px: int | None = None,
@@ -871,8 +889,10 @@ def segment_chunked(
         Membrane-stain abundance (see :func:`segment_cells`).
     pixel_size_um : float
         Pixel edge, micrometres.
-    nucleus_diameter_um, cell_expansion_um : float, optional
+    nucleus_diameter_um, nucleus_diameter_hint, cell_expansion_um : optional
         As in :func:`segment_nuclei` and :func:`segment_cells`, micrometres.
+        An estimated diameter is estimated once, from a few windows of the
+        whole slide, before the tiles are cut, so all tiles use the same.
     chunk_size : int, optional
         Tile edge and output chunk edge, pixels. Inputs chunked otherwise
         are rechunked (reading is cheapest when it is a multiple of the
@@ -925,8 +945,10 @@ def segment_chunked(
         membrane = _check_image(membrane, "membrane")
         if tuple(membrane.shape) != shape:
             raise InputError(f"membrane shape {tuple(membrane.shape)} differs from nuclear shape {shape}")
+    _check_scale(pixel_size_um, cell_expansion_um=cell_expansion_um)
+    d_um = _diameter(nuclear, pixel_size_um, nucleus_diameter_um, nucleus_diameter_hint)
     ps, (d_um, e_um) = _check_scale(
-        pixel_size_um, nucleus_diameter_um=nucleus_diameter_um, cell_expansion_um=cell_expansion_um
+        pixel_size_um, nucleus_diameter_um=d_um, cell_expansion_um=cell_expansion_um
     )
     r = _radius_px(d_um, ps)
     dist_px = e_um / ps

@@ -1,10 +1,12 @@
 # Writes labels/nuclei and labels/cells into the sample's unmixed.ome.zarr
-# (atomically); the QC overlay is the rule's declared output.
+# (atomically); the QC overlay and the nucleus size used (qc/nucleus_size.csv)
+# are the rule's declared outputs.
 rule segment:
     input:
         zarr=f"{RESULTS}/{{sample}}/unmixed.ome.zarr",
     output:
         qc=f"{RESULTS}/{{sample}}/qc/segmentation.png",
+        nucleus_size=f"{RESULTS}/{{sample}}/qc/nucleus_size.csv",
     log:
         "logs/segment/{sample}.log",
     benchmark:
