@@ -201,3 +201,13 @@ def test_illumination_values(tiny_project):
     with pytest.raises(InputError) as e:
         load_config(tiny_project)
     assert_one_line(e, "illumination")
+
+
+def test_autofluorescence_from_the_slide_by_default_or_the_library(tiny_project):
+    assert load_config(tiny_project).unmixing.autofluorescence == "slide"
+    edit_yaml(tiny_project, unmixing={"autofluorescence": "library"})
+    assert load_config(tiny_project).unmixing.autofluorescence == "library"
+    edit_yaml(tiny_project, unmixing={"autofluorescence": "guess"})
+    with pytest.raises(InputError) as e:
+        load_config(tiny_project)
+    assert_one_line(e, "unmixing.autofluorescence")

@@ -107,3 +107,40 @@ def test_subtracting_the_estimate_unmixes_glass_to_zero_and_tissue_to_its_truth(
     assert abs(fitted[1][tissue].mean() - abundance[1][tissue].mean()) < 1.0
     naive, _ = unmix(cube, library)
     assert naive[1][glass].mean() > 5  # the failure this guards against
+
+
+def test_unmix_step_on_raw_counts_with_the_contracts_library_and_no_offset_column(tmp_path):
+    """A slide of the independent generator with glass (per-band offset 90-115 counts, library
+    without ``Offset``, the contract's example config): the offset is found, subtracted, recorded
+    and warned about; HER2 on the HER2-0 cells stays near 0 (it read ~90 without this)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+    import tifffile
+
+    sys.path.insert(0, str(Path(__file__).parent / "independent"))
+    import slides as independent
+
+    from qdquant import io, pipeline
+    from qdquant.config import load_config
+
+    folder = independent.make_cohort(tmp_path / "cohort", offset_column=False, messy=False, size=256,
+                                     only=["ind_1plus"])
+    truth = pd.read_csv(folder / "truth_samples.csv").set_index("sample_id").loc["ind_1plus"]
+    cfg = load_config(folder / "config.yaml")
+    pipeline.unmix_sample(cfg, "ind_1plus")
+    out = pipeline.outputs(cfg, "ind_1plus")
+    found = pd.read_csv(out["unmixing_qc"].parent / "dark_offset.csv")["dark_offset_counts"].to_numpy()
+    true = np.array([float(v) for v in truth["offset_per_band"].split(";")])
+    assert np.ptp(true) > 10 and np.abs(found - true).max() < 2.0
+    used = pd.read_csv(out["spectra_used"])
+    assert "Offset" in used and np.allclose(used["Offset"], 1)  # a flat endmember joins the fit
+    stats = json.loads(out["unmixing_qc"].with_suffix(".json").read_text())
+    assert any("cannot explain" in w for w in stats["warnings"])
+    image, names = io.read_ome_zarr(out["zarr"])
+    labels = tifffile.imread(folder / "ind_1plus_truth_cells.tif")
+    classes = pd.read_csv(folder / "ind_1plus_truth_cells.csv", dtype={"her2_class": str})
+    unstained = np.isin(labels, classes.loc[classes["her2_class"] == "0", "cell_id"])
+    assert float(np.asarray(image[names.index("QD655")])[unstained].mean()) < 3.0

@@ -105,6 +105,8 @@ class Unmixing:
     max_shift_nm: float = 6.0
     poisson_weights: bool = False
     flag_poor_fit: bool = True
+    #: "slide" (spectra from the slide's stain-free pixels) or "library"
+    autofluorescence: str = "slide"
 
 
 @dataclass(frozen=True)

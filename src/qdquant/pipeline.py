@@ -136,6 +136,49 @@ def _with_control_autofluorescence(cfg: Config, sample, library):
     return replace(library, spectra=spectra)
 
 
+#: Pixels of the slide the autofluorescence spectra are taken from (up to 16 windows of 1024²,
+#: strided): enough of the tissue's variety, a small part of a whole slide.
+SLIDE_AF_SAMPLING = dict(n_blocks=16, window=1024, max_pixels=200_000)
+
+
+def _slide_autofluorescence(cfg: Config, sample, library, cube: io.Cube, shading, offset: np.ndarray,
+                            qc_dir: Path):
+    """The library with its autofluorescence replaced by the slide's own (``unmixing.autofluorescence: slide``).
+
+    The panel's autofluorescence endmember takes the spectrum of the most
+    common stain-free tissue; other kinds of tissue autofluorescence found
+    (stroma against epithelium) are added as endmembers ``{AF}_2``, ...
+    Skipped when an unstained control gave the spectrum, or when the slide
+    has too few stain-free pixels (logged).
+    """
+    row = cfg.panel_row(role="autofluorescence")
+    if cfg.unmixing.autofluorescence != "slide" or row is None or sample.unstained is not None:
+        return library
+    from qdquant.slide_autofluorescence import autofluorescence_from_slide
+
+    names = list(library.names)
+    pixels = _cube_sample(cube, shading, **SLIDE_AF_SAMPLING)
+    pixels = pixels.reshape(pixels.shape[0], -1) - offset[:, None]
+    # stain-free: no nuclear or membrane stain, and no marker spread over the cell or its cytoplasm
+    stains = [names.index(r.endmember) for r in cfg.panel
+              if r.role in ("nuclear_stain", "membrane_stain") or (r.role == "marker" and r.compartment in
+                                                                  ("cytoplasm", "cell"))]
+    afs, n = autofluorescence_from_slide(pixels, library.spectra, autofluorescence=names.index(row.endmember),
+                                         stains=stains)
+    if afs.shape[1] == 0:
+        log.info("autofluorescence: the library's '%s' is kept (%d stain-free pixels: too few, or the library's "
+                 "spectrum fits them as well)", row.endmember, n)
+        return library
+    k = names.index(row.endmember)
+    spectra = library.spectra.copy()
+    spectra[:, k] = afs[:, 0]
+    extra = [f"{row.endmember}_{j + 1}" for j in range(1, afs.shape[1])]
+    log.info("autofluorescence from %d stain-free pixels of the slide: %d spectra (%s; peaks %s nm)", n,
+             afs.shape[1], ", ".join([row.endmember, *extra]),
+             ", ".join(f"{library.wavelengths_nm[i]:.0f}" for i in afs.argmax(axis=0)))
+    return replace(library, spectra=np.column_stack([spectra, afs[:, 1:]]), names=(*names, *extra))
+
+
 #: How the unmix step samples the slide's pixels for library refinement: an endmember is
 #: refined on the pixels where it gives at least 10 % of the signal (PR on QD605 shares
 #: nuclei with DAPI and dominates almost none, yet its drift leaks into HER2).
@@ -201,7 +244,7 @@ def _dark_offset(library, cube: io.Cube, qc_dir: Path):
     io.write_csv(pd.DataFrame({"wavelength_nm": library.wavelengths_nm, "dark_offset_counts": dark.counts,
                                "dark_region_sd_counts": dark.spread}), qc_dir / "dark_offset.csv")
     lo, hi = dark.counts.min(), dark.counts.max()
-    log.info("dark offset %.1f-%.1f counts per band (median of the darkest %.0f%% of %s sampled px); subtracted",
+    log.info("dark offset %.1f-%.1f counts per band (trimmed mean of the darkest %.0f%% of %s sampled px); subtracted",
              lo, hi, 100 * dark.dark_fraction, f"{round(dark.n_pixels / dark.dark_fraction):,}")
     warning = None
     if not dark_offset.library_explains(library.spectra, dark):
@@ -211,6 +254,23 @@ def _dark_offset(library, cube: io.Cube, qc_dir: Path):
                    "(qc/dark_offset.csv).")
         log.warning(warning)
     return dark, warning
+
+
+def _with_flat_endmember(library):
+    """The library with a flat endmember ``Offset`` appended when it has none.
+
+    The dark offset is subtracted before the fit, but what is left of it (an
+    estimate a count off, faint flat light) would otherwise be read as the
+    broad endmembers and the QDs beside them; with a flat column the fit is
+    the same whether or not the user's library has one.
+    """
+    spectra = library.spectra
+    if (np.ptp(spectra, axis=0) <= 1e-9 * np.abs(spectra).max(axis=0)).any():
+        return library
+    name = "Offset" if "Offset" not in library.names else "Offset_flat"
+    log.info("the library has no flat endmember: '%s' (all ones) is added to the fit", name)
+    return replace(library, spectra=np.column_stack([spectra, np.ones(len(spectra))]),
+                   names=(*library.names, name))
 
 
 #: Flagged pixels are grown by this margin (about the optics' blur), micrometres.
@@ -230,6 +290,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         library = _with_control_autofluorescence(cfg, sample, cfg.library)
         qc_dir = out["unmixing_qc"].parent
         dark, dark_warning = _dark_offset(library, cube, qc_dir)
+        library = _with_flat_endmember(library)
         shading = _shading(cfg, library, cube, qc_dir)
         data, gain = cube.data, {}
         if shading is not None:  # divided out before refinement and the fit
@@ -238,6 +299,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
             data = illumination.correct_shading(cube.data, *shading)
             # the fit applies it itself as it reads the cube, without a corrected copy
             gain = dict(gain=illumination.inverse_field(shading[0], cube.data.chunks[1:]), gain_offset=shading[1])
+        library = _slide_autofluorescence(cfg, sample, library, cube, shading, dark.counts, qc_dir)
         library = _library_for(cfg, library, cube, shading, dark.counts, qc_dir)
         log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, data.shape[0],
                  "x".join(map(str, data.shape[1:])), len(library.names))
