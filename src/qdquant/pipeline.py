@@ -355,6 +355,12 @@ def _panel_channel(cfg: Config, names: list[str], role: str, zarr_path: Path) ->
     return None if row is None else _channel(names, row.endmember, zarr_path)
 
 
+#: With a membrane stain, a cell may grow at least this many nucleus diameters beyond its nucleus:
+#: carcinoma cells are 1.4-2.2 nucleus diameters across (nuclear:cytoplasmic area 0.5-0.2), and
+#: a polygonal cell's corners lie further out than its mean radius.
+CELL_EXPANSION_PER_NUCLEUS = 0.6
+
+
 def segment_sample(cfg: Config, sample_id: str) -> None:
     """Segment nuclei and cells; write ``labels/nuclei`` and ``labels/cells`` into the OME-Zarr."""
     from qdquant import report
@@ -375,6 +381,12 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
         pd.DataFrame([{"hint_um": hint, "estimate_um": estimate, "used_um": used, "pixel_size_um": pixel_size}]),
         out["nucleus_size"],
     )
+    expansion = seg.cell_expansion_um
+    if membrane is not None and CELL_EXPANSION_PER_NUCLEUS * used > expansion:
+        # the membrane stain stops the growth; the cap must not stop it short of a large cell's membrane
+        expansion = CELL_EXPANSION_PER_NUCLEUS * used
+        log.info("%s: cells may grow %.1f um (%.1f x the nucleus diameter; cell_expansion_um %s)", sample_id,
+                 expansion, CELL_EXPANSION_PER_NUCLEUS, seg.cell_expansion_um)
     # Tiles wait for their neighbours on local disk ($TMPDIR), not in memory.
     with tempfile.TemporaryDirectory(prefix="qdquant-segment-") as scratch:
         nuclei, cells = segmentation.segment_chunked(
@@ -382,7 +394,7 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
             membrane,
             pixel_size_um=pixel_size,
             nucleus_diameter_um=used,
-            cell_expansion_um=seg.cell_expansion_um,
+            cell_expansion_um=expansion,
             chunk_size=cfg.chunk_size,
             scratch=scratch,
         )
