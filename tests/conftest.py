@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,14 @@ def shared(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not available: {path}")
     return path
+
+
+def need_independent_generator():
+    """Put the independent slide generator (tests/independent) on the path, or skip the test
+    when the FPbase spectra it renders with (../shared/data) are not beside the repository."""
+    folder = Path(__file__).resolve().parent / "independent"
+    sys.path.insert(0, str(folder))
+    import spectra
+
+    if not spectra.FPBASE.exists():
+        pytest.skip(f"the independent generator's spectra are not found: {spectra.FPBASE}")

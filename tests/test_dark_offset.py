@@ -114,13 +114,13 @@ def test_unmix_step_on_raw_counts_with_the_contracts_library_and_no_offset_colum
     without ``Offset``, the contract's example config): the offset is found, subtracted, recorded
     and warned about; HER2 on the HER2-0 cells stays near 0 (it read ~90 without this)."""
     import json
-    import sys
-    from pathlib import Path
 
     import pandas as pd
     import tifffile
 
-    sys.path.insert(0, str(Path(__file__).parent / "independent"))
+    from conftest import need_independent_generator
+
+    need_independent_generator()
     import slides as independent
 
     from qdquant import io, pipeline

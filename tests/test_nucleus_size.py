@@ -216,12 +216,11 @@ def test_setting_as_given_hint_or_auto(caplog):
 @pytest.fixture(scope="module")
 def independent_slides(tmp_path_factory):
     """Small messy slides of the independent generator: DAPI by pseudo-inverse, truth labels."""
-    import sys
-
     import pandas as pd
     import tifffile
+    from conftest import need_independent_generator
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "independent"))
+    need_independent_generator()
     import slides
 
     folder = tmp_path_factory.mktemp("independent")

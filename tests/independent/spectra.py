@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-FPBASE = Path("/work/shared/data/fpbase_spectra_multispectral_shiny")
+#: The FPbase spectra in the shared data folder beside the repository (not redistributed here).
+FPBASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "fpbase_spectra_multispectral_shiny"
 QDOTS = ["QD525", "QD565", "QD605", "QD655", "QD705"]
 ENDMEMBERS = ["DAPI", *QDOTS, "AF"]
 _GRID = np.arange(380.0, 900.0, 0.25)  # fine wavelength grid, nm
