@@ -127,6 +127,40 @@ def test_rerun_is_a_no_op(run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def dry_run_jobs(work: Path) -> set[str]:
+    """The rules a dry run would run (from Snakemake's job stats)."""
+    proc = snakemake(work, "-n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    if "Job stats:" not in out:
+        return set()
+    stats = out.split("Job stats:", 1)[1].strip().split("\n\n", 1)[0].splitlines()[2:]
+    return {line.split()[0] for line in stats if line.split() and line.split()[0] not in ("total", "all")}
+
+
+@pytest.mark.parametrize(
+    "edit, reruns",
+    [
+        (("t_faint: 20", "t_faint: 25"), {"score", "report", "cohort"}),
+        (("membrane_width_px: 2", "membrane_width_px: 3"), {"quantify", "score", "report", "cohort"}),
+        (("nucleus_diameter_um: 8", "nucleus_diameter_um: 9"), {"segment", "quantify", "score", "report", "cohort"}),
+        (("her2:\n", "unmixing:\n  max_shift_nm: 4\nher2:\n"),
+         {"unmix", "segment", "quantify", "score", "report", "cohort"}),
+    ],
+    ids=["threshold", "membrane width", "nucleus size", "unmixing"],
+)
+def test_a_changed_setting_reruns_exactly_the_steps_it_changes(run, edit, reruns):
+    config = run / "config" / "config.yaml"
+    before = config.read_text()
+    assert edit[0] in before
+    try:
+        config.write_text(before.replace(edit[0], edit[1], 1))
+        assert dry_run_jobs(run) == reruns
+    finally:
+        config.write_text(before)
+    assert dry_run_jobs(run) == set()
+
+
 @pytest.mark.parametrize(
     "breaks, fragment",
     [

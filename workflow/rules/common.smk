@@ -1,6 +1,7 @@
 # Start-up checks: qdquant's schema and table checks (one-line errors naming
 # the file, row or key; image headers included), then Snakemake's own schema
 # validation, which also fills the defaults into `config`.
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,37 @@ CONTROLS = [s.sample_id for s in CFG.controls]
 IMAGES = {s.sample_id: str(s.image) for s in CFG.samples}
 # unmix inputs per sample: the image, and its unstained control where the sheet names one
 UNMIX_IMAGES = {s.sample_id: [str(p) for p in (s.image, s.unstained) if p is not None] for s in CFG.samples}
+
+
+#: The settings each step's output depends on (dotted config keys, resolved with their
+#: defaults): they are the step's `params`, so changing one reruns that step and the steps
+#: after it, and no step before it.
+STEP_SETTINGS = {
+    "unmix": ("pixel_size_um", "chunk_size", "unmixing", "illumination"),
+    "segment": ("chunk_size", "segmentation.nucleus_diameter_um", "segmentation.cell_expansion_um"),
+    "quantify": ("chunk_size", "segmentation.membrane_width_px", "her2.marker", "her2.sectors"),
+    "calibrate": ("her2",),
+    "score": ("her2", "tumour", "subtype"),
+    "report": ("her2", "tumour", "subtype"),
+    "cohort": ("her2", "tumour", "subtype"),
+}
+
+
+def settings(name):
+    """The step's settings as one JSON string (its `params`; see STEP_SETTINGS)."""
+    values = {}
+    for key in STEP_SETTINGS[name]:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[key] = node
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def sample_settings(wildcards):
+    """What the sample sheet says of a sample beyond its image (pixel size, control, score)."""
+    sample = CFG.sample(wildcards.sample)
+    return json.dumps({k: str(v) for k, v in vars(sample).items() if k != "image"}, sort_keys=True)
 
 
 def step(name, sample=True):

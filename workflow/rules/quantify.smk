@@ -4,6 +4,8 @@ rule quantify:
         segmentation=f"{RESULTS}/{{sample}}/qc/segmentation.png",
     output:
         f"{RESULTS}/{{sample}}/measurements.csv",
+    params:
+        settings=settings("quantify"),
     log:
         "logs/quantify/{sample}.log",
     benchmark:

@@ -5,6 +5,8 @@ rule report:
         qc=[f"{RESULTS}/{{sample}}/qc/unmixing.png", f"{RESULTS}/{{sample}}/qc/segmentation.png"],
     output:
         report(f"{RESULTS}/{{sample}}/report.html", category="Samples", labels={"sample": "{sample}"}),
+    params:
+        settings=settings("report"),
     log:
         "logs/report/{sample}.log",
     resources:
@@ -20,6 +22,8 @@ rule cohort:
     output:
         summary=f"{RESULTS}/cohort_summary.csv",
         report=f"{RESULTS}/cohort_report.html",
+    params:
+        settings=settings("cohort"),
     log:
         "logs/cohort.log",
     shell:

@@ -4,6 +4,8 @@ rule calibrate:
     output:
         f"{RESULTS}/calibration/her2_thresholds.csv",
         f"{RESULTS}/calibration/her2_thresholds.png",
+    params:
+        settings=settings("calibrate"),
     log:
         "logs/calibrate.log",
     resources:
@@ -27,6 +29,8 @@ rule score:
         cells=f"{RESULTS}/{{sample}}/cells.csv",
         summary=f"{RESULTS}/{{sample}}/summary.csv",
         h5ad=f"{RESULTS}/{{sample}}/cells.h5ad",
+    params:
+        settings=settings("score"),
     log:
         "logs/score/{sample}.log",
     resources:

@@ -7,6 +7,8 @@ rule segment:
     output:
         qc=f"{RESULTS}/{{sample}}/qc/segmentation.png",
         nucleus_size=f"{RESULTS}/{{sample}}/qc/nucleus_size.csv",
+    params:
+        settings=settings("segment"),
     log:
         "logs/segment/{sample}.log",
     benchmark:

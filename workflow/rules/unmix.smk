@@ -7,6 +7,9 @@ rule unmix:
         zarr=directory(f"{RESULTS}/{{sample}}/unmixed.ome.zarr"),
         spectra=f"{RESULTS}/{{sample}}/spectra_used.csv",
         qc=f"{RESULTS}/{{sample}}/qc/unmixing.png",
+    params:
+        settings=settings("unmix"),
+        sample=sample_settings,
     log:
         "logs/unmix/{sample}.log",
     benchmark:
