@@ -35,6 +35,17 @@ from qdquant.metrics import match_instances
 CLASSES = ["0", "1+", "2+", "3+"]
 
 
+def apply_settings(raw: dict, items) -> None:
+    """Set each ``KEY=YAML`` of ``items`` (dotted keys: ``her2.t_faint=25``) in the config mapping ``raw``."""
+    for item in items:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+
+
 def quadratic_kappa(truth, pred) -> float:
     t = np.searchsorted(CLASSES, truth)
     p = np.searchsorted(CLASSES, pred)
@@ -119,13 +130,7 @@ def main() -> None:
         if not _cached(slides, name, cohort[name]):
             simulate.write_slide(simulate.simulate_slide(**cohort[name]), slides, name)
     raw = yaml.safe_load(Path(args.config).read_text())
-    for item in args.set:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = raw
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+    apply_settings(raw, args.set)
     raw["results"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.tsv").write_text(

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "independent"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import slides as independent  # noqa: E402
-from eval_cohort import quadratic_kappa  # noqa: E402
+from eval_cohort import apply_settings, quadratic_kappa  # noqa: E402
 
 from qdquant import io, pipeline  # noqa: E402
 from qdquant.config import load_config  # noqa: E402
@@ -125,13 +125,7 @@ def run_cohort(name: str, args) -> list[dict]:
     truth = pd.read_csv(folder / "truth_samples.csv", dtype={"her2_score": str, "her2_score_oracle": str},
                         keep_default_na=False).set_index("sample_id")
     raw = yaml.safe_load((folder / "config.yaml").read_text())
-    for item in args.set:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = raw
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+    apply_settings(raw, args.set)
     out = Path(args.out).resolve() / name
     out.mkdir(parents=True, exist_ok=True)
     raw["results"] = str(out)
