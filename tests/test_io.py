@@ -139,3 +139,28 @@ def test_large_cubes_are_written_as_bigtiff(tmp_path, monkeypatch):
             np.testing.assert_array_equal(read.data.compute(), cube)
     with tifffile.TiffFile(tmp_path / "small.ome.tif") as tif:
         assert not tif.is_bigtiff
+
+
+def test_labels_share_the_images_physical_scale_in_ome_zarr(tmp_path):
+    """Opened with ome-zarr's reader, a label image has the image's scale (µm) and units at level
+    0, and each of its levels places a pixel where the level-0 pixel it holds lies."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    path = tmp_path / "x.ome.zarr"
+    image = da.zeros((2, 256, 192), dtype=np.float32, chunks=(1, 64, 64))
+    io.write_ome_zarr(path, image, ["a", "b"], pixel_size_um=0.5, chunk_size=64)
+    labels = np.arange(256 * 192, dtype=np.int32).reshape(256, 192)
+    io.write_labels(path, {"cells": da.from_array(labels, chunks=64)}, chunk_size=64)
+    nodes = list(Reader(parse_url(str(path)))())
+    image_node = next(n for n in nodes if any(isinstance(s, Multiscales) for s in n.specs))
+    label_node = next(n for n in nodes if any(isinstance(s, Label) for s in n.specs))
+    image_scale = image_node.metadata["coordinateTransformations"][0][0]["scale"][-2:]
+    label_transforms = label_node.metadata["coordinateTransformations"]
+    assert label_transforms[0][0]["scale"] == image_scale == [0.5, 0.5]
+    assert [ax.get("unit") for ax in label_node.metadata["axes"]] == ["micrometer", "micrometer"]
+    for level, transforms in zip(label_node.data, label_transforms):
+        scale, offset = transforms[0]["scale"], transforms[1]["translation"]
+        held = np.asarray(level[3, 5])  # the level-0 label at the level-0 pixel this one holds
+        y0, x0 = divmod(int(held), 192)
+        assert (0.5 * y0, 0.5 * x0) == (scale[0] * 3 + offset[0], scale[1] * 5 + offset[1])

@@ -407,7 +407,8 @@ def write_labels(
     directory (``$TMPDIR``), from which the pyramid is then built: the peak
     memory is that of the larger of the two passes, not of both at once.
     Each is written beside the others under a temporary name and renamed
-    into place, so readers never see a partial label image.
+    into place, so readers never see a partial label image. Every level
+    carries the image's physical scale (µm) and axis units.
     """
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_label_metadata, write_multiscale
@@ -427,6 +428,10 @@ def write_labels(
         da.store([da.asarray(image).rechunk((chunk_size, chunk_size)) for image in labels.values()],
                  list(staged.values()), lock=False)
         labels_group = root.require_group("labels")
+        # the image's own physical scale per level, so that labels land on the image in any viewer
+        image_levels = root.attrs["multiscales"][0]["datasets"]
+        spatial = [ax.get("unit") for ax in root.attrs["multiscales"][0]["axes"]][-2:]
+        axes = [{"name": a, "type": "space", **({"unit": u} if u else {})} for a, u in zip("yx", spatial)]
         for name, level0 in staged.items():
             # Nearest-neighbour levels, each read from the staged level 0 and
             # written in turn, so that no level waits in memory for another.
@@ -434,10 +439,20 @@ def write_labels(
             pyramid = [da.from_zarr(level0)] + [
                 da.from_zarr(level0)[f // 2 :: f, f // 2 :: f].rechunk(chunk_size) for f in factors
             ]
-            write_multiscale(
-                pyramid, labels_group.require_group(tmp_names[name]), fmt=FormatV04(), axes="yx", name=name,
-                storage_options={"chunks": (chunk_size, chunk_size)},
-            )
+            # level k holds level 0's pixels f // 2, f // 2 + f, ... (f = 2**k): its scale is the image's
+            # at that level, its origin the physical position of pixel f // 2
+            base = image_levels[0]["coordinateTransformations"][0]["scale"][-2:]
+            transforms = [[{"type": "scale", "scale": [b * f for b in base]},
+                           {"type": "translation", "translation": [b * (f // 2) for b in base]}]
+                          for f in [1, *factors]]
+            group = labels_group.require_group(tmp_names[name])
+            write_multiscale(pyramid, group, fmt=FormatV04(), axes=axes, name=name,
+                             storage_options={"chunks": (chunk_size, chunk_size)})
+            # set here: ome-zarr's scale argument cannot say where a level's pixels lie
+            multiscales = group.attrs["multiscales"]
+            for dataset, transform in zip(multiscales[0]["datasets"], transforms):
+                dataset["coordinateTransformations"] = transform
+            group.attrs["multiscales"] = multiscales
             write_label_metadata(labels_group, tmp_names[name], fmt=FormatV04())
         for name, tmp in tmp_names.items():
             final = zarr_path / "labels" / name
