@@ -4,6 +4,7 @@ import json
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import zarr
@@ -164,3 +165,20 @@ def test_labels_share_the_images_physical_scale_in_ome_zarr(tmp_path):
         held = np.asarray(level[3, 5])  # the level-0 label at the level-0 pixel this one holds
         y0, x0 = divmod(int(held), 192)
         assert (0.5 * y0, 0.5 * x0) == (scale[0] * 3 + offset[0], scale[1] * 5 + offset[1])
+
+
+def test_leftovers_of_a_killed_step_are_removed_and_nothing_temporary_enters_the_store(tmp_path):
+    path = tmp_path / "s" / "unmixed.ome.zarr"
+    io.write_ome_zarr(path, da.zeros((1, 64, 64), dtype=np.float32, chunks=(1, 32, 32)), ["a"],
+                      pixel_size_um=0.5, chunk_size=32)
+    # what a step killed part-way left: a label image being built inside labels/ (older
+    # versions), one beside the store, and a half-written table
+    (path / "labels" / ".nuclei.tmp-1234abcd").mkdir(parents=True)
+    (tmp_path / "s" / ".unmixed.ome.zarr.labels-tmp-1234abcd").mkdir()
+    (tmp_path / "s" / ".cells.tmp-1234abcd.csv").write_text("CellID\n1\n")
+    io.write_labels(path, {"nuclei": da.ones((64, 64), dtype=np.int32, chunks=32)}, chunk_size=32)
+    io.write_csv(pd.DataFrame({"CellID": [1]}), tmp_path / "s" / "cells.csv")
+    left = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert left == ["cells.csv", "unmixed.ome.zarr"], left
+    assert sorted(p.name for p in (path / "labels").iterdir() if not p.name.startswith(".z")) == ["nuclei"]
+    assert zarr.open_group(str(path / "labels"), mode="r").attrs["labels"] == ["nuclei"]

@@ -132,3 +132,30 @@ def test_bad_shapes_raise():
         measure_cells(cells, nuclei, abundances, ["A", "B"], 2)
     with pytest.raises(InputError, match="nuclei shape"):
         measure_cells(cells, nuclei[:5], abundances, ["A", "B", "C"], 2)
+
+
+def test_float_and_negative_labels_and_float32_overflow_are_clear_errors():
+    cells = np.zeros((8, 8), np.int32)
+    cells[2:6, 2:6] = 1
+    abundances = np.ones((1, 8, 8))
+    with pytest.raises(InputError, match="cells labels must be integers, got dtype float64"):
+        measure_cells(cells.astype(float), cells, abundances, ["HER2"], 1)
+    negative = cells.copy()
+    negative[7, 3] = -2
+    with pytest.raises(InputError, match=r"nuclei labels must be >= 0 .* -2 at y 7, x 3"):
+        measure_cells(cells, negative, abundances, ["HER2"], 1)
+    huge = abundances.copy()
+    huge[0, 4, 5] = 1e200
+    with pytest.raises(InputError, match=r"abundance 1e\+200 of channel 'HER2' at y 4, x 5 overflows float32"):
+        measure_cells(cells, cells, huge, ["HER2"], 1)
+    # float64 within float32's range is measured, not refused
+    assert measure_cells(cells, cells, abundances, ["HER2"], 1)["HER2"].tolist() == [1.0]
+
+
+def test_a_cube_beyond_float32_is_reported_as_overflow_not_as_nan():
+    from qdquant.unmixing import unmix
+
+    cube = np.ones((3, 4, 5))
+    cube[1, 2, 3] = 1e200
+    with pytest.raises(InputError, match=r"1e\+200 at band 1, y 2, x 3 overflows the fit"):
+        unmix(cube, np.eye(3)[:, :2] + 0.1)

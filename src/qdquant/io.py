@@ -285,12 +285,15 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary sibling of ``path``; rename it to ``path`` on success.
 
     On an exception the temporary file or folder is removed and ``path`` is
-    left as it was, so a failed step leaves nothing half-written.
+    left as it was, so a failed step leaves nothing half-written; what a
+    killed step left (a ``.{name}.tmp-*`` sibling) is removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    stem = path.name.removesuffix(suffix)
+    _remove_stale(path.parent, f".{stem}.tmp-*{suffix}")  # left by a step killed while writing it
+    tmp = path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
     try:
         yield tmp
         if path.is_dir():
@@ -406,8 +409,10 @@ def write_labels(
     do, are segmented once) and staged at full resolution in a temporary
     directory (``$TMPDIR``), from which the pyramid is then built: the peak
     memory is that of the larger of the two passes, not of both at once.
-    Each is written beside the others under a temporary name and renamed
-    into place, so readers never see a partial label image. Every level
+    Each is built beside the store (``.{store}.labels-tmp-*``) and moved into
+    ``labels/`` when complete, so readers never see a partial label image
+    and nothing temporary is ever inside the store; leftovers of a killed
+    step are removed first. Every level
     carries the image's physical scale (µm) and axis units.
     """
     from ome_zarr.format import FormatV04
@@ -415,7 +420,12 @@ def write_labels(
 
     zarr_path = Path(zarr_path)
     root = zarr.open_group(str(zarr_path), mode="r+")
-    tmp_names = {name: f".{name}.tmp-{uuid.uuid4().hex[:8]}" for name in labels}
+    # Label images are built beside the store, not in it, and moved in when complete; what a
+    # killed step left there (or, from older versions, inside labels/) goes first.
+    _remove_stale(zarr_path.parent, f".{zarr_path.name}.labels-tmp-*")
+    _remove_stale(zarr_path / "labels", ".*.tmp-*")
+    building = zarr_path.parent / f".{zarr_path.name}.labels-tmp-{uuid.uuid4().hex[:8]}"
+    building_root = zarr.open_group(str(building), mode="w", zarr_format=2)
     staging = tempfile.TemporaryDirectory(prefix="qdquant-labels-")
     try:
         staged = {}
@@ -427,7 +437,7 @@ def write_labels(
         # Dask chunks on the Zarr chunks, so that no two tasks write one chunk (no lock needed).
         da.store([da.asarray(image).rechunk((chunk_size, chunk_size)) for image in labels.values()],
                  list(staged.values()), lock=False)
-        labels_group = root.require_group("labels")
+        root.require_group("labels")  # where the finished label images move
         # the image's own physical scale per level, so that labels land on the image in any viewer
         image_levels = root.attrs["multiscales"][0]["datasets"]
         spatial = [ax.get("unit") for ax in root.attrs["multiscales"][0]["axes"]][-2:]
@@ -445,7 +455,7 @@ def write_labels(
             transforms = [[{"type": "scale", "scale": [b * f for b in base]},
                            {"type": "translation", "translation": [b * (f // 2) for b in base]}]
                           for f in [1, *factors]]
-            group = labels_group.require_group(tmp_names[name])
+            group = building_root.require_group(name)
             write_multiscale(pyramid, group, fmt=FormatV04(), axes=axes, name=name,
                              storage_options={"chunks": (chunk_size, chunk_size)})
             # set here: ome-zarr's scale argument cannot say where a level's pixels lie
@@ -453,20 +463,28 @@ def write_labels(
             for dataset, transform in zip(multiscales[0]["datasets"], transforms):
                 dataset["coordinateTransformations"] = transform
             group.attrs["multiscales"] = multiscales
-            write_label_metadata(labels_group, tmp_names[name], fmt=FormatV04())
-        for name, tmp in tmp_names.items():
+            write_label_metadata(building_root, name, fmt=FormatV04())
+        for name in labels:
             final = zarr_path / "labels" / name
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(zarr_path / "labels" / tmp, final)
+            os.replace(building / name, final)
     finally:
         staging.cleanup()
-        for tmp in tmp_names.values():
-            shutil.rmtree(zarr_path / "labels" / tmp, ignore_errors=True)
+        shutil.rmtree(building, ignore_errors=True)
         group = zarr.open_group(str(zarr_path / "labels"), mode="r+")
-        known = [n for n in group.attrs.get("labels", []) if n not in tmp_names.values() and n not in labels]
+        known = [n for n in group.attrs.get("labels", []) if n not in labels]
         known += [n for n in labels if (zarr_path / "labels" / n).exists()]
         group.attrs["labels"] = known
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Remove what matches ``pattern`` in ``folder``: temporary files or folders of a killed step."""
+    for stale in Path(folder).glob(pattern) if Path(folder).is_dir() else ():
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def read_labels(zarr_path: str | os.PathLike, name: str) -> da.Array:

@@ -52,6 +52,11 @@ def _per_block(func, shape: tuple[int, int], block: int, halo: int) -> Iterator:
 def _check_inputs(cells, nuclei, abundances, names) -> None:
     if cells.ndim != 2:
         raise InputError(f"cells must be a 2-D label image, got shape {cells.shape}")
+    for what, labels in (("cells", cells), ("nuclei", nuclei)):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"{what} labels must be integers, got dtype {labels.dtype}")
+    if not np.issubdtype(abundances.dtype, np.floating) and not np.issubdtype(abundances.dtype, np.integer):
+        raise InputError(f"abundances must be numbers, got dtype {abundances.dtype}")
     if nuclei.shape != cells.shape:
         raise InputError(f"nuclei shape {nuclei.shape} differs from cells shape {cells.shape}")
     if abundances.ndim != 3 or abundances.shape[1:] != cells.shape:
@@ -125,8 +130,11 @@ def measure_cells(
     ----------
     cells, nuclei : (M, N) int arrays (numpy or dask)
         Cell and nucleus labels; a nucleus shares its cell's id, 0 = background.
+        Float labels, or negative ones (found as each block is read), are an
+        :class:`InputError`.
     abundances : (K, M, N) float array (numpy or dask)
-        Unmixed abundance of each channel.
+        Unmixed abundance of each channel; reduced in float32 per block (a
+        float64 value beyond float32's range is an :class:`InputError`).
     names : sequence of K str
         Marker name of each channel; columns are named after them.
     membrane_width_px : float
@@ -153,10 +161,23 @@ def measure_cells(
 
     def one(padded, core):
         f = None if flagged is None else np.asarray(flagged[padded], dtype=bool)
+        cell_block, nucleus_block = np.asarray(cells[padded]), np.asarray(nuclei[padded])
+        for what, block in (("cells", cell_block), ("nuclei", nucleus_block)):
+            if block.size and block.min() < 0:
+                y, x = np.unravel_index(np.argmin(block), block.shape)
+                raise InputError(f"{what} labels must be >= 0 (0 = background), got {block.min()} at "
+                                 f"y {padded[0].start + y}, x {padded[1].start + x}")
+        values = np.asarray(abundances[(slice(None), *padded)])
+        if values.dtype.kind == "f" and values.dtype.itemsize > 4 and values.size:
+            big = np.abs(values) > np.finfo(np.float32).max
+            if big.any():  # the sums are float32 per block: say so rather than measure inf
+                k, y, x = np.argwhere(big)[0]
+                raise InputError(f"abundance {values[k, y, x]:.3g} of channel '{names[k]}' at "
+                                 f"y {padded[0].start + y}, x {padded[1].start + x} overflows float32")
         ids, geometry, sums = _block_sums(
-            np.asarray(cells[padded]),
-            np.asarray(nuclei[padded]),
-            np.asarray(abundances[(slice(None), *padded)], dtype=np.float32),
+            cell_block,
+            nucleus_block,
+            values.astype(np.float32, copy=False),
             f,
             core,
             membrane_width_px,

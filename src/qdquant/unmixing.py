@@ -2534,8 +2534,22 @@ def unmix(cube, spectra, *, offset=None, weights=None, gain=None, gain_offset=No
                 f"cube contains NaN or inf (first at band {bad[0][0]}, y {bad[0][1]}, x {bad[0][2]}); "
                 f"shape {cube.shape}"
             ) from None
+        _raise_if_overflows(cube)
         raise
     return abund, resid
+
+
+def _raise_if_overflows(cube):
+    """A clear error for finite values whose fit overflows float32 (abundances are float32)."""
+    if not np.issubdtype(cube.dtype, np.floating):
+        return
+    huge = np.argwhere(np.abs(cube) > np.finfo(np.float32).max / 1e3)
+    if len(huge):
+        b, y, x = huge[0]
+        raise InputError(
+            f"cube value {float(cube[b, y, x]):.3g} at band {b}, y {y}, x {x} overflows the fit "
+            f"(abundances are float32, at most {np.finfo(np.float32).max:.3g}); shape {cube.shape}"
+        ) from None
 
 
 def evenly_spaced(n, count):
