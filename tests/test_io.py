@@ -182,3 +182,26 @@ def test_leftovers_of_a_killed_step_are_removed_and_nothing_temporary_enters_the
     assert left == ["cells.csv", "unmixed.ome.zarr"], left
     assert sorted(p.name for p in (path / "labels").iterdir() if not p.name.startswith(".z")) == ["nuclei"]
     assert zarr.open_group(str(path / "labels"), mode="r").attrs["labels"] == ["nuclei"]
+
+
+def test_channels_are_coloured_by_their_emission_peak(tmp_path):
+    from qdquant.colours import channel_colours, emission_colour
+
+    wl = np.arange(420, 741, 10.0)
+    peaks = [460, 525, 655, 725]
+    spectra = np.column_stack([np.exp(-0.5 * ((wl - p) / 10) ** 2) for p in peaks] + [np.ones(len(wl))])
+    colours = channel_colours(spectra, wl)
+    rgb = [tuple(int(c[i : i + 2], 16) for i in (0, 2, 4)) for c in colours]
+    blue, green, red, deep_red, flat = rgb
+    assert blue[2] > max(blue[:2]) and green[1] > max(green[0], green[2])
+    assert red[0] == 255 and red[1] == 0 and 0 < deep_red[0] < 255 and deep_red[1:] == (0, 0)
+    assert flat == (128, 128, 128)
+    assert emission_colour(300) == emission_colour(400) and emission_colour(900) == emission_colour(740)
+    path = tmp_path / "x.ome.zarr"
+    io.write_ome_zarr(path, da.zeros((2, 32, 32), dtype=np.float32), ["DAPI", "QD655"], pixel_size_um=0.5,
+                      colours=colours[::2][:2])
+    written = [c["color"] for c in zarr.open_group(str(path), mode="r").attrs["omero"]["channels"]]
+    assert written == [colours[0], colours[2]]
+    with pytest.raises(InputError, match="1 colours for 2 channels"):
+        io.write_ome_zarr(tmp_path / "y.ome.zarr", da.zeros((2, 32, 32), dtype=np.float32), ["a", "b"],
+                          pixel_size_um=0.5, colours=["FFFFFF"])

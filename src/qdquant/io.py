@@ -335,12 +335,14 @@ def write_ome_zarr(
     pixel_size_um: float,
     chunk_size: int = 2048,
     n_levels: int = 4,
+    colours: list[str] | None = None,
 ) -> None:
     """Write a (C, Y, X) float image as an OME-NGFF 0.4 multiscale, channels named.
 
     Written to a temporary folder and renamed when complete. The ``omero``
-    block that names the channels is written here, not by ``ome-zarr``
-    (whose ``write_image`` drops it).
+    block that names the channels (and gives each its ``colours`` entry, an
+    ``RRGGBB`` hex string; white when None) is written here, not by
+    ``ome-zarr`` (whose ``write_image`` drops it).
     """
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_image
@@ -349,6 +351,9 @@ def write_ome_zarr(
         raise InputError(
             f"{path}: {image.shape[0]} channels but {len(channel_names)} channel names"
         )
+    colours = ["FFFFFF"] * len(channel_names) if colours is None else list(colours)
+    if len(colours) != len(channel_names):
+        raise InputError(f"{path}: {len(colours)} colours for {len(channel_names)} channels")
     image = da.asarray(image).rechunk((1, chunk_size, chunk_size))
     factors = tuple(2**i for i in range(1, n_levels) if min(image.shape[1:]) // 2**i >= 16)
     with atomic_path(path) as tmp:
@@ -370,8 +375,8 @@ def write_ome_zarr(
         root.attrs["omero"] = {
             "version": "0.4",
             "channels": [
-                {"label": name, "active": True, "color": "FFFFFF", "window": _window(coarsest[i])}
-                for i, name in enumerate(channel_names)
+                {"label": name, "active": True, "color": colour, "window": _window(coarsest[i])}
+                for i, (name, colour) in enumerate(zip(channel_names, colours))
             ],
         }
 

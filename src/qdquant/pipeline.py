@@ -311,12 +311,15 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
             **gain,
         )
         image = da.concatenate([abundances, residual[None]], axis=0)
+        from qdquant.colours import channel_colours
+
         io.write_ome_zarr(
             out["zarr"],
             image,
             [*library.names, "residual"],
             pixel_size_um=pixel_size,
             chunk_size=cfg.chunk_size,
+            colours=[*channel_colours(library.spectra, library.wavelengths_nm), "FFFFFF"],
         )
         io.write_csv(library.to_frame(), out["spectra_used"])
         stored, _ = io.read_ome_zarr(out["zarr"])
