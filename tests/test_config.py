@@ -211,3 +211,14 @@ def test_autofluorescence_from_the_slide_by_default_or_the_library(tiny_project)
     with pytest.raises(InputError) as e:
         load_config(tiny_project)
     assert_one_line(e, "unmixing.autofluorescence")
+
+
+def test_a_results_folder_that_cannot_be_written_is_a_start_up_error(tiny_project):
+    from qdquant.config import check_results_writable
+
+    blocker = tiny_project.parent / "a_file"
+    blocker.write_text("not a folder")
+    edit_yaml(tiny_project, results=str(blocker / "results"))
+    with pytest.raises(InputError) as e:
+        check_results_writable(load_config(tiny_project))
+    assert_one_line(e, "key 'results': cannot write to", "a_file/results")

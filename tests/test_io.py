@@ -205,3 +205,19 @@ def test_channels_are_coloured_by_their_emission_peak(tmp_path):
     with pytest.raises(InputError, match="1 colours for 2 channels"):
         io.write_ome_zarr(tmp_path / "y.ome.zarr", da.zeros((2, 32, 32), dtype=np.float32), ["a", "b"],
                           pixel_size_um=0.5, colours=["FFFFFF"])
+
+
+def test_an_image_that_is_a_directory_or_a_link_loop_says_so(tmp_path):
+    (tmp_path / "slide.ome.tif").mkdir()
+    with pytest.raises(InputError, match="slide.ome.tif: is a directory, not an image file"):
+        io.read_cube_header(tmp_path / "slide.ome.tif")
+    loop = tmp_path / "loop.ome.tif"
+    loop.symlink_to(loop)
+    with pytest.raises(InputError, match="loop.ome.tif: is a symbolic link loop"):
+        io.read_cube_header(loop)
+    dangling = tmp_path / "gone.ome.tif"
+    dangling.symlink_to(tmp_path / "moved.ome.tif")
+    with pytest.raises(InputError, match="gone.ome.tif: is a symbolic link to .*moved.ome.tif, which does not"):
+        io.read_cube_header(dangling)
+    with pytest.raises(InputError, match="missing.ome.tif: image file not found"):
+        io.read_cube_header(tmp_path / "missing.ome.tif")

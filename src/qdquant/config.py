@@ -545,6 +545,19 @@ def check_image(cfg: Config, sample: Sample) -> tuple[tuple[int, ...], float]:
     return shape, pixel_size_for(cfg, sample, meta_px)
 
 
+def check_results_writable(cfg: Config) -> None:
+    """A clear error, before any step runs, when the ``results`` folder cannot be written."""
+    import tempfile
+
+    try:
+        cfg.results.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cfg.results, prefix=".qdquant-write-check-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{cfg.source}: key 'results': cannot write to {cfg.results} "
+                         f"({exc.strerror or exc})") from None
+
+
 def pixel_size_for(cfg: Config, sample: Sample, metadata_um: float | None) -> float:
     """Pixel size (µm): the OME metadata, else the sample sheet, else the config default."""
     if metadata_um:

@@ -8,6 +8,7 @@ sibling, renamed when complete) so a failed step leaves nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -108,6 +109,21 @@ def _band_axis_last(axes: str) -> bool:
     return len(axes) == 3 and axes[:2] == "YX" and axes[2] in "SC"
 
 
+def _why_not_a_file(path: Path) -> str:
+    """Why ``path`` cannot be read as an image file, in a few words."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop, not an image file"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return "image file not found"
+    if path.is_dir():
+        return "is a directory, not an image file (name the .ome.tif inside it)"
+    return "is not a regular file (a device, socket or pipe), not an image file"
+
+
 def read_cube_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, float | None]:
     """Shape (C, Y, X), dtype and pixel size of an image's level 0, reading only metadata.
 
@@ -121,7 +137,7 @@ def read_cube_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: image file not found")
+        raise InputError(f"{path}: {_why_not_a_file(path)}")
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from qdquant.config import SCHEMA_PATH, chunk_mem_mb, load_config
+from qdquant.config import SCHEMA_PATH, check_results_writable, chunk_mem_mb, load_config
 from qdquant.errors import InputError
 
 
@@ -32,6 +32,7 @@ def config_files():
 CONFIG_FILES = config_files()
 try:
     CFG = load_config(config, source=" + ".join(CONFIG_FILES), check_images=True, image_will_exist=is_test_slide)
+    check_results_writable(CFG)
 except InputError as exc:
     sys.exit(f"qdquant: error: {exc}")
 validate(config, str(SCHEMA_PATH))
