@@ -3,6 +3,7 @@
 # validation, which also fills the defaults into `config`.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -79,11 +80,21 @@ def sample_settings(wildcards):
     return json.dumps({k: str(v) for k, v in vars(sample).items() if k != "image"}, sort_keys=True)
 
 
+def shell_arg(text):
+    """A user's value (a path) as one shell word: quoted against spaces and shell characters,
+    and its braces doubled, since Snakemake formats the command (wildcards, {threads}) after."""
+    return shlex.quote(str(text)).replace("{", "{{").replace("}", "}}")
+
+
 def step(name, sample=True):
-    """The rule's command: the same one a user runs by hand (config files merged in order, as here)."""
-    configs = " ".join(f"--config {path}" for path in CONFIG_FILES)
+    """The rule's command: the same one a user runs by hand (config files merged in order, as here).
+
+    Paths from the user are quoted (shell_arg); sample ids need no quoting, as the sample
+    sheet allows only letters, digits, '-' and '_' in them (qdquant.config), and threads and
+    memory are numbers."""
+    configs = " ".join(f"--config {shell_arg(path)}" for path in CONFIG_FILES)
     per_sample = " --sample {wildcards.sample} --threads {threads} --mem-mb {resources.mem_mb}"
-    return f"qdquant {name} {configs}" + (per_sample if sample else "")
+    return f"qdquant {shell_arg(name)} {configs}" + (per_sample if sample else "")
 
 
 def mem_mb(base_mb, per_chunk_mb, threads=1):
