@@ -103,3 +103,35 @@ def mem_mb(base_mb, per_chunk_mb, threads=1):
     threads (a step given less --mem-mb shrinks its chunks: qdquant.config.chunk_size_for)."""
     needed = chunk_mem_mb(CFG.chunk_size, len(CFG.library.wavelengths_nm), threads)
     return int(max(base_mb + per_chunk_mb * (CFG.chunk_size / 2048) ** 2, needed))
+
+
+def step_errors(snakemake_logs):
+    """For each failed job named in Snakemake's log ("Error in rule ...", then "log: ..."), the
+    one line of its step log that says why: the first `qdquant: error:` line, or else the last
+    line (a traceback's exception). Snakemake itself prints only "Error in rule unmix"."""
+    if isinstance(snakemake_logs, (str, os.PathLike)):
+        snakemake_logs = [snakemake_logs]
+    step_logs, in_error = [], False
+    for path in snakemake_logs or []:
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            text = line.strip()
+            if text.startswith("Error in rule "):
+                in_error = True
+            elif in_error and text.startswith("log: "):
+                names = text[len("log: "):].split(" (check log file")[0]
+                step_logs += [n.strip() for n in names.split(", ") if n.strip() not in step_logs]
+                in_error = False
+    found = []
+    for log in step_logs:
+        try:
+            lines = [l.strip() for l in Path(log).read_text(errors="replace").splitlines() if l.strip()]
+        except OSError:
+            continue
+        errors = [l for l in lines if l.startswith("qdquant: error:")]
+        if errors or lines:
+            found.append(f"{log}: {(errors or lines)[-1 if not errors else 0]}")
+    return found
