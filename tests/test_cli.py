@@ -56,6 +56,7 @@ def test_step_on_nan_image_fails_cleanly(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("qdquant: error:") and "NaN" in last
+    assert last.startswith("qdquant: error:") and "NaN" in last and "s1.ome.tif: " in last
+    assert proc.stderr.count("qdquant: error:") == 1 and "Traceback" not in proc.stderr
     results = tmp_path / "p" / "results"
     assert not results.exists() or not any(results.rglob("*.zarr"))

@@ -221,3 +221,24 @@ def test_an_image_that_is_a_directory_or_a_link_loop_says_so(tmp_path):
         io.read_cube_header(dangling)
     with pytest.raises(InputError, match="missing.ome.tif: image file not found"):
         io.read_cube_header(tmp_path / "missing.ome.tif")
+
+
+@pytest.mark.parametrize("damage", ["garbled", "truncated"])
+def test_a_corrupt_tile_is_one_line_naming_the_file_and_tile(tmp_path, damage):
+    """A tile whose compressed data is garbled or cut off: an InputError naming file and pixels."""
+    path = tmp_path / "s.ome.tif"
+    cube = np.random.default_rng(0).poisson(100, (8, 256, 256)).astype(np.uint16)
+    io.write_ome_tiff(path, cube, pixel_size_um=0.5, tile=64)
+    with tifffile.TiffFile(path) as tif:  # the last tile of the last band
+        offset, count = tif.pages[7].dataoffsets[-1], tif.pages[7].databytecounts[-1]
+    data = bytearray(path.read_bytes())
+    if damage == "garbled":
+        data[offset + 5 : offset + count] = b"\xff" * (count - 5)
+    else:
+        data = data[: offset + count // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError) as err:
+        with io.open_cube(path, chunk_size=128) as opened:
+            opened.data.compute()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: cannot decode the image data at band 7, Y 192-255, X 192-255")

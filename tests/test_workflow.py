@@ -302,3 +302,44 @@ def test_snakemake_report_gathers_the_pages(run, tmp_path):
     proc = snakemake(run, "--report", str(tmp_path / "workflow_report.html"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "workflow_report.html").stat().st_size > 10_000
+
+
+def tiny_workdir(root: Path, **config_extra) -> tuple[Path, Path]:
+    """A tiny project in root/config (config.yaml, tables, one 64x64 image); return (config, results)."""
+    from conftest import write_project
+
+    config = write_project(root / "config", config_extra=config_extra)
+    return config, root / "config" / "results"
+
+
+def test_paths_with_spaces_and_shell_characters_are_quoted(tmp_path):
+    """A project under `work dir;$(touch pwned)`: the steps run, and nothing is injected."""
+    from conftest import write_project
+
+    work = tmp_path / "work dir;$(touch pwned)"
+    config = write_project(work / "my project")  # passed by --configfile: in every rule's command
+    results = work / "my project" / "results"
+    target = str(results / "s1" / "spectra_used.csv")
+    proc = snakemake(work, "--configfile", str(config), "-n", "-p", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = snakemake(work, "--configfile", str(config), "-p", target, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert Path(target).is_file()
+    assert "unrecognized arguments" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
+
+
+def test_a_step_error_reaches_the_console(tmp_path):
+    """An error only found inside a step (NaN pixels, met while unmixing) is printed, not only logged."""
+    from qdquant.io import write_ome_tiff
+
+    config, results = tiny_workdir(tmp_path)
+    cube = np.full((8, 64, 64), 100.0, np.float32)
+    cube[3, 10, 10] = np.nan
+    write_ome_tiff(tmp_path / "config" / "s1.ome.tif", cube, pixel_size_um=0.5)
+    proc = snakemake(tmp_path, str(results / "s1" / "spectra_used.csv"), timeout=600)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if "qdquant: error:" in line and "NaN" in line]
+    assert errors, out[-4000:]
+    assert "s1.ome.tif" in errors[0]

@@ -180,6 +180,22 @@ def open_cube(path: str | os.PathLike, *, chunk_size: int = 2048) -> Cube:
     return Cube(data=data, pixel_size_um=pixel_size, path=path, _handle=level0, tiles=tiles)
 
 
+def _describe_key(key, axes: str) -> str:
+    """A dask block's index into level 0, as 'band 3, Y 0-255, X 256-511' (tifffile's axes)."""
+    key = key if isinstance(key, tuple) else (key,)
+    parts = []
+    for axis, index in zip(axes, key):
+        if isinstance(index, slice):
+            if index.start is None and index.stop is None:
+                continue
+            start = index.start or 0
+            text = f"{start}" if index.stop is not None and index.stop - start == 1 else f"{start}-{'' if index.stop is None else index.stop - 1}"
+        else:
+            text = str(index)
+        parts.append(f"{'band' if axis in 'CISQ' else axis} {text}")
+    return ", ".join(parts) or "the whole image"
+
+
 class _TiffLevel0:
     """Level 0 of a TIFF's first series, read through tifffile's zarr store, as a picklable array.
 
@@ -203,7 +219,15 @@ class _TiffLevel0:
             return self._array
 
     def __getitem__(self, key):
-        return self._open()[key]
+        try:
+            return self._open()[key]
+        except (RuntimeError, ValueError, OSError, tifffile.TiffFileError) as exc:
+            # a codec's error (imagecodecs.DeflateError, ...) on a corrupt or truncated tile:
+            # one line naming the file and the pixels being read
+            raise InputError(
+                f"{self.path}: cannot decode the image data at {_describe_key(key, self.axes)}"
+                f" (corrupt or truncated file: {type(exc).__name__}: {exc})"
+            ) from None
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tif", "_array")}

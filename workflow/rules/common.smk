@@ -3,6 +3,7 @@
 # validation, which also fills the defaults into `config`.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -80,11 +81,21 @@ def sample_settings(wildcards):
     return json.dumps({k: str(v) for k, v in vars(sample).items() if k != "image"}, sort_keys=True)
 
 
+def shell_arg(text):
+    """A user's value (a path) as one shell word: quoted against spaces and shell characters,
+    and its braces doubled, since Snakemake formats the command (wildcards, {threads}) after."""
+    return shlex.quote(str(text)).replace("{", "{{").replace("}", "}}")
+
+
 def step(name, sample=True):
-    """The rule's command: the same one a user runs by hand (config files merged in order, as here)."""
-    configs = " ".join(f"--config {path}" for path in CONFIG_FILES)
+    """The rule's command: the same one a user runs by hand (config files merged in order, as here).
+
+    Paths from the user are quoted (shell_arg); sample ids need no quoting, as the sample
+    sheet allows only letters, digits, '-' and '_' in them (qdquant.config), and threads and
+    memory are numbers."""
+    configs = " ".join(f"--config {shell_arg(path)}" for path in CONFIG_FILES)
     per_sample = " --sample {wildcards.sample} --threads {threads} --mem-mb {resources.mem_mb}"
-    return f"qdquant {name} {configs}" + (per_sample if sample else "")
+    return f"qdquant {shell_arg(name)} {configs}" + (per_sample if sample else "")
 
 
 def mem_mb(base_mb, per_chunk_mb, threads=1):
@@ -93,3 +104,35 @@ def mem_mb(base_mb, per_chunk_mb, threads=1):
     threads (a step given less --mem-mb shrinks its chunks: qdquant.config.chunk_size_for)."""
     needed = chunk_mem_mb(CFG.chunk_size, len(CFG.library.wavelengths_nm), threads)
     return int(max(base_mb + per_chunk_mb * (CFG.chunk_size / 2048) ** 2, needed))
+
+
+def step_errors(snakemake_logs):
+    """For each failed job named in Snakemake's log ("Error in rule ...", then "log: ..."), the
+    one line of its step log that says why: the first `qdquant: error:` line, or else the last
+    line (a traceback's exception). Snakemake itself prints only "Error in rule unmix"."""
+    if isinstance(snakemake_logs, (str, os.PathLike)):
+        snakemake_logs = [snakemake_logs]
+    step_logs, in_error = [], False
+    for path in snakemake_logs or []:
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            text = line.strip()
+            if text.startswith("Error in rule "):
+                in_error = True
+            elif in_error and text.startswith("log: "):
+                names = text[len("log: "):].split(" (check log file")[0]
+                step_logs += [n.strip() for n in names.split(", ") if n.strip() not in step_logs]
+                in_error = False
+    found = []
+    for log in step_logs:
+        try:
+            lines = [l.strip() for l in Path(log).read_text(errors="replace").splitlines() if l.strip()]
+        except OSError:
+            continue
+        errors = [l for l in lines if l.startswith("qdquant: error:")]
+        if errors or lines:
+            found.append(f"{log}: {(errors or lines)[-1 if not errors else 0]}")
+    return found

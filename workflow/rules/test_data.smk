@@ -8,4 +8,4 @@ rule simulate_test_slide:
     log:
         "logs/simulate/{name}.log",
     shell:
-        "qdquant simulate --cohort --preset {wildcards.name} --out test_data/slides 2> {log}"
+        "qdquant simulate --cohort --preset {wildcards.name:q} --out test_data/slides 2> {log}"
