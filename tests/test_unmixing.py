@@ -765,3 +765,14 @@ def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights, monkeypa
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
     if engine_name == "numba" and weights is None and k == 9:
         assert unmixing._tiles16_kernel(k, True).signatures  # the fused kernel ran
+
+
+def test_nan_in_a_dask_cube_is_reported_at_its_band_y_and_x():
+    import dask.array as da
+
+    cube = np.ones((4, 64, 96), np.float32)
+    cube[2, 37, 70] = np.nan
+    spectra = np.eye(4)[:, :3] + 0.1
+    abundances, _ = unmix(da.from_array(cube, chunks=(4, 32, 32)), spectra)
+    with pytest.raises(InputError, match=r"first at band 2, y 37, x 70"):
+        abundances.compute()

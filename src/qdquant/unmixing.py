@@ -415,13 +415,25 @@ def _unmix_into(cube, a, offset, weights, abund, resid, block_px=None, gain=None
         resid[y0:y1, :] = rms.reshape(y1 - y0, w)
 
 
-def _unmix_block(block, a, offset, weights, gain=None, gain_offset=None):
-    """map_blocks kernel: (C, y, x) -> (K + 1, y, x) float32 (residual last); ``gain``: (1, y, x) or None."""
+def _unmix_block(block, a, offset, weights, gain=None, gain_offset=None, block_info=None):
+    """map_blocks kernel: (C, y, x) -> (K + 1, y, x) float32 (residual last); ``gain``: (1, y, x) or None.
+
+    A NaN or inf is reported at its (band, y, x) in the whole cube (``block_info`` gives the block's origin).
+    """
     k = a.shape[1]
     out = np.empty((k + 1,) + block.shape[1:], np.float32)
     if block.size:
-        _unmix_into(block, a, offset, weights, out[:k], out[k],
-                    gain=None if gain is None else gain[0], gain_offset=gain_offset)
+        try:
+            _unmix_into(block, a, offset, weights, out[:k], out[k],
+                        gain=None if gain is None else gain[0], gain_offset=gain_offset)
+        except _NonFiniteCube:
+            y0, x0 = (r[0] for r in block_info[0]["array-location"][1:]) if block_info else (0, 0)
+            bad = np.argwhere(~np.isfinite(block)) if block.dtype.kind == "f" else ()
+            if len(bad):
+                b, y, x = bad[0]
+                raise InputError(f"cube contains NaN or inf (first at band {b}, y {y0 + y}, x {x0 + x} "
+                                 "in this block)") from None
+            raise
     return out
 
 
