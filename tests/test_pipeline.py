@@ -1,5 +1,7 @@
 """Pipeline steps on small inputs: edge cases a slide can bring."""
 
+import html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +213,45 @@ def test_two_samples_combine_in_scimap(tiny_project):
     assert np.isfinite(x.to_numpy(float)).all()
     assert sorted(set(obs["imageid"])) == ["s1", "s2"]
     assert {"ER_nucleus_mean", "her2_class", "X_um"} <= set(obs.columns)
+
+
+def test_reports_name_their_inputs_and_the_cohort_page_its_scores(tiny_project):
+    """report.html says what the numbers were made from; the cohort page shows every sample's
+    scores and warnings, not only its statuses."""
+    import qdquant
+
+    cfg = load_config(tiny_project)
+    pipeline.run_sample(cfg, "s1")
+    pipeline.cohort(cfg)
+    page = pipeline.outputs(cfg, "s1")["report"].read_text()
+    for text in (str(cfg.sample("s1").image), "pixel size (µm)</th><td>0.5<", str(tiny_project.parent / "spectra.csv"),
+                 "library refined on the slide", "endmembers fitted", "DAPI, QD565, QD655, Offset",
+                 f"qdquant version</th><td>{qdquant.__version__}", "report written"):
+        assert text in page, text
+    cohort = (cfg.results / "cohort_report.html").read_text()
+    for text in ("HER2 0 (%)", "HER2 3+ (%)", "HER2 score", "HER2 category", "ER % positive", "ER H-score",
+                 "ER status", "warnings"):
+        assert f"<th>{text}</th>" in cohort, text
+    summary = pd.read_csv(pipeline.outputs(cfg, "s1")["summary"]).iloc[0].to_dict()
+    stats = json.loads(pipeline.outputs(cfg, "s1")["unmixing_qc"].with_suffix(".json").read_text())
+    warnings = sample_warnings(summary, stats, cfg)
+    assert warnings and all(html.escape(w) in cohort for w in warnings)
+
+
+def test_snakemake_report_registers_the_qc_figures_and_the_cohort_page(tmp_path, monkeypatch):
+    """``snakemake --report`` takes the outputs flagged report(): the QC PNGs and both pages."""
+    import shutil
+
+    from snakemake.api import SnakemakeApi
+    from snakemake.io import is_flagged
+    from snakemake.settings.types import ResourceSettings
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "config", tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    with SnakemakeApi() as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=repo / "workflow" / "Snakefile",
+                                workdir=tmp_path)._workflow
+        flagged = {Path(str(f)).name for rule in workflow.rules for f in rule.output if is_flagged(f, "report")}
+    assert {"unmixing.png", "segmentation.png", "her2_thresholds.png", "report.html",
+            "cohort_report.html"} <= flagged

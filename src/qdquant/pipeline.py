@@ -8,6 +8,7 @@ run by hand is exactly the step the workflow runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 import warnings
@@ -641,7 +642,12 @@ def cohort(cfg: Config) -> None:
     rows = [io.read_csv(outputs(cfg, s.sample_id)["summary"], "summary") for s in cfg.samples]
     table = pd.concat(rows, ignore_index=True)
     io.write_csv(table, cfg.results / "cohort_summary.csv")
-    report.write_cohort_report(cfg, table, cfg.results / "cohort_report.html")
+    warnings = {}
+    for sample, row in zip(cfg.samples, rows):
+        stats_path = outputs(cfg, sample.sample_id)["unmixing_qc"].with_suffix(".json")
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        warnings[str(row["sample_id"].iloc[0])] = report.sample_warnings(row.iloc[0].to_dict(), stats, cfg)
+    report.write_cohort_report(cfg, table, cfg.results / "cohort_report.html", warnings)
 
 
 STEPS = {
