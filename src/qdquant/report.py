@@ -336,7 +336,7 @@ def provenance(cfg, sample_id: str, paths: dict[str, Path]) -> list[tuple[str, s
     if refinement.is_file():
         shifts = pd.read_csv(refinement)
         kept = bool(shifts["kept"].iloc[0]) if len(shifts) else False
-        moved = shifts.loc[shifts["shift_nm"].abs() > 0] if "shift_nm" in shifts else shifts.iloc[:0]
+        moved = shifts.loc[shifts["shift_nm"].abs() >= 0.05] if "shift_nm" in shifts else shifts.iloc[:0]
         detail = ", ".join(f"{r.endmember} {r.shift_nm:+.1f} nm" for r in moved.itertuples()) or "no shift"
         rows.append(("library refined on the slide",
                      f"yes ({detail})" if kept else f"no: refinement did not lower the residual ({detail})"))
