@@ -1,5 +1,9 @@
 """Pipeline steps on small inputs: edge cases a slide can bring."""
 
+import html
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,9 +112,10 @@ def test_chunked_pipeline_equals_one_chunk(tmp_path, monkeypatch):
         h5ads[chunk] = anndata.read_h5ad(pipeline.outputs(cfg, "small")["h5ad"]), table
     whole, chunked = tables[2048], tables[128]
     assert len(whole) > 50 and len(whole) == len(chunked)
-    numeric = [c for c in whole.columns if c not in ("CellID", "her2_class")]
+    numeric = [c for c in whole.columns if c not in ("CellID", "her2_class", "imageid")]
     np.testing.assert_allclose(whole[numeric].to_numpy(float), chunked[numeric].to_numpy(float), rtol=1e-5, atol=1e-5)
     assert (whole["her2_class"].to_numpy() == chunked["her2_class"].to_numpy()).all()
+    assert set(whole["imageid"]) == {"small"}
     for key, value in summaries[2048].items():
         if isinstance(value, float):
             assert summaries[128][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
@@ -163,3 +168,90 @@ def test_cube_sample_reads_the_same_windows_from_the_tiles(tmp_path):
         expected = pipeline._pixel_sample(illumination.correct_shading(cube.data, *shading), max_pixels=20_000)[0]
         np.testing.assert_allclose(corrected, expected, rtol=1e-6)
         assert not np.allclose(corrected, plain)
+
+
+def mcmicro_to_scimap(paths, split="X_centroid", cell_id="CellID"):
+    """scimap's ``pp.mcmicro_to_scimap`` (2.3.6) without its optional steps: the cell names, the
+    markers (X) and the metadata (obs) it makes of MCQuant-style tables."""
+    tables = []
+    for path in map(Path, paths):
+        d = pd.read_csv(path)
+        if "imageid" not in d.columns:
+            d["imageid"] = path.stem  # the file name's stem: "cells" for every cells.csv
+        d.index = d["imageid"].astype(str) + "_" + d[cell_id].astype(str)
+        d = d[[c for c in d.columns if c != cell_id] + [cell_id]]
+        d = d[[c for c in d.columns if c != "imageid"] + ["imageid"]]
+        tables.append(d)
+    for d in tables:
+        d.columns = tables[0].columns  # scimap overwrites the names by position
+    data = pd.concat(tables, axis=0, sort=False)
+    at = data.columns.get_loc(split)
+    return data.iloc[:, :at], data.iloc[:, at:]
+
+
+def test_two_samples_combine_in_scimap(tiny_project):
+    """Every table is named cells.csv: the imageid column names the sample, and only the whole-cell
+    means come before X_centroid (the compartment means are metadata to scimap, not markers)."""
+    (tiny_project.parent / "samples.tsv").write_text(
+        "sample_id\timage\n" + "".join(f"{s}\t{tiny_project.parent / 's1.ome.tif'}\n" for s in ("s1", "s2")))
+    cfg = load_config(tiny_project)
+    paths = []
+    for seed, sample in enumerate(("s1", "s2")):
+        out = pipeline.outputs(cfg, sample)
+        io.write_csv(measurements(seed=seed), out["measurements"])
+        pipeline.score_sample(cfg, sample)
+        paths.append(out["cells"])
+    try:
+        import scimap
+
+        adata = scimap.pp.mcmicro_to_scimap(paths, remove_dna=False, log=False)
+        x, obs = adata.to_df(), adata.obs
+    except ImportError:
+        x, obs = mcmicro_to_scimap(paths)
+    assert x.index.is_unique and len(x) == 40
+    assert list(x.columns) == ["DAPI", "ER", "HER2"]  # the markers, nothing else
+    assert np.isfinite(x.to_numpy(float)).all()
+    assert sorted(set(obs["imageid"])) == ["s1", "s2"]
+    assert {"ER_nucleus_mean", "her2_class", "X_um"} <= set(obs.columns)
+
+
+def test_reports_name_their_inputs_and_the_cohort_page_its_scores(tiny_project):
+    """report.html says what the numbers were made from; the cohort page shows every sample's
+    scores and warnings, not only its statuses."""
+    import qdquant
+
+    cfg = load_config(tiny_project)
+    pipeline.run_sample(cfg, "s1")
+    pipeline.cohort(cfg)
+    page = pipeline.outputs(cfg, "s1")["report"].read_text()
+    for text in (str(cfg.sample("s1").image), "pixel size (µm)</th><td>0.5<", str(tiny_project.parent / "spectra.csv"),
+                 "library refined on the slide", "endmembers fitted", "DAPI, QD565, QD655, Offset",
+                 f"qdquant version</th><td>{qdquant.__version__}", "report written"):
+        assert text in page, text
+    cohort = (cfg.results / "cohort_report.html").read_text()
+    for text in ("HER2 0 (%)", "HER2 3+ (%)", "HER2 score", "HER2 category", "ER % positive", "ER H-score",
+                 "ER status", "warnings"):
+        assert f"<th>{text}</th>" in cohort, text
+    summary = pd.read_csv(pipeline.outputs(cfg, "s1")["summary"]).iloc[0].to_dict()
+    stats = json.loads(pipeline.outputs(cfg, "s1")["unmixing_qc"].with_suffix(".json").read_text())
+    warnings = sample_warnings(summary, stats, cfg)
+    assert warnings and all(html.escape(w) in cohort for w in warnings)
+
+
+def test_snakemake_report_registers_the_qc_figures_and_the_cohort_page(tmp_path, monkeypatch):
+    """``snakemake --report`` takes the outputs flagged report(): the QC PNGs and both pages."""
+    import shutil
+
+    from snakemake.api import SnakemakeApi
+    from snakemake.io import is_flagged
+    from snakemake.settings.types import ResourceSettings
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "config", tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    with SnakemakeApi() as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=repo / "workflow" / "Snakefile",
+                                workdir=tmp_path)._workflow
+        flagged = {Path(str(f)).name for rule in workflow.rules for f in rule.output if is_flagged(f, "report")}
+    assert {"unmixing.png", "segmentation.png", "her2_thresholds.png", "report.html",
+            "cohort_report.html"} <= flagged

@@ -8,6 +8,7 @@ run by hand is exactly the step the workflow runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 import warnings
@@ -511,17 +512,24 @@ def tumour_threshold(cfg: Config, gate: np.ndarray) -> float:
     return scoring.tumour_threshold_auto(gate) if cfg.tumour.threshold == "auto" else float(cfg.tumour.threshold)
 
 
-def score_cell_rows(cfg: Config, table: pd.DataFrame, threshold: float | None, her2: dict | None) -> pd.DataFrame:
+def score_cell_rows(cfg: Config, table: pd.DataFrame, threshold: float | None, her2: dict | None,
+                    sample_id: str | None = None) -> pd.DataFrame:
     """The contract's ``cells.csv`` columns for some rows of the measurements.
 
     Per cell only, so any slice of the rows gives the same result for its
     cells: ``threshold`` is the tumour gate's (:func:`tumour_threshold`),
     ``her2`` the HER2 thresholds in force (:func:`her2_thresholds`).
+
+    Laid out for scimap's ``mcmicro_to_scimap``: ``CellID`` and the
+    whole-cell marker means come before ``X_centroid`` (its markers), the
+    compartment means after it (its metadata); with ``sample_id``, a last
+    column ``imageid`` names the sample, which scimap then uses instead of
+    the file name's stem ("cells" for every sample) to name the cells.
     """
     markers = [r.marker for r in cfg.measured]
-    front = ["CellID", *markers, *(f"{m}_{c}_mean" for m in markers for c in quantification.COMPARTMENTS)]
     geometry = ["X_centroid", "Y_centroid", "X_um", "Y_um", "Area", "NucleusArea", "n_flagged_px"]
-    cells = table[front + geometry].copy()
+    compartments = [f"{m}_{c}_mean" for m in markers for c in quantification.COMPARTMENTS]
+    cells = table[["CellID", *markers, *geometry, *compartments]].copy()
     if cfg.tumour is not None:
         cells["is_tumour"] = scoring.is_tumour(table[_gate_column(cfg)].to_numpy(np.float64), threshold)
     if cfg.her2 is not None:
@@ -532,6 +540,8 @@ def score_cell_rows(cfg: Config, table: pd.DataFrame, threshold: float | None, h
         cells["her2_membrane_intensity"] = intensity
         cells["her2_completeness"] = completeness
         cells["her2_class"] = klass
+    if sample_id is not None:
+        cells["imageid"] = sample_id
     return cells
 
 
@@ -609,7 +619,7 @@ def score_sample(cfg: Config, sample_id: str) -> None:
         def scored():
             # (a table without rows still comes as one empty slice: its header is written)
             for table in io.read_csv(out["measurements"], "measurements", chunksize=TABLE_ROWS):
-                cells = score_cell_rows(cfg, table, threshold, her2)
+                cells = score_cell_rows(cfg, table, threshold, her2, sample_id)
                 h5ad.append(cells, [r.marker for r in cfg.measured])
                 kept.append(cells[_summary_columns(cfg)])
                 yield cells
@@ -635,7 +645,12 @@ def cohort(cfg: Config) -> None:
     rows = [io.read_csv(outputs(cfg, s.sample_id)["summary"], "summary") for s in cfg.samples]
     table = pd.concat(rows, ignore_index=True)
     io.write_csv(table, cfg.results / "cohort_summary.csv")
-    report.write_cohort_report(cfg, table, cfg.results / "cohort_report.html")
+    warnings = {}
+    for sample, row in zip(cfg.samples, rows):
+        stats_path = outputs(cfg, sample.sample_id)["unmixing_qc"].with_suffix(".json")
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        warnings[str(row["sample_id"].iloc[0])] = report.sample_warnings(row.iloc[0].to_dict(), stats, cfg)
+    report.write_cohort_report(cfg, table, cfg.results / "cohort_report.html", warnings)
 
 
 STEPS = {

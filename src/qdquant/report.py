@@ -307,6 +307,59 @@ def sample_warnings(summary: dict, stats: dict | None, cfg) -> list[str]:
     return out
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qdquant")
+    except Exception:  # not installed (run from a source tree)
+        from qdquant import __version__
+
+        return __version__
+
+
+def provenance(cfg, sample_id: str, paths: dict[str, Path]) -> list[tuple[str, str]]:
+    """What the numbers were made from: image, pixel size, library (refined or not), the
+    endmembers the fit used, qdquant's version and the date; rows of the report's table."""
+    import datetime
+
+    sample = cfg.sample(sample_id)
+    rows = [("image", str(sample.image))]
+    if sample.unstained is not None:
+        rows.append(("unstained control (autofluorescence)", str(sample.unstained)))
+    try:
+        rows.append(("pixel size (µm)", f"{io.read_pixel_size_um(paths['zarr']):g}"))
+    except Exception:  # an image without the scale: said, not fatal to the report
+        rows.append(("pixel size (µm)", "unknown"))
+    rows.append(("spectral library", str(cfg.raw.get("spectra", "–"))))
+    refinement = paths["unmixing_qc"].parent / "library_refinement.csv"
+    if refinement.is_file():
+        shifts = pd.read_csv(refinement)
+        kept = bool(shifts["kept"].iloc[0]) if len(shifts) else False
+        moved = shifts.loc[shifts["shift_nm"].abs() >= 0.05] if "shift_nm" in shifts else shifts.iloc[:0]
+        detail = ", ".join(f"{r.endmember} {r.shift_nm:+.1f} nm" for r in moved.itertuples()) or "no shift"
+        rows.append(("library refined on the slide",
+                     f"yes ({detail})" if kept else f"no: refinement did not lower the residual ({detail})"))
+    else:
+        rows.append(("library refined on the slide", "no (refine_library: false)"))
+    if paths["spectra_used"].is_file():
+        used = [c for c in pd.read_csv(paths["spectra_used"], nrows=0).columns if c != "wavelength_nm"]
+        added = [c for c in used if c not in cfg.library.names]
+        text = ", ".join(used)
+        if added:
+            text += f" ({', '.join(added)} added: autofluorescence found on the slide)"
+        af = cfg.panel_row(role="autofluorescence")
+        if af is not None and af.endmember in used:
+            source = ("the unstained control" if sample.unstained is not None else
+                      "the slide's stain-free pixels, where enough" if cfg.unmixing.autofluorescence == "slide"
+                      else "the library")
+            text += f"; {af.endmember} from {source}"
+        rows.append(("endmembers fitted (spectra_used.csv)", text))
+    rows += [("qdquant version", _version()),
+             ("report written", datetime.datetime.now().astimezone().isoformat(timespec="seconds"))]
+    return rows
+
+
 def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
     """Draw the per-sample QC figures and write the one-page ``report.html``."""
     qc = paths["report"].parent / "qc"
@@ -370,6 +423,10 @@ def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
     body += [f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows]
     body.append("</table><h2>Quality control</h2>")
     body += [_img_tag(p, alt) for p, alt in figures if Path(p).is_file()]
+    body.append('<h2>Provenance</h2><table id="provenance">')
+    body += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+             for k, v in provenance(cfg, sample_id, paths)]
+    body.append("</table>")
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qdquant {html.escape(sample_id)}</title>"
         f"<style>{_CSS}</style></head><body id='sample-{html.escape(sample_id)}'>{''.join(body)}</body></html>"
@@ -378,24 +435,47 @@ def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
         tmp.write_text(page, encoding="utf-8")
 
 
-def write_cohort_report(cfg, table: pd.DataFrame, path: Path) -> None:
-    """One row per sample, each linking to its own report."""
-    columns = [c for c in ("sample_id", "n_cells", "n_tumour_cells", "her2_score", "her2_category",
-                           "surrogate_subtype") if c in table.columns]
-    columns += [c for c in table.columns if c.endswith("_status")]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+def cohort_columns(cfg, table: pd.DataFrame) -> list[tuple[str, str]]:
+    """The cohort page's columns: (summary column, heading), those the table has."""
+    columns = [("sample_id", "sample"), ("n_cells", "cells"), ("n_tumour_cells", "tumour cells")]
+    if cfg.her2 is not None:
+        columns += [(f"her2_pct_{k}", f"HER2 {k.replace('plus', '+')} (%)") for k in ("0", "1plus", "2plus", "3plus")]
+        columns += [("her2_score", "HER2 score"), ("her2_category", "HER2 category")]
+    for row in cfg.scored:
+        m = row.marker
+        columns.append((f"{m}_pct_positive", f"{m} % positive"))
+        if row.score == "hscore":
+            columns.append((f"{m}_hscore", f"{m} H-score"))
+        elif row.score == "allred":
+            columns.append((f"{m}_allred", f"{m} Allred"))
+        columns.append((f"{m}_status", f"{m} status"))
+    columns.append(("surrogate_subtype", "surrogate subtype"))
+    return [(c, h) for c, h in columns if c in table.columns]
+
+
+def write_cohort_report(cfg, table: pd.DataFrame, path: Path, warnings: dict[str, list[str]] | None = None) -> None:
+    """One row per sample, each linking to its own report: HER2 class percentages, score and
+    category, each scored marker's % positive, H-score or Allred and status, and the sample's
+    warnings (``warnings``: sample id -> :func:`sample_warnings`)."""
+    warnings = warnings or {}
+    columns = cohort_columns(cfg, table)
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns) + "<th>warnings</th>"
     rows = []
     for _, rec in table.iterrows():
         cells = []
-        for c in columns:
+        for c, _ in columns:
             value = _fmt(rec[c])
             if c == "sample_id":
                 value = f'<a href="{html.escape(str(rec[c]))}/report.html">{value}</a>'
             cells.append(f"<td>{value}</td>")
-        rows.append(f"<tr>{''.join(cells)}</tr>")
+        notes = warnings.get(str(rec["sample_id"]), [])
+        cells.append(f"<td class='warnings'>{'<br>'.join('⚠ ' + html.escape(w) for w in notes)}</td>")
+        rows.append(f"<tr id='cohort-{html.escape(str(rec['sample_id']))}'>{''.join(cells)}</tr>")
+    population = "tumour cells" if cfg.tumour is not None else "all cells"
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qdquant cohort</title><style>{_CSS}</style>"
-        f"</head><body><h1>qdquant cohort report</h1><p>{len(table)} samples</p>"
+        f"</head><body><h1>qdquant cohort report</h1><p>{len(table)} samples; percentages and scores over "
+        f"{population}; qdquant {html.escape(_version())}</p>"
         f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>"
     )
     with io.atomic_path(path) as tmp:

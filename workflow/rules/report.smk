@@ -3,6 +3,7 @@ rule report:
         cells=f"{RESULTS}/{{sample}}/cells.csv",
         summary=f"{RESULTS}/{{sample}}/summary.csv",
         qc=[f"{RESULTS}/{{sample}}/qc/unmixing.png", f"{RESULTS}/{{sample}}/qc/segmentation.png"],
+        spectra=f"{RESULTS}/{{sample}}/spectra_used.csv",  # named on the page (provenance)
     output:
         report(f"{RESULTS}/{{sample}}/report.html", category="Samples", labels={"sample": "{sample}"}),
     params:
@@ -21,7 +22,7 @@ rule cohort:
         expand(f"{RESULTS}/{{sample}}/report.html", sample=SAMPLES),
     output:
         summary=f"{RESULTS}/cohort_summary.csv",
-        report=f"{RESULTS}/cohort_report.html",
+        report=report(f"{RESULTS}/cohort_report.html", category="Cohort", labels={"page": "cohort report"}),
     params:
         settings=settings("cohort"),
     log:

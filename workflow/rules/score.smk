@@ -3,7 +3,8 @@ rule calibrate:
         expand(f"{RESULTS}/{{sample}}/measurements.csv", sample=CONTROLS),
     output:
         f"{RESULTS}/calibration/her2_thresholds.csv",
-        f"{RESULTS}/calibration/her2_thresholds.png",
+        report(f"{RESULTS}/calibration/her2_thresholds.png", category="QC", subcategory="calibration",
+               labels={"figure": "HER2 calibration on control slides"}),
     params:
         settings=settings("calibrate"),
     log:

@@ -5,7 +5,8 @@ rule segment:
     input:
         zarr=f"{RESULTS}/{{sample}}/unmixed.ome.zarr",
     output:
-        qc=f"{RESULTS}/{{sample}}/qc/segmentation.png",
+        qc=report(f"{RESULTS}/{{sample}}/qc/segmentation.png", category="QC", subcategory="segmentation",
+                  labels={"sample": "{sample}", "figure": "segmentation overlay"}),
         nucleus_size=f"{RESULTS}/{{sample}}/qc/nucleus_size.csv",
     params:
         settings=settings("segment"),

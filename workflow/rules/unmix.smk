@@ -6,7 +6,8 @@ rule unmix:
     output:
         zarr=directory(f"{RESULTS}/{{sample}}/unmixed.ome.zarr"),
         spectra=f"{RESULTS}/{{sample}}/spectra_used.csv",
-        qc=f"{RESULTS}/{{sample}}/qc/unmixing.png",
+        qc=report(f"{RESULTS}/{{sample}}/qc/unmixing.png", category="QC", subcategory="unmixing",
+                  labels={"sample": "{sample}", "figure": "unmixing fit and residual"}),
     params:
         settings=settings("unmix"),
         sample=sample_settings,
