@@ -241,4 +241,25 @@ def test_a_corrupt_tile_is_one_line_naming_the_file_and_tile(tmp_path, damage):
         with io.open_cube(path, chunk_size=128) as opened:
             opened.data.compute()
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"{path}: cannot decode the image data at band 7, Y 192-255, X 192-255")
+    # a file cut short is caught from its header, before any pixel is decoded
+    expected = ("cannot decode the image data at band 7, Y 192-255, X 192-255" if damage == "garbled"
+                else "truncated: the image data of band 7 runs to byte")
+    assert "\n" not in message and message.startswith(f"{path}: {expected}"), message
+
+
+@pytest.mark.parametrize("cut", ["inside the tile data", "between pages"])
+def test_a_truncated_tiff_is_caught_from_its_header(tmp_path, cut):
+    path = tmp_path / "slide.ome.tif"
+    cube = np.random.default_rng(0).integers(0, 4000, (6, 128, 128), dtype=np.uint16)
+    tifffile.imwrite(path, cube, ome=True, tile=(64, 64), metadata={"axes": "CYX"})
+    data = path.read_bytes()
+    with tifffile.TiffFile(path) as tif:
+        pages = tif.series[0].pages
+        fourth = pages[3]
+        end_of_third = max(o + n for o, n in zip(pages[2].dataoffsets, pages[2].databytecounts))
+        start_of_fourth = min(min(fourth.dataoffsets), fourth.offset)
+    # cut inside band 3's tiles, or just after band 2's data (the next page's header is gone)
+    keep = (min(fourth.dataoffsets) + 100) if cut == "inside the tile data" else max(end_of_third, start_of_fourth)
+    path.write_bytes(data[:keep])
+    with pytest.raises(InputError, match=r"slide.ome.tif: truncated"):
+        io.read_cube_header(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -124,6 +125,45 @@ def _why_not_a_file(path: Path) -> str:
     return "is not a regular file (a device, socket or pipe), not an image file"
 
 
+@contextlib.contextmanager
+def _tifffile_errors():
+    """The messages tifffile logs as errors meanwhile (it logs a damaged structure and goes on)."""
+    import logging
+
+    messages = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = _Collect(level=logging.ERROR)
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _check_complete(path: Path, tif, series, shape) -> None:
+    """A clear error for a file cut short: image data past its end, or fewer bands than its
+    OME metadata declares (a cut between pages). Reads offsets only, no pixel data."""
+    size = path.stat().st_size
+    for band, page in enumerate(series.levels[0].pages):
+        if page is None or not hasattr(page, "dataoffsets"):
+            continue
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        if ends and max(ends) > size:
+            raise InputError(f"{path}: truncated: the image data of band {band} runs to byte {max(ends):,} "
+                             f"of a {size:,}-byte file")
+    if tif.ome_metadata:
+        declared = re.search(r'<Pixels[^>]*\bSizeC="(\d+)"', tif.ome_metadata)
+        bands = 1 if _band_axis_last(series.axes) else shape[0]
+        if declared and int(declared.group(1)) > bands and not _band_axis_last(series.axes):
+            raise InputError(f"{path}: truncated or incomplete: its OME metadata declares "
+                             f"{declared.group(1)} bands, the file holds {bands}")
+
+
 def read_cube_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, float | None]:
     """Shape (C, Y, X), dtype and pixel size of an image's level 0, reading only metadata.
 
@@ -139,12 +179,18 @@ def read_cube_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype
     if not path.is_file():
         raise InputError(f"{path}: {_why_not_a_file(path)}")
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tifffile_errors() as damage, tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             shape, dtype = tuple(series.levels[0].shape), np.dtype(series.dtype)
             if _band_axis_last(series.axes):
                 shape = (shape[2], shape[0], shape[1])
             pixel_size = _ome_pixel_size_um(tif.ome_metadata)
+            _check_complete(path, tif, series, shape)
+        offsets = [m for m in damage if "offset" in m]
+        if offsets:  # tifffile skips what points past the end and reads on: fewer bands, no metadata
+            raise InputError(f"{path}: truncated or damaged: {offsets[0]}")
+    except InputError:
+        raise
     except (tifffile.TiffFileError, ValueError, IndexError, OSError, KeyError) as exc:
         raise InputError(f"{path}: not a readable TIFF ({exc})") from None
     if len(shape) != 3:
