@@ -639,7 +639,8 @@ def report_sample(cfg: Config, sample_id: str) -> None:
 
 
 def cohort(cfg: Config) -> None:
-    """``cohort_summary.csv`` (every sample's summary row) and ``cohort_report.html``."""
+    """``cohort_summary.csv`` (every sample's summary row), ``cohort_report.html`` and the run's
+    ``provenance/params.yml``."""
     from qdquant import report
 
     rows = [io.read_csv(outputs(cfg, s.sample_id)["summary"], "summary") for s in cfg.samples]
@@ -651,6 +652,23 @@ def cohort(cfg: Config) -> None:
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         warnings[str(row["sample_id"].iloc[0])] = report.sample_warnings(row.iloc[0].to_dict(), stats, cfg)
     report.write_cohort_report(cfg, table, cfg.results / "cohort_report.html", warnings)
+    write_provenance(cfg)
+
+
+def provenance_path(cfg: Config) -> Path:
+    return cfg.results / "provenance" / "params.yml"
+
+
+def write_provenance(cfg: Config) -> None:
+    """``{results}/provenance/params.yml``: resolved config, thresholds and library used per sample,
+    versions and input checksums (:func:`qdquant.provenance.run_record`)."""
+    import yaml
+
+    from qdquant import provenance
+
+    record = provenance.run_record(cfg, outputs)
+    with io.atomic_path(provenance_path(cfg)) as tmp:
+        tmp.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 STEPS = {

@@ -23,6 +23,7 @@ rule cohort:
     output:
         summary=f"{RESULTS}/cohort_summary.csv",
         report=report(f"{RESULTS}/cohort_report.html", category="Cohort", labels={"page": "cohort report"}),
+        provenance=f"{RESULTS}/provenance/params.yml",
     params:
         settings=settings("cohort"),
     log:

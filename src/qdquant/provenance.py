@@ -1,0 +1,118 @@
+"""What a run did: the record written to ``{results}/provenance/params.yml``.
+
+Resolved config, the thresholds used, the library used per sample, package
+versions and checksums of every input, so that a cohort's numbers can be
+traced to exactly what produced them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+#: Inputs up to this size are hashed whole; larger ones (whole slides) by their size and their
+#: first and last PARTIAL_BYTES, which any rescan, re-export or truncation changes, in a second.
+WHOLE_HASH_BYTES = 256 * 2**20
+PARTIAL_BYTES = 32 * 2**20
+PACKAGES = ("qdquant", "numpy", "scipy", "scikit-image", "tifffile", "imagecodecs", "dask", "zarr", "ome-zarr",
+            "pandas", "numba", "snakemake")
+
+
+def checksum(path: str | Path) -> dict:
+    """SHA-256 of a file (whole, or size + first and last PARTIAL_BYTES for a large one).
+
+    Returns
+    -------
+    dict
+        ``path``, ``bytes``, ``sha256`` and ``method`` (``whole`` or ``head+tail``).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        if size <= WHOLE_HASH_BYTES:
+            for block in iter(lambda: fh.read(2**20), b""):
+                digest.update(block)
+            method = "whole"
+        else:
+            digest.update(str(size).encode())
+            digest.update(fh.read(PARTIAL_BYTES))
+            fh.seek(size - PARTIAL_BYTES)
+            digest.update(fh.read(PARTIAL_BYTES))
+            method = f"size+first+last {PARTIAL_BYTES // 2**20} MiB"
+    return {"path": str(path), "bytes": size, "sha256": digest.hexdigest(), "method": method}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def run_record(cfg, outputs) -> dict:
+    """The provenance of a finished run, as plain data for YAML.
+
+    Parameters
+    ----------
+    cfg : qdquant.config.Config
+    outputs : callable
+        ``outputs(cfg, sample_id)`` -> dict of the sample's output paths
+        (:func:`qdquant.pipeline.outputs`).
+    """
+    samples = {}
+    for sample in cfg.samples:
+        out = outputs(cfg, sample.sample_id)
+        summary = pd.read_csv(out["summary"]).iloc[0].to_dict() if out["summary"].is_file() else {}
+        library = pd.read_csv(out["spectra_used"]) if out["spectra_used"].is_file() else None
+        refinement = out["unmixing_qc"].parent / "library_refinement.csv"
+        nucleus = out.get("nucleus_size")
+        samples[sample.sample_id] = {
+            "image": checksum(sample.image),
+            **({"unstained": checksum(sample.unstained)} if sample.unstained is not None else {}),
+            "library_used": {
+                "file": checksum(out["spectra_used"]) if library is not None else None,
+                "endmembers": [] if library is None else [c for c in library.columns if c != "wavelength_nm"],
+                "refinement_shifts_nm": (
+                    pd.read_csv(refinement).set_index("endmember")["shift_nm"].round(3).to_dict()
+                    if refinement.is_file() else None),
+            },
+            "nucleus_diameter_um": (pd.read_csv(nucleus).iloc[0]["used_um"].item()
+                                    if nucleus is not None and Path(nucleus).is_file() else None),
+            "thresholds_used": {k: _plain(v) for k, v in summary.items()
+                                if k.startswith("her2_t_") or k in ("her2_thresholds_source", "tumour_threshold")},
+        }
+    return {
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": _plain(cfg.raw),
+        "inputs": {"config": [checksum(p) for p in _config_files(cfg)],
+                   "samples": checksum(cfg.raw["samples"]), "spectra": checksum(cfg.raw["spectra"]),
+                   "panel": checksum(cfg.raw["panel"])},
+        "samples": samples,
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+    }
+
+
+def _config_files(cfg) -> list[Path]:
+    files = [Path(part.strip()) for part in str(cfg.source).split(" + ")]
+    return [f for f in files if f.is_file()]
+
+
+def _plain(value):
+    """Numbers, strings, lists and dicts only (YAML without Python tags)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
