@@ -253,8 +253,8 @@ def test_snakemake_report_registers_the_qc_figures_and_the_cohort_page(tmp_path,
         workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=repo / "workflow" / "Snakefile",
                                 workdir=tmp_path)._workflow
         flagged = {Path(str(f)).name for rule in workflow.rules for f in rule.output if is_flagged(f, "report")}
-    assert {"unmixing.png", "segmentation.png", "her2_thresholds.png", "report.html",
-            "cohort_report.html"} <= flagged
+    assert {"unmixing.png", "segmentation.png", "her2_thresholds.png", "report.html", "cohort_report.html",
+            "her2_class_map.png", "her2_intensity_histogram.png", "her2_completeness_vs_intensity.png"} <= flagged
 
 
 def test_the_run_records_its_provenance(tiny_project):

@@ -230,8 +230,8 @@ def _class_map(cells: pd.DataFrame, background, path: Path, *, column: str, colo
 def _her2_figures(cells: pd.DataFrame, marker: str, thresholds: dict, complete_fraction: float, qc: Path) -> list[Path]:
     hist, scatter = qc / "her2_intensity_histogram.png", qc / "her2_completeness_vs_intensity.png"
     fig, ax = plt.subplots(figsize=(7, 4))
-    values = cells["her2_membrane_intensity"].to_numpy()
-    ring_mean = cells[f"{marker}_membrane_mean"].to_numpy()
+    values = cells["her2_membrane_intensity"].to_numpy(dtype=float)
+    ring_mean = cells[f"{marker}_membrane_mean"].to_numpy(dtype=float)
     bins = np.linspace(0, np.log10(1 + max(np.nanmax(ring_mean, initial=1), max(thresholds.values()) * 2)), 60)
     ax.hist(np.log10(1 + ring_mean[np.isfinite(ring_mean)]), bins=bins, color="0.6", label="membrane ring mean")
     ax.hist(np.log10(1 + values[values > 0]), bins=bins, histtype="step", color="k",
@@ -360,6 +360,12 @@ def provenance(cfg, sample_id: str, paths: dict[str, Path]) -> list[tuple[str, s
     return rows
 
 
+def report_figures(cfg) -> list[str]:
+    """The QC figures (``qc/{name}.png``) the report step draws for this config, by name."""
+    names = ["her2_class_map", "her2_intensity_histogram", "her2_completeness_vs_intensity"] if cfg.her2 else []
+    return names + (["tumour_gate_map"] if cfg.tumour is not None else [])
+
+
 def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
     """Draw the per-sample QC figures and write the one-page ``report.html``."""
     qc = paths["report"].parent / "qc"
@@ -379,7 +385,8 @@ def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
 
     figures = [(paths["unmixing_qc"], "unmixing: library, mean spectrum and fit, residual map"),
                (paths["segmentation_qc"], "segmentation: nuclei and cell outlines")]
-    if cfg.her2 is not None and len(cells):
+    # drawn even for a sample without cells (empty figures): the workflow declares them as outputs
+    if cfg.her2 is not None:
         class_map = qc / "her2_class_map.png"
         _class_map(cells, nuclear, class_map, column="her2_class", colours=CLASS_COLOURS,
                    title="HER2 class per cell")
@@ -387,7 +394,7 @@ def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
         hist, scatter = _her2_figures(cells, cfg.her2.marker, thresholds, cfg.her2.complete_fraction, qc)
         figures[:0] = [(class_map, "HER2 class map"), (hist, "HER2 membrane intensity with thresholds"),
                        (scatter, "completeness vs intensity, coloured by class")]
-    if cfg.tumour is not None and len(cells):
+    if cfg.tumour is not None:
         gate = qc / "tumour_gate_map.png"
         _class_map(cells, nuclear, gate, column="is_tumour", colours={"True": "#d73027", "False": "#4575b4"},
                    title=f"tumour gate on {cfg.tumour.marker} (threshold {summary['tumour_threshold']:.1f})")

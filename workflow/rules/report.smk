@@ -1,3 +1,6 @@
+from qdquant.report import report_figures
+
+
 rule report:
     input:
         cells=f"{RESULTS}/{{sample}}/cells.csv",
@@ -5,7 +8,11 @@ rule report:
         qc=[f"{RESULTS}/{{sample}}/qc/unmixing.png", f"{RESULTS}/{{sample}}/qc/segmentation.png"],
         spectra=f"{RESULTS}/{{sample}}/spectra_used.csv",  # named on the page (provenance)
     output:
-        report(f"{RESULTS}/{{sample}}/report.html", category="Samples", labels={"sample": "{sample}"}),
+        page=report(f"{RESULTS}/{{sample}}/report.html", category="Samples", labels={"sample": "{sample}"}),
+        figures=[
+            report(f"{RESULTS}/{{sample}}/qc/{name}.png", category="QC", labels={"sample": "{sample}", "figure": name})
+            for name in report_figures(CFG)
+        ],
     params:
         settings=settings("report"),
     log:
