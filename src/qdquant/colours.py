@@ -57,7 +57,9 @@ def channel_colours(spectra, wavelengths_nm) -> list[str]:
     list of K str
         ``RRGGBB`` hex colours.
     """
+    from qdquant.unmixing import flat_columns
+
     a = np.asarray(spectra, dtype=np.float64)
     wl = np.asarray(wavelengths_nm, dtype=np.float64)
-    flat = np.ptp(a, axis=0) <= 1e-9 * np.abs(a).max(axis=0)
+    flat = flat_columns(a)
     return ["808080" if f else emission_colour(wl[np.argmax(a[:, k])]) for k, f in enumerate(flat)]

@@ -20,6 +20,7 @@ from scipy.optimize import nnls
 from scipy.stats import trim_mean
 
 from qdquant.errors import InputError
+from qdquant.unmixing import evenly_spaced
 
 __all__ = ["DarkOffset", "estimate_dark_offset", "library_explains"]
 
@@ -62,7 +63,7 @@ def _blocks(cube, max_pixels: int, max_blocks: int):
     c, h, w = cube.shape
     if isinstance(cube, da.Array):
         nby, nbx = cube.numblocks[1], cube.numblocks[2]
-        picks = np.unique(np.linspace(0, nby * nbx - 1, min(max_blocks, nby * nbx)).round().astype(int))
+        picks = evenly_spaced(nby * nbx, max_blocks)
         per_block = max(1, max_pixels // picks.size)
         parts = []
         for p in picks:

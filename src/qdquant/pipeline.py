@@ -266,7 +266,7 @@ def _with_flat_endmember(library):
     the same whether or not the user's library has one.
     """
     spectra = library.spectra
-    if (np.ptp(spectra, axis=0) <= 1e-9 * np.abs(spectra).max(axis=0)).any():
+    if unmixing.flat_columns(spectra).any():
         return library
     name = "Offset" if "Offset" not in library.names else "Offset_flat"
     log.info("the library has no flat endmember: '%s' (all ones) is added to the fit", name)

@@ -57,6 +57,7 @@ __all__ = [
     "apply_gain",
     "check_library",
     "estimate_offset",
+    "flat_columns",
     "refine_library",
     "unmix",
 ]
@@ -2564,6 +2565,12 @@ def _raise_if_overflows(cube):
         ) from None
 
 
+def flat_columns(spectra):
+    """(K,) bool: the columns of a (C, K) library that are flat (a dark offset, not an emitter)."""
+    a = np.asarray(spectra, dtype=np.float64)
+    return np.ptp(a, axis=0) <= 1e-9 * np.abs(a).max(axis=0)
+
+
 def evenly_spaced(n, count):
     """``count`` (at most ``n``) evenly spaced indices of ``0 .. n - 1``, first and last included."""
     return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
@@ -2930,7 +2937,7 @@ def refine_library(
     if offset is not None:
         b = b - offset[:, None]
     pixels = np.ascontiguousarray(b.T)  # pixel-major: the pixels of a fit are gathered as rows
-    flat = np.ptp(a0, axis=0) <= 1e-9 * a0.max(axis=0)
+    flat = flat_columns(a0)
     shift, widen = np.zeros(k), np.ones(k)
     at_bound = np.zeros(k, dtype=bool)
     a = a0.copy()
