@@ -59,7 +59,9 @@ def test_schema_accepts_dask_section(section):
 
 
 def test_schema_fills_dask_defaults():
-    assert validate_config_dict(MINIMAL)["dask"] == {"scheduler": "threads", "num_workers": None}
+    dask = validate_config_dict(MINIMAL)["dask"]
+    assert dask["scheduler"] == "threads" and dask["num_workers"] is None and dask["cluster"] is None
+    assert dask["slurm"]["jobs"] == 2 and dask["slurm"]["memory"] == "16GB"
 
 
 @pytest.mark.parametrize(
@@ -315,3 +317,25 @@ def test_step_with_little_memory_uses_smaller_chunks_and_same_outputs(small_slid
     clean = (tables["tight"]["n_flagged_px"] == 0) & (tables["plain"]["n_flagged_px"] == 0)
     assert clean.mean() > 0.9
     np.testing.assert_allclose(tables["tight"].loc[clean, "HER2"], tables["plain"].loc[clean, "HER2"], rtol=1e-6)
+
+
+def test_slurm_cluster_settings_are_validated(tiny_project):
+    cfg = _with_dask(tiny_project, cluster="slurm", slurm={"jobs": 3, "queue": "gpu"})
+    assert cfg.dask.cluster == "slurm"
+    assert cfg.dask.slurm["jobs"] == 3 and cfg.dask.slurm["queue"] == "gpu" and cfg.dask.slurm["cores"] == 4
+    for section, words in [({"cluster": "pbs"}, ["dask.cluster", "pbs"]),
+                           ({"cluster": "slurm", "scheduler": "tcp://h:8786"}, ["dask.cluster", "dask.scheduler"]),
+                           ({"cluster": "slurm", "slurm": {"memory": "lots"}}, ["dask.slurm.memory"]),
+                           ({"slurm": {"jobs": 2}}, ["dask.slurm", "dask.cluster: slurm"])]:
+        with pytest.raises(InputError) as e:
+            _with_dask(tiny_project, **section)
+        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), (section, str(e.value))
+
+
+def test_slurm_cluster_without_dask_jobqueue_is_a_one_line_error(tiny_project, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # import dask_jobqueue -> ImportError
+    cfg = _with_dask(tiny_project, cluster="slurm")
+    with pytest.raises(InputError) as e:
+        with dask_scheduler(cfg):
+            pass
+    assert "\n" not in str(e.value) and "dask.cluster" in str(e.value) and "qdquant[distributed]" in str(e.value)

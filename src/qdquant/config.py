@@ -115,6 +115,8 @@ class Dask:
 
     scheduler: str = "threads"  # threads | processes | synchronous | a dask.distributed address
     num_workers: int | None = None  # None: the rule's threads (--threads), else dask's default
+    cluster: str | None = None  # "slurm": a dask-jobqueue SLURMCluster per step
+    slurm: dict = field(default_factory=dict)  # its worker jobs (schema: dask.slurm), defaults filled in
 
 
 @dataclass(frozen=True)
@@ -414,6 +416,19 @@ def read_panel(path: str | Path, library: Library) -> tuple[PanelRow, ...]:
 # the whole configuration
 
 
+def _dask_settings(section: dict, given: dict, source: str) -> Dask:
+    """The ``dask`` section (defaults filled in); a cluster and a scheduler address together are an error."""
+    if section.get("cluster") is not None and "scheduler" in given and section["scheduler"] != "threads":
+        raise InputError(
+            f"{source}: key 'dask.cluster': '{section['cluster']}' starts its own cluster; remove"
+            f" 'dask.scheduler' ('{section['scheduler']}') or the cluster"
+        )
+    if given.get("slurm") and section.get("cluster") != "slurm":
+        raise InputError(f"{source}: key 'dask.slurm' needs 'dask.cluster: slurm'")
+    # the worker jobs' settings only where they are used (so a default section compares equal)
+    return Dask(**{**section, "slurm": section.get("slurm", {}) if section.get("cluster") == "slurm" else {}})
+
+
 def load_config(
     config: str | Path | dict | list,
     *,
@@ -505,7 +520,7 @@ def load_config(
         illumination=cfg["illumination"],
         tumour=tumour,
         subtype=subtype,
-        dask=Dask(**cfg["dask"]),
+        dask=_dask_settings(cfg["dask"], raw.get("dask") or {}, source),
         source=source,
         raw=cfg,
     )

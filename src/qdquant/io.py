@@ -246,12 +246,15 @@ class _TiffLevel0:
     """Level 0 of a TIFF's first series, read through tifffile's zarr store, as a picklable array.
 
     A copy sent to another process (dask's ``processes`` scheduler, a
-    ``dask.distributed`` worker) reopens the file there by its path on its
-    first read, so a lazily read cube can be computed anywhere the path is.
+    ``dask.distributed`` worker) reopens the file there by its absolute path
+    on its first read (a worker's working directory is not the step's), so a
+    lazily read cube can be computed anywhere the path is; errors name the
+    path as it was given.
     """
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.shown = str(path)
+        self.path = Path(path).absolute()
         self.__setstate__({"path": self.path})
         array = self._open()
         self.shape, self.dtype, self.ndim, self.chunks = array.shape, array.dtype, array.ndim, array.chunks
@@ -271,7 +274,7 @@ class _TiffLevel0:
             # a codec's error (imagecodecs.DeflateError, ...) on a corrupt or truncated tile:
             # one line naming the file and the pixels being read
             raise InputError(
-                f"{self.path}: cannot decode the image data at {_describe_key(key, self.axes)}"
+                f"{self.shown}: cannot decode the image data at {_describe_key(key, self.axes)}"
                 f" (corrupt or truncated file: {type(exc).__name__}: {exc})"
             ) from None
 
@@ -374,7 +377,7 @@ def atomic_path(path: str | os.PathLike):
     left as it was, so a failed step leaves nothing half-written; what a
     killed step left (a ``.{name}.tmp-*`` sibling) is removed first.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # dask tasks may write into it from another working directory
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
     stem = path.name.removesuffix(suffix)
@@ -482,7 +485,7 @@ def read_ome_zarr(path: str | os.PathLike) -> tuple[da.Array, list[str]]:
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: OME-Zarr not found")
-    root = zarr.open_group(str(path), mode="r")
+    root = zarr.open_group(str(path.absolute()), mode="r")  # absolute: read by workers elsewhere
     names = [c["label"] for c in root.attrs["omero"]["channels"]]
     return da.from_zarr(root[_first_dataset(root)]), names
 
@@ -509,7 +512,7 @@ def write_labels(
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_label_metadata, write_multiscale
 
-    zarr_path = Path(zarr_path)
+    zarr_path = Path(zarr_path).absolute()  # dask tasks write here, maybe from another directory
     root = zarr.open_group(str(zarr_path), mode="r+")
     # Label images are built beside the store, not in it, and moved in when complete; what a
     # killed step left there (or, from older versions, inside labels/) goes first.
@@ -517,7 +520,7 @@ def write_labels(
     _remove_stale(zarr_path / "labels", ".*.tmp-*")
     building = zarr_path.parent / f".{zarr_path.name}.labels-tmp-{uuid.uuid4().hex[:8]}"
     building_root = zarr.open_group(str(building), mode="w", zarr_format=2)
-    staging = tempfile.TemporaryDirectory(prefix="qdquant-labels-")
+    staging = scratch_dir(zarr_path.parent, prefix="qdquant-labels-")
     try:
         staged = {}
         for name, image in labels.items():
@@ -569,6 +572,33 @@ def write_labels(
         group.attrs["labels"] = known
 
 
+def on_distributed_cluster() -> bool:
+    """Whether dask computes on a ``dask.distributed`` cluster here (its client is the scheduler)."""
+    import dask.base
+
+    try:
+        from distributed import Client
+    except ImportError:
+        return False
+    return isinstance(getattr(dask.base.get_scheduler(), "__self__", None), Client)
+
+
+def scratch_dir(near: str | os.PathLike, *, prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary directory that dask tasks write to and read back from.
+
+    On local disk (``$TMPDIR``) with the local schedulers; beside ``near``
+    (an output's folder, on the filesystem the cluster shares) when the
+    tasks run on a ``dask.distributed`` cluster, whose workers may sit on
+    other nodes, where the client's ``$TMPDIR`` is not theirs. The path is
+    absolute either way. Use it as a context manager, or call ``cleanup()``.
+    """
+    if not on_distributed_cluster():
+        return tempfile.TemporaryDirectory(prefix=prefix)
+    near = Path(near).absolute()
+    near.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".{prefix}", dir=near)
+
+
 def _remove_stale(folder: Path, pattern: str) -> None:
     """Remove what matches ``pattern`` in ``folder``: temporary files or folders of a killed step."""
     for stale in Path(folder).glob(pattern) if Path(folder).is_dir() else ():
@@ -583,7 +613,7 @@ def read_labels(zarr_path: str | os.PathLike, name: str) -> da.Array:
     path = Path(zarr_path) / "labels" / name
     if not path.is_dir():
         raise InputError(f"{path}: label image not found (run the segment step first)")
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(str(path.absolute()), mode="r")  # absolute: read by workers elsewhere
     return da.from_zarr(group[_first_dataset(group)])
 
 

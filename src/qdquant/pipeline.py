@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -391,8 +390,9 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
         expansion = CELL_EXPANSION_PER_NUCLEUS * used
         log.info("%s: cells may grow %.1f um (%.1f x the nucleus diameter; cell_expansion_um %s)", sample_id,
                  expansion, CELL_EXPANSION_PER_NUCLEUS, seg.cell_expansion_um)
-    # Tiles wait for their neighbours on local disk ($TMPDIR), not in memory.
-    with tempfile.TemporaryDirectory(prefix="qdquant-segment-") as scratch:
+    # Tiles wait for their neighbours on disk, not in memory: local disk ($TMPDIR), or beside
+    # the outputs where the tasks run on a dask.distributed cluster (io.scratch_dir).
+    with io.scratch_dir(out["zarr"].parent, prefix="qdquant-segment-") as scratch:
         nuclei, cells = segmentation.segment_chunked(
             nuclear,
             membrane,

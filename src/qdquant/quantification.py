@@ -35,18 +35,24 @@ def _blocks(shape: tuple[int, int], block: int, halo: int) -> Iterator[tuple[tup
             )
 
 
-def _per_block(func, shape: tuple[int, int], block: int, halo: int) -> Iterator:
-    """``func(padded, core)`` on every block, results yielded in block order.
+def _per_block(func, shape: tuple[int, int], block: int, halo: int, *arrays) -> Iterator:
+    """``func(padded, core, *blocks)`` on every block, results yielded in block order.
 
-    Blocks run on dask's threads a few at a time, so only a batch of results
-    is alive at once when the caller folds them in as they come.
+    ``blocks`` are the padded block of each of ``arrays`` (numpy or dask,
+    sliced on their last two axes; None stays None), read by the task
+    itself. Blocks run on the current dask scheduler (local threads or
+    processes, or the workers of a ``dask.distributed`` cluster) a few at a
+    time, so only a batch of results is alive at once when the caller folds
+    them in as they come.
     """
     batch = 2 * max(dask.config.get("num_workers", None) or os.cpu_count() or 1, 1)
     blocks = list(_blocks(shape, block, halo))
+    task = dask.delayed(func, pure=True)
     for start in range(0, len(blocks), batch):
-        yield from dask.compute(
-            *[dask.delayed(func)(p, c) for p, c in blocks[start : start + batch]], scheduler="threads"
-        )
+        yield from dask.compute(*[
+            task(p, c, *[None if a is None else a[(Ellipsis, *p)] for a in arrays])
+            for p, c in blocks[start : start + batch]
+        ])
 
 
 def _check_inputs(cells, nuclei, abundances, names) -> None:
@@ -159,15 +165,15 @@ def measure_cells(
     names = list(names)
     halo = int(np.ceil(membrane_width_px))
 
-    def one(padded, core):
-        f = None if flagged is None else np.asarray(flagged[padded], dtype=bool)
-        cell_block, nucleus_block = np.asarray(cells[padded]), np.asarray(nuclei[padded])
+    def one(padded, core, cell_block, nucleus_block, values, f):
+        f = None if f is None else np.asarray(f, dtype=bool)
+        cell_block, nucleus_block = np.asarray(cell_block), np.asarray(nucleus_block)
         for what, block in (("cells", cell_block), ("nuclei", nucleus_block)):
             if block.size and block.min() < 0:
                 y, x = np.unravel_index(np.argmin(block), block.shape)
                 raise InputError(f"{what} labels must be >= 0 (0 = background), got {block.min()} at "
                                  f"y {padded[0].start + y}, x {padded[1].start + x}")
-        values = np.asarray(abundances[(slice(None), *padded)])
+        values = np.asarray(values)
         if values.dtype.kind == "f" and values.dtype.itemsize > 4 and values.size:
             big = np.abs(values) > np.finfo(np.float32).max
             if big.any():  # the sums are float32 per block: say so rather than measure inf
@@ -188,7 +194,8 @@ def measure_cells(
         geometry[:, 2] += n * (padded[1].start + core[1].start)
         return ids, geometry, sums
 
-    parts = [p for p in _per_block(one, cells.shape, block_size, halo) if len(p[0])]
+    parts = [p for p in _per_block(one, cells.shape, block_size, halo, cells, nuclei, abundances, flagged)
+             if len(p[0])]
     columns = ["CellID", "X_centroid", "Y_centroid", "X_um", "Y_um", "Area", "NucleusArea", "n_flagged_px"]
     columns += names + [f"{m}_{c}_mean" for m in names for c in COMPARTMENTS]
     if not parts:
@@ -272,12 +279,12 @@ def membrane_sectors(
         raise InputError(f"centroids_yx must be ({n}, 2), got {centroids_yx.shape}")
     halo = int(np.ceil(membrane_width_px))
 
-    def one(padded, core):
-        lab = np.asarray(cells[padded])
+    def one(padded, core, lab, v, f):
+        lab = np.asarray(lab)
         ring = membrane_ring(lab, membrane_width_px)[core]
         lab = lab[core]
-        if flagged is not None:
-            ring &= ~np.asarray(flagged[padded], dtype=bool)[core]
+        if f is not None:
+            ring &= ~np.asarray(f, dtype=bool)[core]
         pos = np.searchsorted(cell_ids, lab[ring])
         known = (pos < n) & (cell_ids[np.minimum(pos, n - 1)] == lab[ring])
         ys, xs = np.nonzero(ring)
@@ -288,13 +295,13 @@ def membrane_sectors(
         sector = np.minimum((angle * sectors / (2 * np.pi)).astype(np.int64), sectors - 1)
         # Sums over this block's cells only, so that a result's size does not grow with the slide.
         index, inv = np.unique(pos * sectors + sector, return_inverse=True)
-        v = np.asarray(values[padded], dtype=np.float64)[core][ring][known]
+        v = np.asarray(v, dtype=np.float64)[core][ring][known]
         return index, np.bincount(inv, weights=v, minlength=len(index)), np.bincount(inv, minlength=len(index))
 
     sums = np.zeros(n * sectors)
     npx = np.zeros(n * sectors, dtype=np.int32)  # a ring sector holds far fewer than 2**31 pixels
     if n:
-        for index, s, c in _per_block(one, cells.shape, block_size, halo):
+        for index, s, c in _per_block(one, cells.shape, block_size, halo, cells, values, flagged):
             sums[index] += s  # indices are unique within a block
             npx[index] += c
     return sums.reshape(n, sectors), npx.reshape(n, sectors)

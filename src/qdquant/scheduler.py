@@ -1,8 +1,9 @@
 """How a step computes: the config's ``dask`` section, progress bars and the chunk size.
 
 Every ``qdquant <step>`` runs inside :func:`dask_scheduler` (once per step):
-it sets the dask scheduler (``threads``, ``processes``, ``synchronous``, or a
-``dask.distributed`` client for an address), the local schedulers' number of
+it sets the dask scheduler (``threads``, ``processes``, ``synchronous``, a
+``dask.distributed`` client for an address, or one of a SLURMCluster the step
+starts for ``dask.cluster: slurm``), the local schedulers' number of
 workers (the config's ``dask.num_workers``, else the rule's ``--threads``),
 and shows a progress bar on stderr (the rule's log) for every computation
 that runs longer than :data:`PROGRESS_MIN_S` seconds. :func:`step_config`
@@ -18,6 +19,7 @@ import os
 import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 from timeit import default_timer
 
 import dask
@@ -101,6 +103,59 @@ def _client(address: str, source: str):
         raise InputError(f"{source}: key 'dask.scheduler': cannot connect to '{address}' ({message})") from None
 
 
+def _slurm_cluster(settings: dict, source: str):
+    """A dask-jobqueue ``SLURMCluster`` of ``settings["jobs"]`` worker jobs (the config's ``dask.slurm``).
+
+    Each job runs one dask worker with ``cores`` threads and ``memory``; the
+    workers' scratch space is the job's ``$TMPDIR`` (else ``/tmp``) and their
+    logs go to ``logs/dask-slurm/`` under the working directory. The step's
+    process is the client (and the cluster's scheduler): it must reach the
+    compute nodes over TCP.
+    """
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise InputError(
+            f"{source}: key 'dask.cluster': 'slurm' needs the 'dask-jobqueue' and 'distributed' packages"
+            " (pip install 'qdquant[distributed]')"
+        ) from None
+    log_dir = Path("logs", "dask-slurm").absolute()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = SLURMCluster(
+        cores=int(settings["cores"]),
+        processes=1,
+        memory=settings["memory"],
+        walltime=settings["walltime"],
+        queue=settings.get("queue"),
+        account=settings.get("account"),
+        job_extra_directives=list(settings.get("job_extra_directives") or []),
+        local_directory="$TMPDIR",
+        log_directory=str(log_dir),
+        job_script_prologue=['export TMPDIR="${TMPDIR:-/tmp}"'],
+    )
+    cluster.scale(jobs=int(settings["jobs"]))
+    return cluster
+
+
+@contextlib.contextmanager
+def _slurm_client(settings: dict, source: str):
+    """A client of a fresh SLURMCluster, once its first worker has started; both closed on exit."""
+    from distributed import Client
+
+    with _slurm_cluster(settings, source) as cluster, Client(cluster) as client:
+        log.info("dask: SLURMCluster of %d job%s (%s cores, %s each), scheduler %s; dashboard %s",
+                 settings["jobs"], "" if settings["jobs"] == 1 else "s", settings["cores"], settings["memory"],
+                 cluster.scheduler_address, client.dashboard_link)
+        try:
+            client.wait_for_workers(1, timeout=float(settings["start_timeout_s"]))
+        except TimeoutError:
+            raise InputError(
+                f"{source}: key 'dask.cluster': no SLURM worker job started within"
+                f" {settings['start_timeout_s']:g} s (dask.slurm.start_timeout_s; see squeue and logs/dask-slurm/)"
+            ) from None
+        yield client
+
+
 def _process_pool(n_workers: int):
     """One pool of worker processes for the whole step (dask would start one per computation)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -144,7 +199,7 @@ def dask_scheduler(cfg: Config, *, threads: int | None = None, progress_min_s: f
     scheduler = settings.scheduler
     minimum = progress_minimum() if progress_min_s is None else float(progress_min_s)
     with contextlib.ExitStack() as stack:
-        if scheduler in LOCAL_SCHEDULERS:
+        if scheduler in LOCAL_SCHEDULERS and settings.cluster is None:
             workers = 1 if scheduler == "synchronous" else settings.num_workers or threads
             options = {"scheduler": scheduler}
             if workers is not None and scheduler != "synchronous":
@@ -158,6 +213,9 @@ def dask_scheduler(cfg: Config, *, threads: int | None = None, progress_min_s: f
             stack.enter_context(StepProgress(minimum=minimum))
             workers = int(workers or CPU_COUNT)
             log.info("dask: %s scheduler, %d worker%s", scheduler, workers, "" if workers == 1 else "s")
+        elif settings.cluster == "slurm":
+            stack.enter_context(_slurm_client(settings.slurm, cfg.source))
+            workers = None
         else:
             client = stack.enter_context(_client(scheduler, cfg.source))
             workers = None
