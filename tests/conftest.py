@@ -96,3 +96,71 @@ def need_independent_generator():
 
     if not spectra.FPBASE.exists():
         pytest.skip(f"the independent generator's spectra are not found: {spectra.FPBASE}")
+
+
+def simulated_slides(root: Path, names: list[str]) -> dict[str, Path]:
+    """The bundled test slides ``names`` (presets of ``qdquant simulate --cohort``) under root/slides.
+
+    Taken from the repository's test_data/slides where the workflow already made them, else
+    simulated (a few seconds each)."""
+    import shutil
+
+    from qdquant import simulate
+
+    folder = root / "slides"
+    folder.mkdir(parents=True, exist_ok=True)
+    slides = {}
+    for name in names:
+        made = REPO / "test_data" / "slides" / f"{name}.ome.tif"
+        if made.is_file():
+            shutil.copyfile(made, folder / made.name)
+        else:
+            simulate.write_slide(simulate.simulate_slide(**simulate.test_cohort()[name]), folder, name)
+        slides[name] = folder / f"{name}.ome.tif"
+    return slides
+
+
+def workflow_project(work: Path, slides: dict[str, Path], **overrides) -> Path:
+    """A workflow directory: config/config.yaml (the repository's, with overrides) and a sample sheet
+    of these slides (absolute paths), results under work/results. Returns work."""
+    (work / "config").mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{sid}\t{path}\n" for sid, path in slides.items())
+    (work / "config" / "samples.tsv").write_text("sample_id\timage\n" + rows)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(samples="config/samples.tsv", spectra=str(REPO / "config" / "spectra.csv"),
+                  panel=str(REPO / "config" / "panel.tsv"), results="results", **overrides)
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return work
+
+
+def assert_same_outputs(expected: Path, got: Path) -> list[str]:
+    """Every CSV under two results folders byte-identical, and every array of every OME-Zarr store equal.
+
+    Returns the files compared (relative paths)."""
+    import zarr
+
+    compared = []
+    csvs = sorted(p.relative_to(expected) for p in expected.rglob("*.csv"))
+    assert csvs, f"no CSV under {expected}"
+    assert csvs == sorted(p.relative_to(got) for p in got.rglob("*.csv")), "different CSV files"
+    for rel in csvs:
+        assert (expected / rel).read_bytes() == (got / rel).read_bytes(), f"{rel} differs"
+        compared.append(str(rel))
+    stores = sorted(p.relative_to(expected) for p in expected.rglob("*.ome.zarr"))
+    assert stores == sorted(p.relative_to(got) for p in got.rglob("*.ome.zarr")), "different stores"
+    for rel in stores:
+        a, b = zarr.open_group(str(expected / rel), mode="r"), zarr.open_group(str(got / rel), mode="r")
+        names = sorted(name for name, _ in a.arrays()) + sorted(
+            f"{g}/{n}" for g, group in a.groups() for n, _ in _all_arrays(group))
+        for name in names:
+            x, y = a[name][...], b[name][...]
+            assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{rel}/{name} differs"
+            compared.append(f"{rel}/{name}")
+    return compared
+
+
+def _all_arrays(group, prefix=""):
+    for name, array in group.arrays():
+        yield f"{prefix}{name}", array
+    for name, sub in group.groups():
+        yield from _all_arrays(sub, f"{prefix}{name}/")

@@ -425,10 +425,15 @@ def write_ome_zarr(
     chunk_size: int = 2048,
     n_levels: int = 4,
     colours: list[str] | None = None,
+    atomic: bool = True,
 ) -> None:
     """Write a (C, Y, X) float image as an OME-NGFF 0.4 multiscale, channels named.
 
-    Written to a temporary folder and renamed when complete. The ``omero``
+    Written to a temporary folder and renamed when complete; with
+    ``atomic=False``, straight into ``path`` (for a caller that writes the
+    store's label images too before renaming it: ``with atomic_path(p) as
+    tmp: write_ome_zarr(tmp, ..., atomic=False); write_labels(tmp, ...)``).
+    The ``omero``
     block that names the channels (and gives each its ``colours`` entry, an
     ``RRGGBB`` hex string; white when None) is written here, not by
     ``ome-zarr`` (whose ``write_image`` drops it).
@@ -445,7 +450,7 @@ def write_ome_zarr(
         raise InputError(f"{path}: {len(colours)} colours for {len(channel_names)} channels")
     image = da.asarray(image).rechunk((1, chunk_size, chunk_size))
     factors = tuple(2**i for i in range(1, n_levels) if min(image.shape[1:]) // 2**i >= 16)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) if atomic else contextlib.nullcontext(Path(path).absolute()) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         write_image(
             image,

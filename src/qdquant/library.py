@@ -259,7 +259,10 @@ def plot_library(library, path, *, title=None):
     ax.set_title(title or "spectral library")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    from qdquant.io import atomic_path
+
+    with atomic_path(path) as tmp:  # a killed run leaves no half-written figure
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
     return path
 
 

@@ -313,29 +313,34 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         image = da.concatenate([abundances, residual[None]], axis=0)
         from qdquant.colours import channel_colours
 
-        io.write_ome_zarr(
-            out["zarr"],
-            image,
-            [*library.names, "residual"],
-            pixel_size_um=pixel_size,
-            chunk_size=cfg.chunk_size,
-            colours=[*channel_colours(library.spectra, library.wavelengths_nm), "FFFFFF"],
-        )
+        # The store (abundances, residual, labels/flagged) is built under a temporary name and
+        # renamed when complete: a reader never sees a store without its flags.
+        with io.atomic_path(out["zarr"]) as store:
+            io.write_ome_zarr(
+                store,
+                image,
+                [*library.names, "residual"],
+                pixel_size_um=pixel_size,
+                chunk_size=cfg.chunk_size,
+                colours=[*channel_colours(library.spectra, library.wavelengths_nm), "FFFFFF"],
+                atomic=False,
+            )
+            stored, _ = io.read_ome_zarr(store)
+            signal = data - dark.counts.astype(np.float32)[:, None, None]  # what was fitted
+            # pixels the library cannot explain (residual far above photon + read noise)
+            noise = unmixing.noise_model(_cube_sample(cube, shading) - dark.counts[:, None, None],
+                                         _pixel_sample(stored[-1], grid=data.chunks[-2:])[0])
+            if cfg.unmixing.flag_poor_fit:
+                probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
+                flagged = unmixing.flag_poor_fit(signal, stored[-1], noise) | unmixing.flag_broadband(
+                    signal, probes, noise, n_endmembers=len(library.names))
+                # the optics spread an emitter's light a little beyond where it is detectable
+                flagged = unmixing.grow_mask(flagged, round(FLAG_MARGIN_UM / pixel_size))
+            else:  # switched off: the mask stays, empty
+                flagged = da.zeros(stored.shape[1:], dtype=bool, chunks=stored.chunks[1:])
+            io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
         io.write_csv(library.to_frame(), out["spectra_used"])
         stored, _ = io.read_ome_zarr(out["zarr"])
-        signal = data - dark.counts.astype(np.float32)[:, None, None]  # what was fitted
-        # pixels the library cannot explain (residual far above photon + read noise)
-        noise = unmixing.noise_model(_cube_sample(cube, shading) - dark.counts[:, None, None],
-                                     _pixel_sample(stored[-1], grid=data.chunks[-2:])[0])
-        if cfg.unmixing.flag_poor_fit:
-            probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
-            flagged = unmixing.flag_poor_fit(signal, stored[-1], noise) | unmixing.flag_broadband(
-                signal, probes, noise, n_endmembers=len(library.names))
-            # the optics spread an emitter's light a little beyond where it is detectable
-            flagged = unmixing.grow_mask(flagged, round(FLAG_MARGIN_UM / pixel_size))
-        else:  # switched off: the mask stays, empty
-            flagged = da.zeros(stored.shape[1:], dtype=bool, chunks=stored.chunks[1:])
-        io.write_labels(out["zarr"], {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
         stats = report.plot_unmixing_qc(signal, stored, library, out["unmixing_qc"],
                                         flagged=io.read_labels(out["zarr"], "flagged"), noise=noise,
                                         dark_offset=dark.counts, warnings=[w for w in (dark_warning,) if w])
