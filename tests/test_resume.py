@@ -1,5 +1,7 @@
 """Kill and resume, and determinism: the workflow on one test slide (and the cohort step).
 
+The uninterrupted run is conftest's ``reference_run`` (two cores, chunk_size 2048).
+
 A run whose Snakemake and jobs are killed with SIGKILL while unmixing, while
 segmenting and while reporting, and restarted each time (``--unlock``, then
 ``--rerun-incomplete``), ends with outputs identical to an uninterrupted run's:
@@ -12,19 +14,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_outputs, simulated_slides, workflow_project
+from conftest import RUN_SAMPLE, SNAKEMAKE, assert_same_outputs, simulated_slides, workflow_project
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile")]
-SAMPLE = "her2_2plus"
+SAMPLE = RUN_SAMPLE
 
 
 def snakemake_args(work: Path, *args: str) -> list[str]:
@@ -88,15 +87,7 @@ def slides(tmp_path_factory):
     return simulated_slides(tmp_path_factory.mktemp("slides"), [SAMPLE])
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, slides):
-    """An uninterrupted run on two cores, chunk_size 2048."""
-    work = workflow_project(tmp_path_factory.mktemp("reference"), slides)
-    run_to_end(work)
-    return work / "results"
-
-
-def test_killed_runs_resume_to_identical_outputs(reference, slides, tmp_path):
+def test_killed_runs_resume_to_identical_outputs(reference_run, slides, tmp_path):
     work = workflow_project(tmp_path / "killed", slides)
     out = work / "results" / SAMPLE
 
@@ -113,16 +104,16 @@ def test_killed_runs_resume_to_identical_outputs(reference, slides, tmp_path):
     kill_when(work, started_for(work / "logs" / "report" / f"{SAMPLE}.log", 2.0), "during the report")
     assert not (out / "report.html").exists()
     run_to_end(work, "--rerun-incomplete")
-    compared = assert_same_outputs(reference, work / "results")
+    compared = assert_same_outputs(reference_run, work / "results")
     leftovers = [p for p in (work / "results").rglob("*") if ".tmp-" in p.name or p.name.startswith(".qdquant-")]
     assert not leftovers, leftovers
     print(f"resumed run equals the uninterrupted one: {len(compared)} CSVs and Zarr arrays identical")
 
 
-def test_one_core_and_another_chunk_size_give_identical_outputs(reference, slides, tmp_path):
+def test_one_core_and_another_chunk_size_give_identical_outputs(reference_run, slides, tmp_path):
     """--cores 1 and chunk_size 1024 (both chunkings hold the 512² slide in one chunk)."""
     work = workflow_project(tmp_path / "other", slides, chunk_size=1024)
     proc = subprocess.run(snakemake_args(work, "--cores", "1"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    compared = assert_same_outputs(reference, work / "results")
+    compared = assert_same_outputs(reference_run, work / "results")
     print(f"--cores 1 / chunk_size 1024 equals --cores 2 / chunk_size 2048: {len(compared)} files and arrays")

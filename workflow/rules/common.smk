@@ -1,6 +1,7 @@
 # Start-up checks: qdquant's schema and table checks (one-line errors naming
 # the file, row or key; image headers included), then Snakemake's own schema
 # validation, which also fills the defaults into `config`.
+import functools
 import json
 import os
 import shlex
@@ -9,7 +10,8 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from qdquant.config import SCHEMA_PATH, check_results_writable, chunk_mem_mb, load_config
+from qdquant import resources
+from qdquant.config import SCHEMA_PATH, check_results_writable, load_config
 from qdquant.errors import InputError
 
 
@@ -98,12 +100,25 @@ def step(name, sample=True):
     return f"qdquant {shell_arg(name)} {configs}" + (per_sample if sample else "")
 
 
-def mem_mb(base_mb, per_chunk_mb, threads=1):
-    """Memory of a step: a base plus what one dask chunk of the slide needs, and at least what
-    qdquant's chunk-size estimate needs to keep the configured chunk_size with this many
-    threads (a step given less --mem-mb shrinks its chunks: qdquant.config.chunk_size_for)."""
-    needed = chunk_mem_mb(CFG.chunk_size, len(CFG.library.wavelengths_nm), threads)
-    return int(max(base_mb + per_chunk_mb * (CFG.chunk_size / 2048) ** 2, needed))
+@functools.cache
+def megapixels(sample):
+    """The sample's slide size from its header (a chunk's worth while a test slide is not made yet)."""
+    return resources.slide_megapixels(IMAGES[sample], default=CFG.chunk_size**2 / 1e6)
+
+
+def step_mem_mb(step):
+    """The rule's mem_mb: chunks in flight, threads and the slide's size (qdquant.resources); more on
+    each retry. A step given less --mem-mb shrinks its chunks (qdquant.config.chunk_size_for)."""
+    return lambda wildcards, threads, attempt: resources.step_mem_mb(
+        step, megapixels(wildcards.sample), chunk_size=CFG.chunk_size, n_bands=len(CFG.library.wavelengths_nm),
+        threads=threads, attempt=attempt)
+
+
+def step_runtime(step):
+    """The rule's runtime (minutes), from the slide's size and the rule's threads (qdquant.resources)."""
+    return lambda wildcards, threads, attempt: resources.step_runtime_min(
+        step, megapixels(wildcards.sample), n_bands=len(CFG.library.wavelengths_nm), threads=threads,
+        attempt=attempt)
 
 
 def step_errors(snakemake_logs):

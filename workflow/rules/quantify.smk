@@ -12,6 +12,7 @@ rule quantify:
         "benchmarks/snakemake/quantify/{sample}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda wc, threads: mem_mb(1000, 1500, threads),
+        mem_mb=step_mem_mb("quantify"),
+        runtime=step_runtime("quantify"),
     shell:
         step("quantify") + " 2> {log}"

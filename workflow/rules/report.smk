@@ -18,7 +18,8 @@ rule report:
     log:
         "logs/report/{sample}.log",
     resources:
-        mem_mb=2000,
+        mem_mb=step_mem_mb("report"),
+        runtime=step_runtime("report"),
     shell:
         step("report") + " 2> {log}"
 

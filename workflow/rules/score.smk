@@ -35,6 +35,7 @@ rule score:
     log:
         "logs/score/{sample}.log",
     resources:
-        mem_mb=2000,
+        mem_mb=step_mem_mb("score"),
+        runtime=step_runtime("score"),
     shell:
         step("score") + " 2> {log}"

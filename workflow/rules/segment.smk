@@ -16,6 +16,7 @@ rule segment:
         "benchmarks/snakemake/segment/{sample}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda wc, threads: mem_mb(1000, 2000, threads),
+        mem_mb=step_mem_mb("segment"),
+        runtime=step_runtime("segment"),
     shell:
         step("segment") + " 2> {log}"

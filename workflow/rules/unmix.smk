@@ -17,6 +17,7 @@ rule unmix:
         "benchmarks/snakemake/unmix/{sample}.tsv"
     threads: 2
     resources:
-        mem_mb=lambda wc, threads: mem_mb(1000, 2500, threads),
+        mem_mb=step_mem_mb("unmix"),
+        runtime=step_runtime("unmix"),
     shell:
         step("unmix") + " 2> {log}"
