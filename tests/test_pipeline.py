@@ -264,6 +264,8 @@ def test_the_run_records_its_provenance(tiny_project):
 
     import yaml
 
+    import qdquant
+
     cfg = load_config(tiny_project)
     pipeline.run_sample(cfg, "s1")
     pipeline.cohort(cfg)
@@ -276,6 +278,10 @@ def test_the_run_records_its_provenance(tiny_project):
     assert sample["library_used"]["endmembers"] == list(pd.read_csv(pipeline.outputs(cfg, "s1")["spectra_used"]).columns[1:])
     assert sample["thresholds_used"]["her2_t_faint"] == cfg.her2.t_faint
     assert record["versions"]["qdquant"] and record["versions"]["numpy"] == np.__version__
+    run = record["run"]
+    assert run["qdquant_version"] == qdquant.__version__ and run["host"]
+    assert run["started"] <= run["finished"] and run["git_revision"] != ""  # None for an installed package
+    assert pd.read_csv(pipeline.outputs(cfg, "s1")["summary"])["qdquant_version"].item() == qdquant.__version__
     assert record["inputs"]["spectra"]["sha256"] == hashlib.sha256(
         Path(cfg.raw["spectra"]).read_bytes()).hexdigest()
 

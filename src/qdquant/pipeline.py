@@ -633,7 +633,9 @@ def score_sample(cfg: Config, sample_id: str) -> None:
     summary = summarise_cells(cfg, pd.concat(kept, ignore_index=True), threshold, her2, source)
     if summary["n_cells"] == 0:
         warnings.warn(f"{sample_id}: no cells were found; the scores are not assessable", stacklevel=1)
-    io.write_csv(pd.DataFrame([{"sample_id": sample_id, **summary}]), out["summary"])
+    from qdquant import __version__
+
+    io.write_csv(pd.DataFrame([{"sample_id": sample_id, **summary, "qdquant_version": __version__}]), out["summary"])
 
 
 def report_sample(cfg: Config, sample_id: str) -> None:

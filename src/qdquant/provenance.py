@@ -1,14 +1,16 @@
 """What a run did: the record written to ``{results}/provenance/params.yml``.
 
 Resolved config, the thresholds used, the library used per sample, package
-versions and checksums of every input, so that a cohort's numbers can be
-traced to exactly what produced them.
+versions and checksums of every input, and the run itself (qdquant version and
+git revision, host, start and end), so that a cohort's numbers can be traced to
+exactly what produced them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import platform
+import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -89,6 +91,7 @@ def run_record(cfg, outputs) -> dict:
         }
     return {
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": run_facts(cfg, outputs),
         "config": _plain(cfg.raw),
         "inputs": {"config": [checksum(p) for p in _config_files(cfg)],
                    "samples": checksum(cfg.raw["samples"]), "spectra": checksum(cfg.raw["spectra"]),
@@ -96,6 +99,49 @@ def run_record(cfg, outputs) -> dict:
         "samples": samples,
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
     }
+
+
+def run_facts(cfg, outputs) -> dict:
+    """qdquant's version and git revision, the host, and when the run started and ended.
+
+    ``started`` is when the earliest of the samples' outputs still present was
+    written (each step's outputs are renamed into place when complete, so this
+    is the end of the first step that ran), ``finished`` now (the cohort step
+    writes the record last). ``git_revision`` is the commit of the qdquant
+    source that ran, with ``+dirty`` for uncommitted changes, or None for an
+    installed package.
+    """
+    import qdquant
+
+    times = []
+    for sample in cfg.samples:
+        for path in outputs(cfg, sample.sample_id).values():
+            try:
+                times.append(Path(path).stat().st_mtime)
+            except OSError:
+                pass
+    started = datetime.fromtimestamp(min(times), timezone.utc).isoformat(timespec="seconds") if times else None
+    return {
+        "qdquant_version": qdquant.__version__,
+        "git_revision": git_revision(Path(qdquant.__file__).parent),
+        "host": platform.node(),
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def git_revision(folder: Path) -> str | None:
+    """The git commit ``folder`` is checked out at (``+dirty`` with uncommitted changes), or None."""
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def _config_files(cfg) -> list[Path]:
