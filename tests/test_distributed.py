@@ -4,7 +4,9 @@ The config's ``dask.scheduler`` points at a ``distributed.LocalCluster`` of two
 worker processes started in a different working directory from the step's; the
 sample sheet and the results folder are relative paths. The unmix, segment and
 quantify steps of a 4096² slide cut into 16 chunks must give what the threaded
-scheduler gives: the same labels, per-cell means to 1e-6.
+scheduler gives: the same labels, per-cell means to 1e-6. With the one-node
+SLURM cluster of tests/cluster up (conftest's ``slurm_cluster``), the same
+holds for ``dask.cluster: slurm``: two dask-jobqueue worker jobs.
 """
 
 from __future__ import annotations
@@ -118,3 +120,36 @@ def test_abundances_and_cell_means_match(runs):
     assert np.array_equal(ta["CellID"], tb["CellID"])
     means = [c for c in ta.columns if c in ("DAPI", "ER", "HER2") or c.endswith("_mean")]
     np.testing.assert_allclose(ta[means].to_numpy(), tb[means].to_numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_slurm_cluster_workers_give_the_threaded_results(runs, slurm_cluster, monkeypatch, capsys):
+    """dask.cluster: slurm on the one-node SLURM cluster: two worker jobs of one core each."""
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed (pip install '.[distributed]')")
+    from qdquant import io
+
+    threaded, _ = runs
+    project = threaded.parents[1]
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster))
+    monkeypatch.setenv("QDQUANT_PROGRESS_MIN_S", "1000")
+    monkeypatch.chdir(project)
+    config = project / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["results"] = "results_slurm"
+    config_slurm = project / "config_slurm.yaml"
+    config_slurm.write_text(yaml.safe_dump(raw))
+    run_steps(config_slurm, cluster="slurm",
+              slurm={"jobs": 2, "cores": 1, "memory": "4GB", "walltime": "00:20:00", "start_timeout_s": 120})
+    spread = project / "results_slurm" / "s1"
+    for name in ("nuclei", "cells"):
+        assert np.array_equal(io.read_labels(threaded / "unmixed.ome.zarr", name).compute(),
+                              io.read_labels(spread / "unmixed.ome.zarr", name).compute()), name
+    ta, tb = pd.read_csv(threaded / "measurements.csv"), pd.read_csv(spread / "measurements.csv")
+    means = [c for c in ta.columns if c in ("DAPI", "ER", "HER2") or c.endswith("_mean")]
+    assert np.array_equal(ta["CellID"], tb["CellID"])
+    np.testing.assert_allclose(ta[means].to_numpy(), tb[means].to_numpy(), rtol=1e-6, atol=1e-6)
+    worker_logs = list((project / "logs" / "dask-slurm").glob("*.err"))
+    assert worker_logs, "no dask worker job wrote a SLURM log"
+    with capsys.disabled():
+        print(f"\nSLURMCluster: {len(worker_logs)} worker job logs; labels identical, {len(ta)} cells' means "
+              "equal the threaded run's to 1e-6")

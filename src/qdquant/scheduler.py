@@ -131,6 +131,7 @@ def _slurm_cluster(settings: dict, source: str):
         job_extra_directives=list(settings.get("job_extra_directives") or []),
         local_directory="$TMPDIR",
         log_directory=str(log_dir),
+        scheduler_options={"dashboard_address": ":0"},  # any free port: several steps may share a login node
         job_script_prologue=['export TMPDIR="${TMPDIR:-/tmp}"'],
     )
     cluster.scale(jobs=int(settings["jobs"]))
