@@ -263,3 +263,15 @@ def test_a_truncated_tiff_is_caught_from_its_header(tmp_path, cut):
     path.write_bytes(data[:keep])
     with pytest.raises(InputError, match=r"slide.ome.tif: truncated"):
         io.read_cube_header(path)
+
+
+def test_an_output_removes_what_a_killed_step_left_beside_it(tmp_path):
+    """A step killed while building a store (or label images beside its temporary name) leaves
+    folders that the next write of the same output removes."""
+    from qdquant.io import atomic_path
+
+    (tmp_path / ".unmixed.tmp-1234abcd.ome.zarr").mkdir()
+    (tmp_path / "..unmixed.tmp-1234abcd.ome.zarr.labels-tmp-99999999").mkdir()
+    with atomic_path(tmp_path / "unmixed.ome.zarr") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unmixed.ome.zarr"]

@@ -382,6 +382,7 @@ def atomic_path(path: str | os.PathLike):
     suffix = "".join(path.suffixes)
     stem = path.name.removesuffix(suffix)
     _remove_stale(path.parent, f".{stem}.tmp-*{suffix}")  # left by a step killed while writing it
+    _remove_stale(path.parent, f"..{stem}.tmp-*")  # and what it built beside that (label images of a store)
     tmp = path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
     try:
         yield tmp
