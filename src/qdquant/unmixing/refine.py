@@ -110,6 +110,29 @@ def _argmin_fine(cost, lo, hi, n=41):
     return float(grid[i])
 
 
+def _best_shift(cost, max_shift_nm):
+    """The shift in ``[-max_shift_nm, max_shift_nm]`` that minimises ``cost`` (vectorised over shifts).
+
+    A 13-point grid over the bound finds the basin, a fine grid and a
+    parabola about its best point the minimum.
+    """
+    grid = np.linspace(-max_shift_nm, max_shift_nm, 13)
+    i = int(np.argmin(cost(grid)))
+    step = grid[1] - grid[0]
+    lo, hi = max(-max_shift_nm, grid[i] - step), min(max_shift_nm, grid[i] + step)
+    return min(max(_argmin_fine(cost, lo, hi), lo), hi)
+
+
+def _dominance(x, spectra, flat, min_share):
+    """(K, n) bool: endmember k gives at least ``min_share`` of the pixel's stain signal.
+
+    ``x`` (K, n) abundances with library ``spectra`` (C, K); ``flat`` (K,)
+    marks the flat (dark-offset) endmembers, which are not signal.
+    """
+    contrib = x * np.where(flat, 0.0, spectra.sum(axis=0))[:, None]
+    return (contrib >= min_share * np.maximum(contrib.sum(axis=0), 1e-300)) & (x > 0)
+
+
 def _sample_pixels(cube, n_pixels):
     """A strided subsample of at most about ``n_pixels`` pixels, (C, n) float64."""
     c, h, w = cube.shape
@@ -260,12 +283,6 @@ def refine_library(
     at_bound = np.zeros(k, dtype=bool)
     a = a0.copy()
 
-    def dominance(x, spectra):
-        """(K, n) bool: endmember k gives at least min_share of the pixel's stain signal."""
-        # flat (offset) endmembers are not signal
-        contrib = x * np.where(flat, 0.0, spectra.sum(axis=0))[:, None]
-        return (contrib >= min_share * np.maximum(contrib.sum(axis=0), 1e-300)) & (x > 0)
-
     splines = [CubicSpline(wl, a0[:, j]) for j in range(k)]
 
     def moved(j, shifts, widens):
@@ -276,7 +293,7 @@ def refine_library(
         x = x[:, 0, :].astype(np.float64)
         if it == 0:  # the library's own fit, for the report
             x0, sq0 = x, r[0].astype(np.float64) ** 2 * c
-        shares = dominance(x, a)
+        shares = _dominance(x, a, flat, min_share)
         for j in range(k):
             if flat[j]:
                 continue
@@ -288,12 +305,7 @@ def refine_library(
             sel = sel[:: -(-sel.size // _FIT_PIXELS)]
             residual = _OneColumnResidual(pixels[sel], x[:, sel], a, j)
             if max_shift_nm > 0:
-                # a coarse grid finds the basin, a fine one about its best point the minimum
-                grid = np.linspace(-max_shift_nm, max_shift_nm, 13)
-                i = int(np.argmin(residual(moved(j, grid, widen[j]))))
-                step = grid[1] - grid[0]
-                lo, hi = max(-max_shift_nm, grid[i] - step), min(max_shift_nm, grid[i] + step)
-                shift[j] = min(max(_argmin_fine(lambda s: residual(moved(j, s, widen[j])), lo, hi), lo), hi)
+                shift[j] = _best_shift(lambda s: residual(moved(j, s, widen[j])), max_shift_nm)
                 # A best fit on the bound is not a drift the bound allows: the
                 # spectrum is absorbing light of another kind (leakage on a
                 # slide without the stain, off-library emitters), so keep the
@@ -311,7 +323,7 @@ def refine_library(
 
     # report: the NNLS residual of every pixel with either library
     sq1 = unmix(b[:, None, :], a)[1][0].astype(np.float64) ** 2 * c
-    report = _report(names, shift, widen, at_bound, dominance(x0, a0), sq0, sq1, c)
+    report = _report(names, shift, widen, at_bound, _dominance(x0, a0, flat, min_share), sq0, sq1, c)
     if isinstance(spectra, pd.DataFrame):
         refined = spectra.copy()
         refined[names] = a
