@@ -33,8 +33,7 @@ _SAMPLE_PCT = 10.0
 
 
 # Contract defaults: read from the config schema, where they are defined.
-_HER2_DEFAULTS = {k: v.get("default") for k, v in schema()["properties"]["her2"]["properties"].items()}
-ULTRALOW_MIN_PCT = _HER2_DEFAULTS["ultralow_min_pct"]
+ULTRALOW_MIN_PCT = schema()["properties"]["her2"]["properties"]["ultralow_min_pct"]["default"]
 
 
 def _real(value, name: str) -> float:

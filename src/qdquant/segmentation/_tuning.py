@@ -31,5 +31,6 @@ _BARE_LEVEL = 0.05
 _BARE_RIM_UM = 1.0
 
 # Contract defaults: read from the config schema, where they are defined.
-_SEGMENTATION_DEFAULTS = {k: v.get("default") for k, v in schema()["properties"]["segmentation"]["properties"].items()}
-CELL_EXPANSION_UM = _SEGMENTATION_DEFAULTS["cell_expansion_um"]
+_SCHEMA = schema()["properties"]
+CELL_EXPANSION_UM = _SCHEMA["segmentation"]["properties"]["cell_expansion_um"]["default"]
+CHUNK_SIZE = _SCHEMA["chunk_size"]["default"]

@@ -89,7 +89,8 @@ def segment_cells(
         Pixel edge, micrometres.
     cell_expansion_um : float, optional
         Largest growth of a cell beyond its nucleus, micrometres (0 gives
-        cells equal to their nuclei).
+        cells equal to their nuclei). Default: the config schema's
+        ``segmentation.cell_expansion_um``.
 
     Returns
     -------

@@ -11,7 +11,7 @@ from qdquant.errors import InputError
 from qdquant.segmentation._checks import (
     _as_float, _check_image, _check_scale, _diameter, _is_dask, _membrane_radius, _radius_px,
 )
-from qdquant.segmentation._tuning import CELL_EXPANSION_UM, _MEMBRANE_SMOOTH_UM, _MIN_AREA_Q, _SMOOTH_Q
+from qdquant.segmentation._tuning import CELL_EXPANSION_UM, CHUNK_SIZE, _MEMBRANE_SMOOTH_UM, _MIN_AREA_Q, _SMOOTH_Q
 from qdquant.segmentation.cells import _cells_tile
 from qdquant.segmentation.image_stats import _image_stats_lazy
 from qdquant.segmentation.nuclei import _nuclei_tile
@@ -84,7 +84,7 @@ def segment_chunked(
     nucleus_diameter_um: float | str = 8,
     nucleus_diameter_hint: bool = False,
     cell_expansion_um: float = CELL_EXPANSION_UM,
-    chunk_size: int = 2048,
+    chunk_size: int = CHUNK_SIZE,
     overlap_px: int | None = None,
     scratch=None,
 ):
@@ -117,7 +117,7 @@ def segment_chunked(
     chunk_size : int, optional
         Tile edge and output chunk edge, pixels. Inputs chunked otherwise
         are rechunked (reading is cheapest when it is a multiple of the
-        input's chunk edge).
+        input's chunk edge). Default: the config schema's ``chunk_size``.
     overlap_px : int, optional
         Context on each side of a tile, pixels; at most ``chunk_size``.
         Default: two cell diameters, ``ceil(2 * (nucleus_diameter_um + 2 *
