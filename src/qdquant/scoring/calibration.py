@@ -14,7 +14,8 @@ from qdquant.scoring._common import (
     HER2_CLASSES, ULTRALOW_MIN_PCT, _complete_fraction, _percent, _sector_arrays, _ultralow_min_pct,
 )
 from qdquant.scoring.her2 import (
-    _her2_class_codes, _her2_sample_code, her2_cell_scores, her2_sample_score, _membrane_features, _sector_means, _stained_sectors,
+    _her2_class_codes, _her2_sample_code, _membrane_features, _sector_means, _stained_sectors, her2_cell_scores,
+    her2_sample_score,
 )
 
 

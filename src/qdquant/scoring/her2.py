@@ -13,8 +13,8 @@ import math
 import numpy as np
 
 from qdquant.scoring._common import (
-    HER2_CLASSES, NOT_ASSESSABLE, ULTRALOW_MIN_PCT, _SAMPLE_PCT, _class_codes, _complete_fraction, _increasing_thresholds,
-    _percent, _sector_arrays, _ultralow_min_pct,
+    HER2_CLASSES, NOT_ASSESSABLE, ULTRALOW_MIN_PCT, _SAMPLE_PCT, _class_codes, _complete_fraction,
+    _increasing_thresholds, _percent, _sector_arrays, _ultralow_min_pct,
 )
 
 

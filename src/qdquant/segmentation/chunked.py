@@ -11,7 +11,9 @@ from qdquant.errors import InputError
 from qdquant.segmentation._checks import (
     _as_float, _check_image, _check_scale, _diameter, _is_dask, _membrane_radius, _radius_px,
 )
-from qdquant.segmentation._tuning import CELL_EXPANSION_UM, CHUNK_SIZE, _MEMBRANE_SMOOTH_UM, _MIN_AREA_Q, _SMOOTH_Q
+from qdquant.segmentation._tuning import (
+    CELL_EXPANSION_UM, CHUNK_SIZE, _MEMBRANE_SMOOTH_UM, _MIN_AREA_Q, _SMOOTH_Q,
+)
 from qdquant.segmentation.cells import _cells_tile
 from qdquant.segmentation.image_stats import _image_stats_lazy
 from qdquant.segmentation.nuclei import _nuclei_tile
