@@ -30,7 +30,7 @@ else is local, which is what makes the chunked result equal the unchunked one.
 # Private helpers re-exported for qdquant.nucleus_size, which runs the nucleus
 # step on sample windows to estimate the nucleus diameter.
 from qdquant.segmentation._checks import _check_image, _check_scale  # noqa: F401
-from qdquant.segmentation._tuning import CELL_EXPANSION_UM, _SMOOTH_Q  # noqa: F401
+from qdquant.segmentation._tuning import _SMOOTH_Q  # noqa: F401
 from qdquant.segmentation.cells import segment_cells
 from qdquant.segmentation.chunked import segment_chunked
 from qdquant.segmentation.image_stats import _image_stats  # noqa: F401
