@@ -55,17 +55,23 @@ Layout
 :mod:`~qdquant.simulate.her2_design` (HER2 classes and rings),
 :mod:`~qdquant.simulate.rendering` (calibrated stains, camera cube),
 :mod:`~qdquant.simulate.truth` (per-cell and sample-level truth),
+:mod:`~qdquant.simulate.reference` (the contract's rules, written apart from
+the pipeline's code),
 :mod:`~qdquant.simulate.slide` (:func:`simulate_slide`, :func:`write_slide`),
 :mod:`~qdquant.simulate.cohort` (the bundled cohorts),
 :mod:`~qdquant.simulate.mibi` (semi-synthetic slide from a MIBI-TOF field),
 :mod:`~qdquant.simulate.wholeslide` (large slides tile by tile).
 """
 
-from qdquant.segmentation import membrane_ring
 from qdquant.simulate.cohort import MESSY, messy_cohort, test_cohort, write_cohort
 from qdquant.simulate.her2_design import HER2_LEVELS, HER2_MIX_PRESETS
 from qdquant.simulate.mibi import MIBI_CHANNELS, MIBI_MASK, simulate_mibi
-from qdquant.simulate.slide import SimulatedSlide, _jsonable, simulate_slide, write_slide
+from qdquant.simulate.slide import (  # noqa: F401 (_jsonable: used by benchmarks)
+    SimulatedSlide,
+    _jsonable,
+    simulate_slide,
+    write_slide,
+)
 from qdquant.simulate.spectra import (
     AF_MIX,
     BAND_HALF_WIDTH_NM,
@@ -75,14 +81,27 @@ from qdquant.simulate.spectra import (
     default_panel,
     reference_spectra,
 )
-from qdquant.simulate.truth import HER2_DEFAULTS, SUBTYPE_DEFAULTS, her2_ring_scores, sample_truth
+from qdquant.simulate.truth import (
+    HER2_DEFAULTS,
+    SUBTYPE_DEFAULTS,
+    her2_ring_scores,
+    membrane_ring,
+    sample_truth,
+)
 from qdquant.simulate.wholeslide import simulate_wholeslide
 
 __all__ = [
+    "AF_MIX",
+    "BAND_HALF_WIDTH_NM",
     "BAND_WAVELENGTHS_NM",
     "ENDMEMBERS",
     "HER2_DEFAULTS",
+    "HER2_LEVELS",
     "HER2_MIX_PRESETS",
+    "MESSY",
+    "MIBI_CHANNELS",
+    "MIBI_MASK",
+    "SUBTYPE_DEFAULTS",
     "SimulatedSlide",
     "band_spectra",
     "default_panel",

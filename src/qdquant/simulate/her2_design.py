@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from qdquant.scoring import HER2_CLASSES
 from qdquant.simulate.rendering import _render_cells
 from qdquant.simulate.tissue import _smooth_noise
-from qdquant.simulate.truth import _her2_cells, _label_means
+from qdquant.simulate.reference import HER2_CLASSES
+from qdquant.simulate.truth import _her2_cells, _her2_geometry, _label_means
 
 
 #: Fractions of TUMOUR cells in HER2 classes (0, 1+, 2+, 3+) for each designed score.
@@ -193,8 +193,10 @@ def _design_her2(
                                     psf_sigma_px)
     want = np.array(HER2_CLASSES, dtype=object)[cls]
 
+    geometry = _her2_geometry(cells, n, cy, cx)
+
     def measure(img):
-        return _her2_cells(img + faint_img, cells, n, cy, cx)[0]
+        return _her2_cells(img + faint_img, geometry)[0]
 
     # 1+ cells keep enough of their own ring stained (>= ~25 after blur)
     amp_min = np.where(cls == 1, 25.0 / 0.75, 0.0)
@@ -204,7 +206,7 @@ def _design_her2(
         img, amp = _render_cells(target, ring_ids, pattern_px, measure, psf_sigma_px,
                                  iterations=4, amp_min=amp_min)
         img = img + faint_img
-        meas = _her2_cells(img, cells, n, cy, cx)[2]
+        meas = _her2_cells(img, geometry)[2]
         bad = inc & (meas != want)
         if not bad.any() or round_ == rounds - 1:
             break

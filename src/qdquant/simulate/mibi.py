@@ -11,14 +11,26 @@ import tifffile
 from scipy import ndimage as ndi
 
 from qdquant.errors import InputError
-from qdquant.quantification import measure_cells
-from qdquant.scoring import intensity_bins, is_tumour, tumour_threshold_auto
-from qdquant.segmentation import compartments, membrane_ring
+from qdquant.simulate.reference import compartments, membrane_ring
 from qdquant.simulate.rendering import _render_cube, _spectral_perturbation
 from qdquant.simulate.slide import SimulatedSlide, _jsonable
-from qdquant.simulate.spectra import BAND_WAVELENGTHS_NM, ENDMEMBERS, _IDX, _off_library_spectra, band_spectra, default_panel
+from qdquant.simulate.spectra import (
+    BAND_WAVELENGTHS_NM,
+    ENDMEMBERS,
+    _IDX,
+    _off_library_spectra,
+    band_spectra,
+    default_panel,
+)
 from qdquant.simulate.tissue import _abundance_stack, _autofluorescence, _check, _shading_map
-from qdquant.simulate.truth import HER2_DEFAULTS, _centroids, _her2_cells, _label_means, sample_truth
+from qdquant.simulate.truth import (
+    HER2_DEFAULTS,
+    _centroids,
+    _her2_cells,
+    _her2_geometry,
+    _label_means,
+    sample_truth,
+)
 
 # ----------------------------------------------------------------------------
 # semi-synthetic slide from a real MIBI-TOF field of view
@@ -83,15 +95,11 @@ def simulate_mibi(
     cell (Otsu; the cell's core where HH3 shows none).
 
     Truth classes are *measured* on the true abundance over the true cells
-    with the core package's implementation of the contract's rules: HER2
-    from the membrane ring sectors
-    (:func:`qdquant.quantification.membrane_sectors`,
-    :func:`qdquant.scoring.her2_cell_scores`), ER/Ki67 bins from the nuclear
-    mean (:func:`qdquant.quantification.measure_cells`,
-    :func:`qdquant.scoring.intensity_bins`); tumour cells are those whose
-    E-cadherin ring mean passes the contract's ``tumour: threshold: auto``
-    gate (:func:`qdquant.scoring.tumour_threshold_auto`,
-    :func:`qdquant.scoring.is_tumour`; the threshold is recorded as
+    by the simulator's reference implementation of the contract's rules
+    (:mod:`qdquant.simulate.reference`): HER2 from the membrane ring
+    sectors, ER/Ki67 bins from the mean over the nucleus; tumour cells are
+    those whose E-cadherin ring mean passes the contract's
+    ``tumour: threshold: auto`` gate (Otsu on log1p; the threshold is recorded as
     ``tumour_threshold_ecad``), immune cells the other cells whose CD45 cell
     mean is 3 robust standard deviations above the median, the rest stroma.
 
@@ -226,31 +234,27 @@ def simulate_mibi(
 
     # truth: the contract's rules on the true abundance over the true cells
     area, cy, cx = _centroids(cells, n)
-    inten, comp, her2_cls = _her2_cells(abund[_IDX["QD655"]], cells, n, cy, cx)
-    measured = measure_cells(
-        cells, nuclei, abund[[_IDX["QD705"], _IDX["QD565"], _IDX["QD585"]]], ["ECAD", "ER", "Ki67"],
-        width,
-    )
-
-    def per_id(column):
-        out = np.full(n + 1, np.nan)
-        out[measured["CellID"].to_numpy()] = measured[column].to_numpy()
-        return out
-
-    ecad_ring = per_id("ECAD_membrane_mean")
-    tumour_thr = tumour_threshold_auto(ecad_ring[1:])
+    inten, comp, her2_cls = _her2_cells(abund[_IDX["QD655"]], _her2_geometry(cells, n, cy, cx))
+    markers = {name: abund[_IDX[em]] for name, em in (("ECAD", "QD705"), ("ER", "QD565"), ("Ki67", "QD585"))}
+    ecad_ring = _label_means(markers["ECAD"], cells, ring_m, n)
+    tumour_thr = _otsu_log1p(ecad_ring[1:])
     cd45 = _label_means(sm["CD45"], cells, inside, n)
     cd45_med = float(np.nanmedian(cd45[1:]))
     immune_thr = cd45_med + 3.0 * 1.4826 * float(np.nanmedian(np.abs(cd45[1:] - cd45_med)))
-    tumour_cell = is_tumour(ecad_ring, tumour_thr)
+    with np.errstate(invalid="ignore"):
+        tumour_cell = ecad_ring >= tumour_thr
     ctype = np.where(tumour_cell, "tumour", np.where(cd45 >= immune_thr, "immune", "stroma"))
     panel = default_panel().set_index("marker")
 
     def nuc_bins(marker):
-        m = per_id(f"{marker}_nucleus_mean")
-        t1, t2, t3 = (float(v) if np.isfinite(v) else None
-                      for v in panel.loc[marker, ["t1", "t2", "t3"]].astype(float))
-        return m, intensity_bins(m, t1=t1, t2=t2, t3=t3)
+        m = _label_means(markers[marker], cells, nucleus_m, n)
+        bins = np.zeros(n + 1, dtype=np.int64)
+        for t in panel.loc[marker, ["t1", "t2", "t3"]].astype(float):
+            if np.isfinite(t):
+                with np.errstate(invalid="ignore"):
+                    bins += m >= t
+        bins[np.isnan(m)] = -1
+        return m, bins
 
     er_m, er_bin = nuc_bins("ER")
     ki_m, ki_bin = nuc_bins("Ki67")
@@ -334,3 +338,18 @@ def simulate_mibi(
         off_library=np.zeros((2,) + shape, np.float32),
         off_library_spectra=_off_library_spectra(BAND_WAVELENGTHS_NM),
     )
+
+
+def _otsu_log1p(values: np.ndarray) -> float:
+    """Tumour gate: Otsu's threshold on ``log1p`` of the finite values, back in value units.
+
+    The threshold sits midway (in log1p) between the highest value below it
+    and the lowest above it, so that it does not fall on a cell.
+    """
+    from skimage.filters import threshold_otsu
+
+    logv = np.log1p(np.maximum(values[np.isfinite(values)], 0.0))
+    if logv.size == 0 or logv.min() == logv.max():
+        return float(np.expm1(logv.min())) if logv.size else np.nan
+    t = threshold_otsu(logv)
+    return float(np.expm1((logv[logv <= t].max() + logv[logv > t].min()) / 2))

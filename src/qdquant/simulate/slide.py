@@ -12,13 +12,44 @@ import pandas as pd
 import tifffile
 from scipy import ndimage as ndi
 
-from qdquant.scoring import HER2_CLASSES
-from qdquant.segmentation import compartments
-from qdquant.simulate.her2_design import HER2_LEVELS, HER2_MIX_PRESETS, _design_her2, _repair_level_jumps, _values_at
+from qdquant.simulate.her2_design import (
+    HER2_LEVELS,
+    HER2_MIX_PRESETS,
+    _design_her2,
+    _repair_level_jumps,
+    _values_at,
+)
+from qdquant.simulate.reference import HER2_CLASSES, compartments
 from qdquant.simulate.rendering import _render_cells, _render_cube, _spectral_perturbation
-from qdquant.simulate.spectra import AF_MIX, BAND_WAVELENGTHS_NM, ENDMEMBERS, _IDX, _off_library_spectra, band_spectra, default_panel
-from qdquant.simulate.tissue import _abundance_stack, _autofluorescence, _build_tissue, _candidates, _check, _exact_counts, _pairs_within, _poisson_disc, _shading_map, _smooth_noise
-from qdquant.simulate.truth import HER2_DEFAULTS, _centroids, _her2_cells, _label_means, sample_truth
+from qdquant.simulate.spectra import (
+    AF_MIX,
+    BAND_WAVELENGTHS_NM,
+    ENDMEMBERS,
+    _IDX,
+    _off_library_spectra,
+    band_spectra,
+    default_panel,
+)
+from qdquant.simulate.tissue import (
+    _abundance_stack,
+    _autofluorescence,
+    _build_tissue,
+    _candidates,
+    _check,
+    _exact_counts,
+    _pairs_within,
+    _poisson_disc,
+    _shading_map,
+    _smooth_noise,
+)
+from qdquant.simulate.truth import (
+    HER2_DEFAULTS,
+    _centroids,
+    _her2_cells,
+    _her2_geometry,
+    _label_means,
+    sample_truth,
+)
 
 
 _CELL_TYPES = ("tumour", "stroma", "immune")
@@ -422,7 +453,7 @@ def simulate_slide(
     )
 
     # --- truth tables --------------------------------------------------------
-    inten_t, comp_t, cls_t = _her2_cells(abund[_IDX["QD655"]], cells, n, cy, cx)
+    inten_t, comp_t, cls_t = _her2_cells(abund[_IDX["QD655"]], _her2_geometry(cells, n, cy, cx))
     ids = np.arange(1, n + 1)
     cells_truth = pd.DataFrame(
         {

@@ -5,29 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from qdquant.quantification import membrane_sectors
-from qdquant.scoring import her2_cell_scores, her2_sample_score, marker_sample_scores, receptor_status, surrogate_subtype
+from qdquant.simulate import reference
+from qdquant.simulate.reference import contract_defaults, membrane_ring
 from qdquant.simulate.spectra import default_panel
 
-
-#: Contract defaults of the HER2 rule (abundance units, pixels).
+_CONTRACT = contract_defaults()
+#: The contract's HER2 rule defaults (abundance units, pixels), from the config schema.
 HER2_DEFAULTS: dict = {
-    "t_faint": 20.0,
-    "t_weak": 60.0,
-    "t_strong": 150.0,
-    "complete_fraction": 0.9,
-    "sectors": 36,
-    "membrane_width_px": 2,
-    "ultralow_min_pct": 1.0,
+    k: _CONTRACT[k]
+    for k in ("t_faint", "t_weak", "t_strong", "complete_fraction", "sectors",
+              "membrane_width_px", "ultralow_min_pct")
 }
-#: Contract defaults of the surrogate-subtype section (passed to
-#: :func:`qdquant.scoring.surrogate_subtype`).
-SUBTYPE_DEFAULTS: dict = {"pr_cutoff_pct": 20.0, "ki67_cutoff_pct": 20.0}
+#: The contract's surrogate-subtype defaults, from the config schema.
+SUBTYPE_DEFAULTS: dict = {k: _CONTRACT[k] for k in ("pr_cutoff_pct", "ki67_cutoff_pct")}
+
+__all__ = ["HER2_DEFAULTS", "SUBTYPE_DEFAULTS", "her2_ring_scores", "membrane_ring", "sample_truth"]
 
 # ----------------------------------------------------------------------------
-# per-cell measurements: the contract's rules live in the core package
-# (qdquant.segmentation, qdquant.quantification, qdquant.scoring); the
-# simulator only calls them
+# per-cell truth: the contract's rules as written in qdquant.simulate.reference,
+# which shares no code with the pipeline
 
 
 def _centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,12 +46,27 @@ def _label_means(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, n: int
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _her2_cells(her2: np.ndarray, cells: np.ndarray, n: int, cy: np.ndarray, cx: np.ndarray):
+def _her2_geometry(cells: np.ndarray, n: int, cy: np.ndarray, cx: np.ndarray) -> list:
+    """Ring pixels and sectors of the labels 1..n (see :func:`reference.ring_sectors`)."""
+    ids = np.arange(1, n + 1)
+    return reference.ring_sectors(
+        cells, ids, np.column_stack([cy[ids], cx[ids]]),
+        HER2_DEFAULTS["membrane_width_px"], HER2_DEFAULTS["sectors"],
+    )
+
+
+def _her2_cells(her2: np.ndarray, geometry: list, **rule):
     """The contract's per-cell HER2 rule on the labels 1..n, as arrays indexed by id.
 
-    Sector sums from :func:`qdquant.quantification.membrane_sectors` (around
-    the centroids ``cy``, ``cx``), scored by
-    :func:`qdquant.scoring.her2_cell_scores` with :data:`HER2_DEFAULTS`.
+    Parameters
+    ----------
+    her2 : (Y, X) ndarray
+        HER2 abundance.
+    geometry : list
+        :func:`_her2_geometry` of the cells, one entry per id 1..n.
+    **rule
+        ``t_faint``, ``t_weak``, ``t_strong``, ``complete_fraction``;
+        default :data:`HER2_DEFAULTS`.
 
     Returns
     -------
@@ -63,36 +74,33 @@ def _her2_cells(her2: np.ndarray, cells: np.ndarray, n: int, cy: np.ndarray, cx:
     her2_class : (n + 1,) object (str)
         Index 0 (background) and ids without pixels read 0, 0, "0".
     """
-    ids = np.arange(1, n + 1)
-    sums, npx = membrane_sectors(
-        cells, np.asarray(her2), ids, np.column_stack([cy[ids], cx[ids]]),
-        HER2_DEFAULTS["membrane_width_px"], sectors=HER2_DEFAULTS["sectors"],
-    )
-    inten, comp, cls = her2_cell_scores(sums, npx, **_rule_kw())
-    return (
-        np.concatenate([[0.0], inten]),
-        np.concatenate([[0.0], comp]),
-        np.concatenate([np.array(["0"], dtype=object), cls]),
-    )
+    rule = {**_rule_kw(), **rule}
+    sums, npx = reference.sector_sums(her2, geometry, HER2_DEFAULTS["sectors"])
+    n = len(geometry)
+    intensity, completeness = np.zeros(n + 1), np.zeros(n + 1)
+    her2_class = np.full(n + 1, "0", dtype=object)
+    for k in range(n):
+        intensity[k + 1], completeness[k + 1], her2_class[k + 1] = reference.her2_cell(
+            sums[k], npx[k], **rule
+        )
+    return intensity, completeness, her2_class
 
 
 def her2_ring_scores(
     her2: np.ndarray,
     cells: np.ndarray,
     *,
-    membrane_width_px: float = 2,
-    sectors: int = 36,
-    t_faint: float = 20.0,
-    t_weak: float = 60.0,
-    t_strong: float = 150.0,
-    complete_fraction: float = 0.9,
+    membrane_width_px: float | None = None,
+    sectors: int | None = None,
+    t_faint: float | None = None,
+    t_weak: float | None = None,
+    t_strong: float | None = None,
+    complete_fraction: float | None = None,
 ) -> pd.DataFrame:
     """The contract's per-cell HER2 rule applied to an abundance map and cell labels.
 
-    A thin wrapper: sector sums from
-    :func:`qdquant.quantification.membrane_sectors` around each cell's
-    centroid, scored by :func:`qdquant.scoring.her2_cell_scores`. Used to
-    verify the simulator's truth (on the true abundance and the TRUE cells).
+    Computed by :mod:`qdquant.simulate.reference` (no pipeline code): the
+    ring sectors around each cell's centroid, scored by the contract's table.
 
     Parameters
     ----------
@@ -102,7 +110,8 @@ def her2_ring_scores(
         Cell labels, 0 = background.
     membrane_width_px, sectors, t_faint, t_weak, t_strong, complete_fraction
         The contract's ``segmentation.membrane_width_px`` (pixels) and ``her2``
-        settings (abundance units; completeness as a fraction).
+        settings (abundance units; completeness as a fraction); None: the
+        default (:data:`HER2_DEFAULTS`).
 
     Returns
     -------
@@ -110,24 +119,25 @@ def her2_ring_scores(
         One row per cell present: ``CellID``, ``her2_membrane_intensity``
         (abundance units), ``her2_completeness`` (0–1), ``her2_class``.
     """
+    given = dict(membrane_width_px=membrane_width_px, sectors=sectors, t_faint=t_faint,
+                 t_weak=t_weak, t_strong=t_strong, complete_fraction=complete_fraction)
+    kw = {k: HER2_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    width, n_sectors = kw.pop("membrane_width_px"), kw.pop("sectors")
     cells = np.asarray(cells).astype(np.int64)
     n = int(cells.max(initial=0))
     count, cy, cx = _centroids(cells, n)
     present = np.nonzero(count[1:] > 0)[0] + 1
-    sums, npx = membrane_sectors(
-        cells, np.asarray(her2, dtype=float), present, np.column_stack([cy[present], cx[present]]),
-        membrane_width_px, sectors=sectors,
+    geometry = reference.ring_sectors(
+        cells, present, np.column_stack([cy[present], cx[present]]), width, n_sectors
     )
-    intensity, completeness, her2_class = her2_cell_scores(
-        sums, npx, t_faint=t_faint, t_weak=t_weak, t_strong=t_strong,
-        complete_fraction=complete_fraction,
-    )
+    sums, npx = reference.sector_sums(her2, geometry, n_sectors)
+    rows = [reference.her2_cell(s_, c_, **kw) for s_, c_ in zip(sums, npx)]
     return pd.DataFrame(
         {
             "CellID": present,
-            "her2_membrane_intensity": intensity,
-            "her2_completeness": completeness,
-            "her2_class": her2_class,
+            "her2_membrane_intensity": np.array([r[0] for r in rows], dtype=float),
+            "her2_completeness": np.array([r[1] for r in rows], dtype=float),
+            "her2_class": np.array([r[2] for r in rows], dtype=object),
         }
     )
 
@@ -145,12 +155,12 @@ def sample_truth(cells_truth: pd.DataFrame, panel: pd.DataFrame | None = None) -
 
     Computed twice: over all cells (keys suffixed ``_all``) and over the
     tumour cells (``cell_type == "tumour"``, suffix ``_tumour``). The rules
-    are those of :mod:`qdquant.scoring` (:func:`~qdquant.scoring.her2_sample_score`,
-    :func:`~qdquant.scoring.marker_sample_scores`,
-    :func:`~qdquant.scoring.receptor_status`,
-    :func:`~qdquant.scoring.surrogate_subtype`), applied to the designed
-    classes: a cell's designed bin b (0..3) is scored as the value b against
-    thresholds 1, 2, 3, which puts it back in bin b.
+    are the contract's, as written in :mod:`qdquant.simulate.reference`
+    (:func:`~qdquant.simulate.reference.her2_sample`,
+    :func:`~qdquant.simulate.reference.marker_sample`,
+    :func:`~qdquant.simulate.reference.receptor_status`,
+    :func:`~qdquant.simulate.reference.surrogate_subtype`), applied to the
+    designed classes and bins.
 
     Parameters
     ----------
@@ -171,8 +181,8 @@ def sample_truth(cells_truth: pd.DataFrame, panel: pd.DataFrame | None = None) -
         (percent), ``{marker}_pct_positive`` and ``{marker}_status`` for every
         marker scored hscore/allred/percent_positive, ``{marker}_hscore``
         (0–300) or ``{marker}_allred`` (0–8) as scored, and
-        ``surrogate_subtype``. A scope without cells gets the core's "not
-        assessable" values (NaN percentages and scores, ``her2_score`` None).
+        ``surrogate_subtype``. A scope without cells gets "not assessable"
+        values (NaN percentages and scores, ``her2_score`` None).
     """
     panel = default_panel() if panel is None else panel
     out: dict = {
@@ -185,7 +195,7 @@ def sample_truth(cells_truth: pd.DataFrame, panel: pd.DataFrame | None = None) -
     for scope in ("all", "tumour"):
         ct = cells_truth if scope == "all" else cells_truth[cells_truth["cell_type"] == "tumour"]
         res = {"n_cells": int(len(ct))}
-        her2 = her2_sample_score(
+        her2 = reference.her2_sample(
             ct["her2_class"].to_numpy(object), ultralow_min_pct=HER2_DEFAULTS["ultralow_min_pct"]
         )
         for k in ("her2_score", "her2_category", "her2_pct_0", "her2_pct_1plus",
@@ -197,17 +207,15 @@ def sample_truth(cells_truth: pd.DataFrame, panel: pd.DataFrame | None = None) -
             col = _MARKER_BIN_COLUMN.get(marker)
             if col is None or col not in ct:
                 continue
-            bins = ct[col].to_numpy(float)
-            bins[bins < 0] = np.nan  # not evaluable
-            scores = marker_sample_scores(bins, score=row["score"], t1=1, t2=2, t3=3, marker=marker)
+            scores = reference.marker_sample(ct[col].to_numpy(float), score=row["score"], marker=marker)
             pos = scores[f"{marker}_pct_positive"]
             pct_pos[marker] = pos
             res[f"{marker}_pct_positive"] = pos
-            res[f"{marker}_status"] = receptor_status(pos)
+            res[f"{marker}_status"] = reference.receptor_status(pos)
             if row["score"] in ("hscore", "allred"):
                 res[f"{marker}_{row['score']}"] = scores[f"{marker}_{row['score']}"]
         if "ER" in pct_pos and "PR" in pct_pos:
-            res["surrogate_subtype"] = surrogate_subtype(
+            res["surrogate_subtype"] = reference.surrogate_subtype(
                 res["her2_score"], pct_pos["ER"], pct_pos["PR"], pct_pos.get("Ki67"),
                 **SUBTYPE_DEFAULTS,
             )
