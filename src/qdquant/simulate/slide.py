@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
-from scipy import ndimage as ndi
 
 from qdquant.simulate.her2_design import (
     HER2_LEVELS,
@@ -20,7 +19,8 @@ from qdquant.simulate.her2_design import (
     _values_at,
 )
 from qdquant.simulate.reference import HER2_CLASSES, compartments
-from qdquant.simulate.rendering import _render_cells, _render_cube, _spectral_perturbation
+from qdquant.simulate.rendering import _render_cube, _spectral_perturbation
+from qdquant.simulate.stains import _design_markers, _off_library_discs
 from qdquant.simulate.spectra import (
     AF_MIX,
     BAND_WAVELENGTHS_NM,
@@ -34,11 +34,9 @@ from qdquant.simulate.tissue import (
     _abundance_stack,
     _autofluorescence,
     _build_tissue,
-    _candidates,
     _check,
     _exact_counts,
     _pairs_within,
-    _poisson_disc,
     _shading_map,
     _smooth_noise,
 )
@@ -47,7 +45,6 @@ from qdquant.simulate.truth import (
     _centroids,
     _her2_cells,
     _her2_geometry,
-    _label_means,
     sample_truth,
 )
 
@@ -309,8 +306,7 @@ def simulate_slide(
     )
     n = len(ctype)
 
-    area, cy, cx = _centroids(cells, n)
-    nuc_area = np.bincount(nuclei.ravel(), minlength=n + 1)
+    _, cy, cx = _centroids(cells, n)
     nucleus_m, ring_m, cyto_m = compartments(cells, nuclei, width)
     tum_ids = np.nonzero(ctype == 0)[0] + 1
     n_t = len(tum_ids)
@@ -329,73 +325,19 @@ def simulate_slide(
         incomplete_fraction=her2_incomplete_fraction, psf_sigma_px=psf_sigma_px,
         levels=HER2_LEVELS[her2_levels],
     )
-    her2_img = her2["image"]
-    ring_ids = np.where(ring_m, cells, 0)
 
-    # --- nuclear and cytoplasmic markers ------------------------------------
-    split = np.asarray(receptor_split, float)
-
-    def bins_for(pct):
-        n_pos = int(round(pct / 100.0 * n_t))
-        per = _exact_counts(split, n_pos) if n_pos else np.zeros(3, int)
-        out = np.zeros(n + 1, np.int8)
-        out[rng.permutation(tum_ids)] = np.repeat(np.arange(4), [n_t - n_pos, *per])
-        return out
-
-    def positive_for(pct, among):
-        n_pos = min(int(round(pct / 100.0 * n_t)), len(among))
-        out = np.zeros(n + 1, np.int8)
-        out[rng.permutation(among)[:n_pos]] = 1
-        return out
-
-    # mTOR is read on the cytoplasm: a cell without one (crowded nests) cannot be positive
-    has_cyto = np.bincount(cells[cyto_m], minlength=n + 1) > 0
-    er_bin, pr_bin = bins_for(er_pct), bins_for(pr_pct)
-    ki67_bin = positive_for(ki67_pct, tum_ids)
-    mtor_bin = positive_for(mtor_pct, tum_ids[has_cyto[tum_ids]])
-    bin_lo = np.array([0.0, 45.0, 105.0, 220.0])
-    bin_hi = np.array([8.0, 65.0, 135.0, 300.0])
-
-    def bin_targets(bins):
-        return np.where(np.arange(n + 1) > 0, rng.uniform(bin_lo[bins], bin_hi[bins]), 0.0)
-
-    er_t, pr_t = bin_targets(er_bin), bin_targets(pr_bin)
-    ki67_t = np.where(ki67_bin > 0, rng.uniform(60, 150, n + 1), rng.uniform(0, 6, n + 1))
-    mtor_t = np.where(mtor_bin > 0, rng.uniform(60, 110, n + 1), rng.uniform(0, 6, n + 1))
-    for t_ in (er_t, pr_t, ki67_t, mtor_t):  # markers only in tumour cells
-        t_[0] = 0.0
-        t_[1:][ctype != 0] = 0.0
-    chrom = np.clip(1.0 + 0.25 * _smooth_noise(rng, shape, 0.8 * um), 0.3, 1.8)
-    nuc_ids = np.where(nucleus_m, cells, 0)
-
-    def nuc_measure(img):
-        return _label_means(img, cells, nucleus_m, n)
-
-    def cyto_measure(img):
-        return _label_means(img, cells, cyto_m, n)
-
-    er_img, _ = _render_cells(er_t, nuc_ids, chrom, nuc_measure, psf_sigma_px)
-    pr_img, _ = _render_cells(pr_t, nuc_ids, chrom, nuc_measure, psf_sigma_px)
-    ki_img, _ = _render_cells(ki67_t, nuc_ids, chrom, nuc_measure, psf_sigma_px)
-    cyto_draw = np.where((cells > 0) & ~nucleus_m, cells, 0)
-    cyto_tex = np.clip(1.0 + 0.2 * _smooth_noise(rng, shape, 1.5), 0.4, 1.6)
-    mtor_img, _ = _render_cells(mtor_t, cyto_draw, cyto_tex, cyto_measure, psf_sigma_px)
-
-    ecad_t = np.zeros(n + 1)
-    ecad_t[tum_ids] = rng.uniform(70.0, 150.0, n_t)
-    ecad_img, _ = _render_cells(
-        ecad_t, ring_ids, np.clip(1.0 + 0.2 * _smooth_noise(rng, shape, 1.0), 0.4, 1.6),
-        lambda img: _label_means(img, cells, ring_m, n), psf_sigma_px,
+    # --- nuclear, cytoplasmic and membrane markers, DAPI ---------------------
+    mk = _design_markers(
+        rng, cells, nuclei, ctype, (nucleus_m, ring_m, cyto_m), um=um, psf_sigma_px=psf_sigma_px,
+        pcts=(er_pct, pr_pct, ki67_pct, mtor_pct), receptor_split=receptor_split,
     )
-
-    dapi_lvl = np.zeros(n + 1)
-    dapi_lvl[1:] = rng.uniform(120.0, 260.0, n) * np.select([ctype == 2, ctype == 1], [1.4, 1.1], 1.0)
-    dapi_img = ndi.gaussian_filter((dapi_lvl[nuclei] * chrom).astype(np.float32), psf_sigma_px)
 
     af_img = _autofluorescence(rng, ~nest, um)
 
-    abund = _abundance_stack(shape, offset_counts, DAPI=dapi_img, QD525=mtor_img, QD565=er_img, QD585=ki_img,
-                             QD605=pr_img, QD655=her2_img, QD705=ecad_img, AF=af_img)
+    abund = _abundance_stack(
+        shape, offset_counts, DAPI=mk["dapi_img"], QD525=mk["mtor_img"], QD565=mk["er_img"],
+        QD585=mk["ki_img"], QD605=mk["pr_img"], QD655=her2["image"], QD705=mk["ecad_img"], AF=af_img,
+    )
     if unstained:  # autofluorescence and camera offset only
         abund[[i for i, e in enumerate(ENDMEMBERS) if e not in ("AF", "Offset")]] = 0.0
 
@@ -404,32 +346,10 @@ def simulate_slide(
     off_spec = _off_library_spectra(BAND_WAVELENGTHS_NM)
     off_info = {"n_rbc": 0, "n_lipofuscin": 0}
     if off_library_af:
-        free = (cells == 0) & (~nest) & (ndi.distance_transform_edt(cells == 0) > 5 * um) & inner
-        n_rbc = max(1, int(round(14 * shape[0] * shape[1] / 512**2)))
-        n_lip = max(1, int(round(10 * shape[0] * shape[1] / 512**2)))
-        cand = _poisson_disc(rng, _candidates(rng, free, 3 * um), 9 * um)
-        if lipofuscin_in_cells:
-            cytoplasm = np.r_[False, ctype == 0][cells] & (nuclei == 0) & inner
-            lip = _poisson_disc(rng, _candidates(rng, cytoplasm, 1 * um), 9 * um)
-            rbc = cand[rng.permutation(len(cand))[:n_rbc]]
-            cand = np.concatenate([rbc, lip[rng.permutation(len(lip))[:n_lip]]])
-            n_rbc = len(rbc)
-        else:
-            cand = cand[rng.permutation(len(cand))[: n_rbc + n_lip]]
-            n_rbc = min(n_rbc, len(cand))
-        rad = np.concatenate([rng.uniform(3.3, 3.8, n_rbc), rng.uniform(0.8, 1.6, len(cand) - n_rbc)]) * um
-        amp_d = np.concatenate([rng.uniform(150, 300, n_rbc), rng.uniform(250, 500, len(cand) - n_rbc)])
-        dseed = np.zeros(shape, np.int32)
-        dseed[np.rint(cand[:, 0]).astype(int), np.rint(cand[:, 1]).astype(int)] = np.arange(1, len(cand) + 1)
-        dd, (jy, jx) = ndi.distance_transform_edt(dseed == 0, return_indices=True)
-        k = dseed[jy, jx] - 1
-        rr = dd / rad[k]
-        inside = rr <= 1.0
-        profile = np.where(k < n_rbc, 0.65 + 0.35 * rr**2, 1.0)  # biconcave red cells
-        val = np.where(inside, amp_d[k] * profile, 0.0)
-        off[0] = ndi.gaussian_filter(np.where(k < n_rbc, val, 0.0).astype(np.float32), psf_sigma_px)
-        off[1] = ndi.gaussian_filter(np.where(k >= n_rbc, val, 0.0).astype(np.float32), psf_sigma_px)
-        off_info = {"n_rbc": int(n_rbc), "n_lipofuscin": int(len(cand) - n_rbc)}
+        off, off_info = _off_library_discs(
+            rng, cells, nuclei, ctype, nest, inner, um=um, psf_sigma_px=psf_sigma_px,
+            lipofuscin_in_cells=lipofuscin_in_cells,
+        )
 
     # --- spectra and camera --------------------------------------------------
     library = band_spectra()
@@ -453,40 +373,8 @@ def simulate_slide(
     )
 
     # --- truth tables --------------------------------------------------------
-    inten_t, comp_t, cls_t = _her2_cells(abund[_IDX["QD655"]], _her2_geometry(cells, n, cy, cx))
-    ids = np.arange(1, n + 1)
-    cells_truth = pd.DataFrame(
-        {
-            "CellID": ids,
-            "X_centroid": cx[ids],
-            "Y_centroid": cy[ids],
-            "X_um": cx[ids] * pixel_size_um,
-            "Y_um": cy[ids] * pixel_size_um,
-            "Area": area[ids].astype(int),
-            "NucleusArea": nuc_area[ids].astype(int),
-            "cell_type": np.array(_CELL_TYPES, dtype=object)[ctype],
-            "is_tumour": ctype == 0,
-            "her2_class": np.array(HER2_CLASSES, dtype=object)[cls[ids]],
-            "her2_intensity": her2["intensity"][ids],
-            "her2_completeness": her2["completeness"][ids],
-            "her2_pattern": her2["pattern"][ids].astype(str),
-            "her2_ring_level": her2["ring_level"][ids],
-            "her2_membrane_intensity_true": inten_t[ids],
-            "her2_completeness_true": comp_t[ids],
-            "her2_class_true": cls_t[ids],
-            "er_bin": er_bin[ids].astype(int),
-            "pr_bin": pr_bin[ids].astype(int),
-            "ki67_bin": ki67_bin[ids].astype(int),
-            "mtor_bin": mtor_bin[ids].astype(int),
-            "ki67_positive": ki67_bin[ids] > 0,
-            "mtor_positive": mtor_bin[ids] > 0,
-            "er_intensity": er_t[ids],
-            "pr_intensity": pr_t[ids],
-            "ki67_intensity": ki67_t[ids],
-            "mtor_intensity": mtor_t[ids],
-            "ecad": ecad_t[ids],
-            "dapi": dapi_lvl[ids],
-        }
+    cells_truth = _cells_truth_table(
+        cells, nuclei, ctype, cls, her2, mk, abund[_IDX["QD655"]], pixel_size_um
     )
     truth = sample_truth(cells_truth)
     truth.update(
@@ -518,7 +406,7 @@ def simulate_slide(
                 "shading": float(shading), "off_library_af": bool(off_library_af),
                 "lipofuscin_in_cells": bool(lipofuscin_in_cells), "crowded": bool(crowded), "her2_incomplete_fraction": float(her2_incomplete_fraction),
                 "her2_levels": her2_levels,
-                "receptor_split": [float(x) for x in split], "nest_fraction": float(nest_fraction),
+                "receptor_split": [float(x) for x in receptor_split], "nest_fraction": float(nest_fraction),
                 "psf_sigma_px": float(psf_sigma_px), "fov_px": int(fov_px),
                 "af_mix": dict(af_mix or AF_MIX), "unstained": bool(unstained),
                 "exact_library": bool(exact_library),
@@ -612,3 +500,66 @@ def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return obj
+
+
+def _cells_truth_table(cells, nuclei, ctype, cls, her2, mk, her2_abundance, pixel_size_um):
+    """One row per cell of a simulated slide: position, size, type, designed classes and levels.
+
+    Parameters
+    ----------
+    cells, nuclei : (Y, X) ndarray of int
+    ctype : (n,) ndarray of int
+        Cell type of ids 1..n (index into ``_CELL_TYPES``).
+    cls : (n + 1,) ndarray of int
+        Designed HER2 class index per id.
+    her2 : dict
+        :func:`~qdquant.simulate.her2_design._design_her2`'s result.
+    mk : dict
+        :func:`~qdquant.simulate.stains._design_markers`'s result.
+    her2_abundance : (Y, X) ndarray
+        True HER2 abundance, on which the ``*_true`` columns apply the rule.
+    pixel_size_um : float
+
+    Returns
+    -------
+    pandas.DataFrame
+        The columns described in :func:`simulate_slide`.
+    """
+    n = len(ctype)
+    area, cy, cx = _centroids(cells, n)
+    nuc_area = np.bincount(nuclei.ravel(), minlength=n + 1)
+    inten_t, comp_t, cls_t = _her2_cells(her2_abundance, _her2_geometry(cells, n, cy, cx))
+    ids = np.arange(1, n + 1)
+    return pd.DataFrame(
+        {
+            "CellID": ids,
+            "X_centroid": cx[ids],
+            "Y_centroid": cy[ids],
+            "X_um": cx[ids] * pixel_size_um,
+            "Y_um": cy[ids] * pixel_size_um,
+            "Area": area[ids].astype(int),
+            "NucleusArea": nuc_area[ids].astype(int),
+            "cell_type": np.array(_CELL_TYPES, dtype=object)[ctype],
+            "is_tumour": ctype == 0,
+            "her2_class": np.array(HER2_CLASSES, dtype=object)[cls[ids]],
+            "her2_intensity": her2["intensity"][ids],
+            "her2_completeness": her2["completeness"][ids],
+            "her2_pattern": her2["pattern"][ids].astype(str),
+            "her2_ring_level": her2["ring_level"][ids],
+            "her2_membrane_intensity_true": inten_t[ids],
+            "her2_completeness_true": comp_t[ids],
+            "her2_class_true": cls_t[ids],
+            "er_bin": mk["er_bin"][ids].astype(int),
+            "pr_bin": mk["pr_bin"][ids].astype(int),
+            "ki67_bin": mk["ki67_bin"][ids].astype(int),
+            "mtor_bin": mk["mtor_bin"][ids].astype(int),
+            "ki67_positive": mk["ki67_bin"][ids] > 0,
+            "mtor_positive": mk["mtor_bin"][ids] > 0,
+            "er_intensity": mk["er_t"][ids],
+            "pr_intensity": mk["pr_t"][ids],
+            "ki67_intensity": mk["ki67_t"][ids],
+            "mtor_intensity": mk["mtor_t"][ids],
+            "ecad": mk["ecad_t"][ids],
+            "dapi": mk["dapi_lvl"][ids],
+        }
+    )
