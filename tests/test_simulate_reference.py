@@ -57,30 +57,25 @@ CELLS = np.array(
 )
 
 
-def test_membrane_ring_width_1_uses_4_neighbours_and_not_the_image_edge():
-    want = np.array(
-        [
-            [0, 1, 1, 0, 0],
-            [0, 1, 1, 0, 0],
-            [0, 1, 0, 1, 1],
-            [0, 0, 1, 0, 0],
-        ],
-        dtype=bool,
-    )
-    np.testing.assert_array_equal(ref.membrane_ring(CELLS, 1), want)
+RING_1 = np.array(  # 4-neighbours only; the image edge is not outside
+    [
+        [0, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 1, 0, 1, 1],
+        [0, 0, 1, 0, 0],
+    ],
+    dtype=bool,
+)
+RING_1_5 = RING_1.copy()
+RING_1_5[1, 3] = RING_1_5[3, 1] = True  # diagonal neighbour (2, 2) is background
 
 
-def test_membrane_ring_width_1_5_adds_diagonals():
-    want = np.array(
-        [
-            [0, 1, 1, 0, 0],
-            [0, 1, 1, 1, 0],
-            [0, 1, 0, 1, 1],
-            [0, 1, 1, 0, 0],
-        ],
-        dtype=bool,
-    )
-    np.testing.assert_array_equal(ref.membrane_ring(CELLS, 1.5), want)
+@pytest.mark.parametrize("width, want", [(1, RING_1), (1.5, RING_1_5)])
+def test_membrane_ring_on_literal_labels(width, want):
+    np.testing.assert_array_equal(ref.membrane_ring(CELLS, width), want)
+
+
+def test_membrane_ring_is_empty_below_one_pixel_or_with_nothing_outside():
     assert not ref.membrane_ring(CELLS, 0.5).any()
     assert not ref.membrane_ring(np.ones((3, 3), int), 1).any()  # one cell, nothing outside
 
