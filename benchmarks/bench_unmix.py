@@ -46,6 +46,7 @@ import resource
 import sys
 import time
 import tracemalloc
+from functools import partial
 
 
 def _parser():
@@ -223,22 +224,28 @@ def main(argv=None):
           f"BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
-    unmixing._USE_NUMBA = args.engine == "numba" and unmixing._numba is not None
-    engine = "numba" if unmixing._USE_NUMBA else "numpy"
+    use = "numba" if args.engine == "numba" and unmixing.fit.resolve_engine("auto") == "numba" else "numpy"
+    fit = partial(unmix, engine=use)
+    engine = use
     if engine == "numba":
-        engine += f" {unmixing._numba.__version__}, {unmixing._numba.get_num_threads()} threads"
+        import numba
+
+        engine += f" {numba.__version__}, {numba.get_num_threads()} threads"
     flat = cube.reshape(args.bands, -1)
 
     # first call: numba compiles the kernel for this input type (or loads it
     # from its on-disk cache, cache=True); not part of the timings below
     t = time.perf_counter()
-    unmix(np.ascontiguousarray(cube[:, :64, :64]), a)
+    fit(np.ascontiguousarray(cube[:, :64, :64]), a)
     t_first = time.perf_counter() - t
-    if unmixing._USE_NUMBA:
-        kernels = [unmixing._nb_tiles, unmixing._nb_tiles_parallel,
-                   unmixing._nb_tiles8, unmixing._nb_tiles8_parallel, unmixing._nb_table16]
-        if unmixing._KP < args.endmembers <= unmixing._K16_MAX:
-            kernels.append(unmixing._tiles16_kernel(args.endmembers))
+    if use == "numba":
+        from qdquant.unmixing.kernels import K16_MAX, KP, lanes, scalar
+
+        kernels = [scalar.tiles, scalar.tiles_parallel, scalar.inverse_table, lanes.table16]
+        if args.endmembers <= KP:
+            kernels.append(lanes.lane_kernel(8, KP))
+        elif args.endmembers <= K16_MAX:
+            kernels.append(lanes.lane_kernel(16, args.endmembers))
         misses = sum(sum(f.stats.cache_misses.values()) for f in kernels)
         how = "compiled" if misses else "loaded from numba's cache"
         print(f"first call (64x64 px): {t_first:.2f} s, kernel {how}")
@@ -254,12 +261,12 @@ def main(argv=None):
         del _
         time.sleep(args.pause)
         t = time.perf_counter()
-        abund, resid = unmix(cube, a)
+        abund, resid = fit(cube, a)
         t_nnls = min(t_nnls, time.perf_counter() - t)
         del abund, resid
 
     tracemalloc.start()
-    unmix(cube, a)
+    fit(cube, a)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
@@ -273,7 +280,7 @@ def main(argv=None):
     t_scipy = (time.perf_counter() - t) / n_sub * n_px
     sub_cube = np.ascontiguousarray(flat[:, :n_sub]).reshape(args.bands, 1, n_sub)
     t = time.perf_counter()
-    ours = unmix(sub_cube, a)[0][:, 0, :]
+    ours = fit(sub_cube, a)[0][:, 0, :]
     t_sub = time.perf_counter() - t
     err = np.linalg.norm(ours - ref, axis=0) / np.maximum(1.0, np.linalg.norm(ref, axis=0))
 

@@ -275,3 +275,27 @@ def test_an_output_removes_what_a_killed_step_left_beside_it(tmp_path):
     with atomic_path(tmp_path / "unmixed.ome.zarr") as tmp:
         tmp.mkdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unmixed.ome.zarr"]
+
+
+def test_stores_keep_viewer_sized_chunks_and_steps_read_their_chunk_size(tmp_path):
+    """A 2048 px processing chunk is stored as 1024 px chunks (a viewer reads a whole stored chunk
+    for any pixel of it); the steps read 2048 px dask chunks of them, and every value round-trips."""
+    assert [io.store_chunk(c) for c in (2048, 4096, 1024, 512, 1500, 300)] == [1024, 1024, 1024, 512, 750, 300]
+    for c in (2048, 1500, 4096, 997):
+        assert c % io.store_chunk(c) == 0  # no two processing chunks share a stored one
+    rng = np.random.default_rng(1)
+    image = rng.random((2, 2100, 40)).astype(np.float32)
+    path = tmp_path / "unmixed.ome.zarr"
+    io.write_ome_zarr(path, da.from_array(image, chunks=(1, 2048, 2048)), ["A", "residual"], pixel_size_um=0.5,
+                      chunk_size=2048)
+    labels = rng.integers(0, 50, size=(2100, 40)).astype(np.int32)
+    io.write_labels(path, {"cells": labels}, chunk_size=2048)
+    assert zarr.open_group(str(path), mode="r")["s0"].chunks == (1, 1024, 1024)
+    assert zarr.open_group(str(path / "labels" / "cells"), mode="r")["s0"].chunks == (1024, 1024)
+    read, _ = io.read_ome_zarr(path, 2048)
+    assert read.chunks == ((1, 1), (2048, 52), (40,))
+    np.testing.assert_array_equal(read.compute(), image)
+    cells = io.read_labels(path, "cells", 2048)
+    assert cells.chunks == ((2048, 52), (40,))
+    np.testing.assert_array_equal(cells.compute(), labels)
+    assert io.read_labels(path, "cells").chunks == ((1024, 1024, 52), (40,))

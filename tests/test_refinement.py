@@ -68,7 +68,7 @@ def test_shift_model_reproduces_band_integrated_drift_at_the_grid_edges(endmembe
     spectrum there too (holding the edge value made DAPI's 420-nm band 5 %
     too bright at +4 nm, QD705's 720-nm band at -4 nm)."""
     from qdquant import simulate
-    from qdquant.unmixing import _shifted
+    from qdquant.unmixing.refine import _shifted
 
     library = simulate.band_spectra()
     wl = library["wavelength_nm"].to_numpy(float)
@@ -106,7 +106,8 @@ def test_a_shift_pressed_against_the_bound_keeps_the_library_spectrum():
 def test_one_column_residual_is_the_least_squares_residual_on_each_pixels_passive_set():
     """The trial residual from scatter matrices equals, up to one constant, the sum of
     per-pixel least squares on each pixel's passive set with the trial column."""
-    from qdquant.unmixing import _OneColumnResidual, _shifted_many, unmix
+    from qdquant.unmixing import unmix
+    from qdquant.unmixing.refine import _OneColumnResidual, _shifted_many
 
     slide = simulate.simulate_slide(her2_score="3+", shape=(96, 96), seed=31, drift_nm=3.0)
     wl = slide.wavelengths_nm

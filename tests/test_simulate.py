@@ -81,7 +81,7 @@ def test_library_format_and_perturbation():
 
 
 def test_bundled_spectra_and_source():
-    data = Path(sim.__file__).parent / "data"
+    data = Path(sim.__file__).parent.parent / "data"
     table = pd.read_csv(data / "reference_emission_spectra.csv")
     assert table.columns[0] == "wavelength_nm"
     assert np.all(np.diff(table["wavelength_nm"]) == 1)

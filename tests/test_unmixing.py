@@ -9,7 +9,7 @@ when numba cannot be imported.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import dask.array as da
@@ -20,33 +20,33 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import nnls
 
-from qdquant import unmixing
 from qdquant.errors import InputError
 from qdquant.unmixing import (
     CONDITION_LIMIT,
     LibraryCheck,
+    Tuning,
     check_library,
     estimate_offset,
     refine_library,
     unmix,
 )
+from qdquant.unmixing import kernels
+from qdquant.unmixing.fit import resolve_engine
+
+if kernels.AVAILABLE:
+    from qdquant.unmixing.kernels.lanes import lane_kernel
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-ENGINES = ["numpy"] + (["numba", "numba-cholesky"] if unmixing._numba is not None else [])
+ENGINES = ["numpy"] + (["numba", "numba-cholesky"] if kernels.AVAILABLE else [])
 with_engines = pytest.mark.parametrize("engine_name", ENGINES)
 
 
-@contextmanager
-def engine(name):
-    """Run ``unmix`` with one engine: "numpy", "numba" or "numba-cholesky"."""
-    saved = unmixing._USE_NUMBA, unmixing._FAST_LH
-    unmixing._USE_NUMBA = name.startswith("numba")
-    unmixing._FAST_LH = name != "numba-cholesky"
-    try:
-        yield
-    finally:
-        unmixing._USE_NUMBA, unmixing._FAST_LH = saved
+def engine(name, **tuning):
+    """``unmix`` with one engine: "numpy", "numba" or "numba-cholesky" (the scalar
+    kernel's Cholesky path for every K), and ``tuning`` (:class:`Tuning` fields)."""
+    return partial(unmix, engine="numpy" if name == "numpy" else "numba",
+                   tuning=Tuning(vector_kernels=name != "numba-cholesky", **tuning))
 
 WL = np.arange(500.0, 700.0, 10.0)  # 20 bands
 
@@ -121,8 +121,8 @@ def problems(draw, ill=False, k_range=None):
 @given(problems())
 def test_matches_scipy_well_conditioned(engine_name, problem):
     a, cube = problem
-    with engine(engine_name):
-        abund, resid = unmix(cube, a)
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a)
     assert abund.shape == (a.shape[1],) + cube.shape[1:] and abund.dtype == np.float32
     assert resid.shape == cube.shape[1:] and resid.dtype == np.float32
     assert (abund >= 0).all()
@@ -135,8 +135,8 @@ def test_matches_scipy_well_conditioned(engine_name, problem):
 def test_matches_scipy_ill_conditioned(engine_name, problem):
     a, cube = problem
     assert 5e2 < cond(a) < 2e4
-    with engine(engine_name):
-        abund, _ = unmix(cube, a)
+    fit = engine(engine_name)
+    abund, _ = fit(cube, a)
     ref = scipy_unmix(cube, a)
     assert_close_per_pixel(abund, ref)
     # and the objective is at least as good as scipy's
@@ -162,8 +162,8 @@ def test_nine_to_twelve_endmembers_match_scipy(engine_name, problem, ill):
             a[:, 1] = a[:, 0] + eps * bump
             eps *= cond(a) / 3e3
         assert 5e2 < cond(a) < 2e4
-    with engine(engine_name):
-        abund, resid = unmix(cube, a)
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a)
     assert (abund >= 0).all()
     ref = scipy_unmix(cube, a)
     assert_close_per_pixel(abund, ref)
@@ -180,11 +180,11 @@ def test_dask_matches_scipy(engine_name, problem, data):
     c, h, w = cube.shape
     chunks = (data.draw(st.integers(1, c)), data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
     d = da.from_array(cube, chunks=chunks)
-    with engine(engine_name):
-        abund, resid = unmix(d, a)
-        assert isinstance(abund, da.Array) and isinstance(resid, da.Array)
-        abund, resid = da.compute(abund, resid)
-        np.testing.assert_allclose(resid, unmix(cube, a)[1], rtol=1e-5, atol=1e-5)
+    fit = engine(engine_name)
+    abund, resid = fit(d, a)
+    assert isinstance(abund, da.Array) and isinstance(resid, da.Array)
+    abund, resid = da.compute(abund, resid)
+    np.testing.assert_allclose(resid, fit(cube, a)[1], rtol=1e-5, atol=1e-5)
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
 
@@ -195,8 +195,8 @@ def test_dask_matches_scipy_ill_conditioned(engine_name, problem, data):
     a, cube = problem
     c, h, w = cube.shape
     d = da.from_array(cube, chunks=(data.draw(st.integers(1, c)), data.draw(st.integers(1, h)), w))
-    with engine(engine_name):
-        abund = unmix(d, a)[0].compute()
+    fit = engine(engine_name)
+    abund = fit(d, a)[0].compute()
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
 
@@ -208,8 +208,8 @@ def test_input_dtypes(engine_name, dtype):
     x = rng.gamma(1.0, 30.0, (4, 12, 9)) * (rng.random((4, 12, 9)) < 0.5)
     cube = np.clip(np.einsum("ck,kyx->cyx", a, x) + rng.normal(0, 2, (20, 12, 9)) + 5, 0, 250)
     cube = cube.astype(dtype)
-    with engine(engine_name):
-        abund, resid = unmix(cube, a)
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a)
     assert abund.dtype == np.float32 and resid.dtype == np.float32
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
@@ -222,8 +222,8 @@ def test_many_endmembers_matches_scipy(engine_name):
     a = gaussians(np.linspace(460, 740, 17), [12.0] * 17, wl)
     x = rng.gamma(1.0, 20.0, (17, 5, 8)) * (rng.random((17, 5, 8)) < 0.4)
     cube = np.einsum("ck,kyx->cyx", a, x) + rng.normal(0, 1.0, (40, 5, 8))
-    with engine(engine_name):
-        abund = unmix(cube, a)[0]
+    fit = engine(engine_name)
+    abund = fit(cube, a)[0]
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
 
 
@@ -232,8 +232,8 @@ def test_residual_is_rms_over_bands(engine_name):
     rng = np.random.default_rng(3)
     a = gaussians([530, 600], [20, 25])
     cube = rng.uniform(0, 50, (20, 6, 5))
-    with engine(engine_name):
-        abund, resid = unmix(cube, a, offset=3.0)
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a, offset=3.0)
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     expected = np.sqrt(((cube - 3.0 - model) ** 2).mean(axis=0))
     np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
@@ -249,8 +249,8 @@ def test_exact_mixture_has_zero_residual_and_edge_pixels(engine_name):
     x[:, 1, :] = [[7], [8], [9]]
     cube = np.einsum("ck,kyx->cyx", a, x)
     cube[:, 1, 2] = -5.0  # a pixel below the offset: all abundances 0
-    with engine(engine_name):
-        abund, resid = unmix(cube, a)
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a)
     x[:, 1, 2] = 0
     np.testing.assert_allclose(abund, x, rtol=1e-5, atol=1e-6)
     assert resid[0, :2].max() < 1e-6
@@ -263,9 +263,9 @@ def test_inputs_not_mutated(engine_name):
     a = gaussians([530, 600], [20, 25])
     cube = rng.uniform(0, 50, (20, 4, 4)).astype(np.float32)
     cube0, a0 = cube.copy(), a.copy()
-    with engine(engine_name):
-        unmix(cube, a, offset=np.full(20, 2.0), weights="poisson")
-        unmix(cube, a)
+    fit = engine(engine_name)
+    fit(cube, a, offset=np.full(20, 2.0), weights="poisson")
+    fit(cube, a)
     np.testing.assert_array_equal(cube, cube0)
     np.testing.assert_array_equal(a, a0)
 
@@ -343,8 +343,8 @@ def test_estimate_offset_dask_matches_numpy():
 def test_poisson_weights_equal_weighted_scipy(engine_name):
     rng = np.random.default_rng(8)
     a, _, cube = simulated_cube(rng, shape=(6, 7))
-    with engine(engine_name):
-        abund, resid = unmix(cube, a, weights="poisson")
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a, weights="poisson")
     plain = scipy_unmix(cube, a)
     px = cube.reshape(cube.shape[0], -1)
     expected = a @ plain.reshape(a.shape[1], -1)
@@ -359,8 +359,8 @@ def test_poisson_weights_equal_weighted_scipy(engine_name):
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     np.testing.assert_allclose(resid, np.sqrt(((cube - model) ** 2).mean(axis=0)), rtol=1e-4)
     # and dask gives the same
-    with engine(engine_name):
-        d_abund = unmix(da.from_array(cube, chunks=(5, 3, 4)), a, weights="poisson")[0].compute()
+    fit = engine(engine_name)
+    d_abund = fit(da.from_array(cube, chunks=(5, 3, 4)), a, weights="poisson")[0].compute()
     np.testing.assert_allclose(d_abund, abund, rtol=1e-5, atol=1e-4)
 
 
@@ -368,12 +368,17 @@ def test_poisson_weights_equal_weighted_scipy(engine_name):
 # the numba kernel: many pixels, strided and integer cubes, fallback
 # --------------------------------------------------------------------------
 
-needs_numba = pytest.mark.skipif(unmixing._numba is None, reason="numba is not installed")
+needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
 
 @needs_numba
 def test_numba_is_the_default_engine():
-    assert unmixing._USE_NUMBA
+    assert resolve_engine("auto") == "numba"
+
+
+def test_unknown_engine_is_an_input_error():
+    with pytest.raises(InputError, match="engine must be one of"):
+        unmix(np.ones((3, 2, 2)), np.eye(3), engine="gpu")
 
 
 def many_pixel_problem(seed, shape=(90, 130), k=6):
@@ -403,8 +408,8 @@ def test_numba_many_pixels_match_scipy(engine_name, layout):
         cube = cube[:, 1:, ::2]
     elif layout == "uint16":
         cube = np.clip(cube + 50, 0, None).astype(np.uint16)
-    with engine(engine_name):
-        abund, resid = unmix(cube, a, offset=1.5)
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a, offset=1.5)
     assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=1.5))
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     expected = np.sqrt(((cube.astype(np.float64) - 1.5 - model) ** 2).mean(axis=0))
@@ -434,8 +439,8 @@ def test_seven_to_thirteen_endmembers_match_scipy(engine_name, k, ill):
     x = rng.gamma(2.0, 30.0, (k, 9, 37)) * (rng.random((k, 9, 37)) < 0.5)
     cube = np.einsum("ck,kyx->cyx", a, x) + 2.0
     cube = (cube + rng.normal(0, 1, cube.shape) * np.sqrt(cube)).astype(np.float64 if ill else np.float32)
-    with engine(engine_name):
-        abund, resid = unmix(cube, a, offset=2.0)
+    fit = engine(engine_name)
+    abund, resid = fit(cube, a, offset=2.0)
     assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=2.0))
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     expected = np.sqrt(((cube.astype(np.float64) - 2.0 - model) ** 2).mean(axis=0))
@@ -444,7 +449,7 @@ def test_seven_to_thirteen_endmembers_match_scipy(engine_name, k, ill):
 
 @needs_numba
 @pytest.mark.parametrize("layout", ["contiguous", "x-strided", "uint16", "dask"])
-def test_shipped_library_many_pixels_match_scipy(layout, monkeypatch):
+def test_shipped_library_many_pixels_match_scipy(layout):
     # the shipped 9-endmember library (31 bands) on many tiles, two threads'
     # chunks when numba has them; an X-strided view goes through contiguous
     # slabs (small ones here: several)
@@ -455,21 +460,20 @@ def test_shipped_library_many_pixels_match_scipy(layout, monkeypatch):
     x = rng.gamma(2.0, 40.0, (k, 40, 150)) * (rng.random((k, 40, 150)) < 0.5)
     cube = np.einsum("ck,kyx->cyx", a, x) + 3.0
     cube = (cube + rng.normal(0, 1, cube.shape) * np.sqrt(cube)).astype(np.float32)
+    tuning = {}
     if layout == "x-strided":
         cube = cube[:, 1:, ::2]
-        monkeypatch.setattr(unmixing, "_STRIDED_SLAB_PX", 1000)
+        tuning["strided_slab_px"] = 1000
     elif layout == "uint16":
         cube = np.clip(cube, 0, None).astype(np.uint16)
     fallback = []
-    slab = unmixing._unmix_slab
-    monkeypatch.setattr(unmixing, "_unmix_slab", lambda b, *args: fallback.append(b.shape) or slab(b, *args))
-    with engine("numba"):
-        if layout == "dask":
-            abund, resid = da.compute(*unmix(da.from_array(cube, chunks=(31, 17, 64)), a, offset=3.0))
-        else:
-            abund, resid = unmix(cube, a, offset=3.0)
+    fit = engine("numba", on_fallback=lambda b: fallback.append(b.shape), **tuning)
+    if layout == "dask":
+        abund, resid = da.compute(*fit(da.from_array(cube, chunks=(31, 17, 64)), a, offset=3.0))
+    else:
+        abund, resid = fit(cube, a, offset=3.0)
     # solved by the 16-lane kernel, none by the numpy fallback
-    assert unmixing._USE_NUMBA and unmixing._tiles16_kernel(k).signatures and not fallback
+    assert lane_kernel(16, k).signatures and not fallback
     assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=3.0))
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
     expected = np.sqrt(((cube.astype(np.float64) - 3.0 - model) ** 2).mean(axis=0))
@@ -479,20 +483,12 @@ def test_shipped_library_many_pixels_match_scipy(layout, monkeypatch):
 @needs_numba
 @pytest.mark.parametrize("k", [6, 9])
 @pytest.mark.parametrize("engine_name", ["numba", "numba-cholesky"])
-def test_numba_unconverged_pixels_go_to_numpy_path(engine_name, k, monkeypatch):
+def test_numba_unconverged_pixels_go_to_numpy_path(engine_name, k):
     a, cube = many_pixel_problem(13, shape=(20, 30), k=k)
     solved = []
-    slab = unmixing._unmix_slab
-
-    def spy(b, *args):
-        solved.append(b.shape[1])
-        return slab(b, *args)
-
-    monkeypatch.setattr(unmixing, "_unmix_slab", spy)
     # no Lawson-Hanson outer step at all: every pixel that needs one is flagged
-    monkeypatch.setattr(unmixing, "_LH_ITER_FACTOR", -1)
-    with engine(engine_name):
-        abund, resid = unmix(cube, a, weights=None)
+    fit = engine(engine_name, lh_iter_factor=-1, on_fallback=lambda b: solved.append(b.shape[1]))
+    abund, resid = fit(cube, a, weights=None)
     assert len(solved) == 1 and 0 < solved[0] < 600
     assert_close_per_pixel(abund, scipy_unmix(cube, a))
     model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
@@ -563,12 +559,12 @@ def test_error_nonfinite_cube_dask(good, engine_name):
     for bad in (np.nan, np.inf):
         c2 = cube.copy()
         c2[2, 3, 1] = bad
-        with engine(engine_name):
-            abund, resid = unmix(da.from_array(c2, chunks=(20, 2, 5)), a)  # lazy: no error yet
-            with pytest.raises(InputError, match="cube contains NaN or inf"):
-                da.compute(abund, resid)
-            with pytest.raises(InputError, match="cube contains NaN or inf"):
-                da.compute(unmix(da.from_array(c2, chunks=(20, 2, 5)), a, weights="poisson"))
+        fit = engine(engine_name)
+        abund, resid = fit(da.from_array(c2, chunks=(20, 2, 5)), a)  # lazy: no error yet
+        with pytest.raises(InputError, match="cube contains NaN or inf"):
+            da.compute(abund, resid)
+        with pytest.raises(InputError, match="cube contains NaN or inf"):
+            da.compute(fit(da.from_array(c2, chunks=(20, 2, 5)), a, weights="poisson"))
 
 
 def test_error_negative_spectra(good):
@@ -729,12 +725,11 @@ def test_estimate_offset_is_the_percentile_of_its_sample(dtype):
 @with_engines
 @pytest.mark.parametrize("k", [5, 9])
 @pytest.mark.parametrize("weights", [None, "poisson"])
-def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights, monkeypatch):
+def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights):
     """``unmix(cube, gain=g, gain_offset=o)`` fits ``o + g (cube - o)``, for every kernel
     (the 16-lane one applies the gain in its band sums, the others to slabs, here several
     a cube), with an offset of its own subtracted too, on a whole cube and on a window of
     one (rows strided, short blocks at the row ends)."""
-    monkeypatch.setattr(unmixing, "_GAIN_SLAB_PX", 1000)
     rng = np.random.default_rng(40 + k)
     centres = np.linspace(520, 660, k - 1)
     a = gaussians(list(centres) + [600], [10] * (k - 1) + [80])
@@ -748,23 +743,23 @@ def test_gain_is_the_fit_of_the_corrected_cube(engine_name, k, weights, monkeypa
     for window in (np.s_[:, :, :], np.s_[:, 2:, 5:198]):
         sub, g = cube[window], gain[window[1:]]
         corrected = gain_offset[:, None, None] + g.astype(np.float64) * (sub - gain_offset[:, None, None])
-        with engine(engine_name):
-            want = unmix(corrected, a, offset=offset, weights=weights)
-            got = unmix(sub, a, offset=offset, weights=weights, gain=g, gain_offset=gain_offset)
-            lazy = da.compute(*unmix(da.from_array(sub, chunks=(-1, 16, 64)), a, offset=offset,
-                                     weights=weights, gain=da.from_array(g, chunks=(16, 64)),
-                                     gain_offset=gain_offset))
+        fit = engine(engine_name, gain_slab_px=1000)
+        want = fit(corrected, a, offset=offset, weights=weights)
+        got = fit(sub, a, offset=offset, weights=weights, gain=g, gain_offset=gain_offset)
+        lazy = da.compute(*fit(da.from_array(sub, chunks=(-1, 16, 64)), a, offset=offset,
+                               weights=weights, gain=da.from_array(g, chunks=(16, 64)),
+                               gain_offset=gain_offset))
         for abund, resid in (got, lazy):
             assert_close_per_pixel(abund, want[0].astype(np.float64), rtol=1e-5)
             np.testing.assert_allclose(resid, want[1], rtol=1e-5, atol=1e-4)
         # no gain_offset: the gain scales the offset too
-        with engine(engine_name):
-            want = unmix(g.astype(np.float64) * sub, a, offset=offset, weights=weights)
-            got = unmix(sub, a, offset=offset, weights=weights, gain=g)
+        fit = engine(engine_name, gain_slab_px=1000)
+        want = fit(g.astype(np.float64) * sub, a, offset=offset, weights=weights)
+        got = fit(sub, a, offset=offset, weights=weights, gain=g)
         assert_close_per_pixel(got[0], want[0].astype(np.float64), rtol=1e-5)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
     if engine_name == "numba" and weights is None and k == 9:
-        assert unmixing._tiles16_kernel(k, True).signatures  # the fused kernel ran
+        assert lane_kernel(16, k, True).signatures  # the fused kernel ran
 
 
 def test_nan_in_a_dask_cube_is_reported_at_its_band_y_and_x():

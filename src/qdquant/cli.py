@@ -85,6 +85,15 @@ def _simulate(args) -> None:
     print(f"wrote {out / name}.ome.tif")
 
 
+def _view(args) -> None:
+    from qdquant.viewer.app import open_results
+
+    open_results(args.path)
+    import napari
+
+    napari.run()
+
+
 def _library_build(args) -> None:
     import numpy as np
 
@@ -159,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crowded", action="store_true", help="touching nuclei in packed nests")
     p.add_argument("--photons-per-count", type=float, default=4.0)
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("view", help="look at a sample's results in napari (needs the napari extra)")
+    p.add_argument("path", help="a sample's results folder (results/SAMPLE) or its unmixed.ome.zarr")
+    p.set_defaults(func=_view)
 
     lib = sub.add_parser("library", help="spectral library tools").add_subparsers(dest="library_command", required=True)
     p = lib.add_parser("build", help="build spectra.csv from single-stain control images")

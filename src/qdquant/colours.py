@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["emission_colour", "channel_colours"]
+__all__ = ["HER2_CLASS_COLOURS", "emission_colour", "channel_colours"]
+
+#: One colour per HER2 class (0 blue to 3+ red), in the report's figures and the viewer.
+HER2_CLASS_COLOURS = {"0": "#4575b4", "1+": "#fee090", "2+": "#fc8d59", "3+": "#d73027"}
 
 
 def emission_colour(wavelength_nm: float) -> str:
@@ -38,7 +41,7 @@ def emission_colour(wavelength_nm: float) -> str:
     else:
         r, g, b = 1.0, 0.0, 0.0
     # the eye's sensitivity falls off at both ends; keep them visible on a dark screen
-    fade = 0.4 + 0.6 * (w - 400) / 20 if w < 420 else 0.4 + 0.6 * (740 - w) / 40 if w > 700 else 1.0
+    fade = 0.4 + 0.6 * (w - 400) / 20 if w < 420 else 0.4 + 0.6 * (740 - w) / 60 if w > 680 else 1.0
     return "".join(f"{round(255 * (c * fade) ** 0.8):02X}" for c in (r, g, b))
 
 

@@ -77,24 +77,28 @@ class Library:
         return table
 
 
+# The sections' values, defaults included, come from the validated config: every default is
+# defined once, in the schema (``schemas/config.schema.yaml``), not repeated here.
+
+
 @dataclass(frozen=True)
 class Segmentation:
     #: "auto" (estimated from the nuclear stain) or a hint in micrometres (see
     #: :func:`qdquant.nucleus_size.resolve_nucleus_diameter`)
-    nucleus_diameter_um: float | str = "auto"
-    cell_expansion_um: float = 5.0
-    membrane_width_px: float = 2.0
+    nucleus_diameter_um: float | str
+    cell_expansion_um: float
+    membrane_width_px: float
 
 
 @dataclass(frozen=True)
 class Her2:
-    marker: str = "HER2"
-    t_faint: float = 20.0
-    t_weak: float = 60.0
-    t_strong: float = 150.0
-    complete_fraction: float = 0.9
-    sectors: int = 36
-    ultralow_min_pct: float = 1.0
+    marker: str
+    t_faint: float
+    t_weak: float
+    t_strong: float
+    complete_fraction: float
+    sectors: int
+    ultralow_min_pct: float
     #: True when the config file gave any threshold (explicit thresholds beat calibration)
     thresholds_explicit: bool = False
 
@@ -129,9 +133,9 @@ class Tumour:
 class Subtype:
     er: str
     pr: str
+    pr_cutoff_pct: float
+    ki67_cutoff_pct: float
     ki67: str | None = None
-    pr_cutoff_pct: float = 20.0
-    ki67_cutoff_pct: float = 20.0
 
 
 @dataclass(frozen=True)

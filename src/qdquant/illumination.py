@@ -309,7 +309,7 @@ if _numba is not None:
                     values[bi, bj, r0 + j % bin_px] = np.inf
 
 
-def _nuclear_values(x, weights, weighted_offset, total_offset, scale, min_share, bin_px):
+def _nuclear_values(x, weights, weighted_offset, total_offset, scale, min_share, bin_px, use_numba):
     """The nuclear pixels of the ``bin_px``² blocks of ``x`` (C, hb bin_px, wb bin_px).
 
     Per pixel, the nuclear abundance ``weights . x - weighted_offset`` and
@@ -317,12 +317,12 @@ def _nuclear_values(x, weights, weighted_offset, total_offset, scale, min_share,
     its abundance is positive and ``scale`` times it is at least
     ``min_share`` of the signal. Returns each block's pixels' abundances,
     inf where not nuclear, (hb, wb, bin_px²) float32, and its nuclear
-    pixels, (hb, wb) int64.
+    pixels, (hb, wb) int64. ``use_numba``: in one compiled pass (else numpy, the same float32 sums).
     """
     c, h, w = x.shape
     hb, wb = h // bin_px, w // bin_px
     f4 = np.float32
-    if _numba is not None:
+    if use_numba:
         values, counts = np.empty((hb, wb, bin_px * bin_px), f4), np.zeros((hb, wb), np.int64)
         _nb_nuclear_values(x, weights, f4(weighted_offset), f4(total_offset), f4(scale), f4(min_share), bin_px,
                            values, counts)
@@ -345,6 +345,7 @@ def nuclear_brightness(
     min_share: float = MIN_NUCLEAR_SHARE,
     min_pixels: int = MIN_NUCLEAR_PX,
     max_pixels: int | None = MAX_SHADING_PIXELS,
+    engine: str = "auto",
 ) -> np.ndarray:
     """The brightness of the nuclear stain in ``bin_px``² blocks of a slide.
 
@@ -379,6 +380,9 @@ def nuclear_brightness(
         A dask cube of more pixels is read on evenly spaced chunks of about
         this many pixels in all (as BaSiC fits a subset of a mosaic's
         fields); the blocks of the others are NaN. None: every chunk.
+    engine : {"auto", "numpy", "numba"}
+        The per-pixel pass: one compiled read of the cube ("numba"), or
+        numpy; "auto" (default): numba when it imports.
 
     Returns
     -------
@@ -386,6 +390,9 @@ def nuclear_brightness(
         Block brightness, abundance units; NaN where a block has too few
         nuclear pixels (or a chunk edge cuts it).
     """
+    from qdquant.unmixing.fit import resolve_engine
+
+    use_numba = resolve_engine(engine) == "numba" and _numba is not None
     weights = np.asarray(weights, dtype=np.float32)
     offset = np.asarray(offset, dtype=np.float64)
     scale = float(np.sum(spectrum))  # signal of one abundance unit of pure stain
@@ -399,7 +406,7 @@ def nuclear_brightness(
         if not (hb and wb):
             return out
         tiles, n = _nuclear_values(x[:, : hb * bin_px, : wb * bin_px], weights, weighted_offset, total_offset,
-                                   scale, min_share, bin_px)
+                                   scale, min_share, bin_px, use_numba)
         # the median of each block's nuclear pixels: sorted, the others (inf) last
         tiles.sort(axis=2)
         lo = np.take_along_axis(tiles, (np.maximum(n - 1, 0) // 2)[..., None], axis=2)[..., 0]
@@ -534,7 +541,7 @@ def inverse_field(shading: Shading, chunks) -> da.Array:
     return da.map_blocks(block, chunks=chunks, dtype=np.float32, meta=np.empty((0, 0), np.float32))
 
 
-def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.Array:
+def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray, *, engine: str = "auto") -> da.Array:
     """Divide the shading out of a (C, Y, X) cube's signal, lazily.
 
     Parameters
@@ -545,6 +552,8 @@ def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.
         From :func:`estimate_shading`.
     offset : (C,) array
         Dark offset per band, counts: not shaded, so kept as it is.
+    engine : {"auto", "numpy", "numba"}
+        How the gain is applied (:func:`qdquant.unmixing.apply_gain`).
 
     Returns
     -------
@@ -557,7 +566,7 @@ def correct_shading(cube: da.Array, shading: Shading, offset: np.ndarray) -> da.
 
     def block(x, block_info=None):
         (_, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
-        return apply_gain(x, 1.0 / shading_field(shading, y0, y1, x0, x1), offset)
+        return apply_gain(x, 1.0 / shading_field(shading, y0, y1, x0, x1), offset, engine=engine)
 
     cube = da.asarray(cube)
     return cube.map_blocks(block, dtype=np.float32)

@@ -417,6 +417,47 @@ def write_csv_slices(tables, path: str | os.PathLike) -> None:
 # OME-Zarr
 
 
+#: The coarsest pyramid level is at most this many pixels across (a viewer shows a whole slide
+#: from it at once), and the pyramid has at least 4 levels where the image allows.
+PYRAMID_COARSEST_PX = 1024
+
+
+#: Edge of the stored chunks at most (px). A viewer reads a whole chunk for any pixel of it: a
+#: screenful of a whole slide then reads a few MB per channel, not tens; the steps read
+#: several stored chunks per dask chunk (``chunk_size``).
+STORE_CHUNK_PX = 1024
+
+
+def store_chunk(chunk_size: int) -> int:
+    """The stored chunk edge for a processing ``chunk_size``: the largest divisor of it up to
+    :data:`STORE_CHUNK_PX` (every processing chunk is then whole stored chunks, so no two tasks
+    ever write one stored chunk), or ``chunk_size`` itself when it has no such divisor of 256 or more."""
+    for parts in range(-(-chunk_size // STORE_CHUNK_PX), chunk_size // 256 + 1):
+        if chunk_size % parts == 0:
+            return chunk_size // parts
+    return chunk_size
+
+
+def _dask_chunks(array: zarr.Array, chunk_size: int | None) -> tuple[int, ...]:
+    """Dask chunks reading ``chunk_size``² of the last two axes per task (the stored chunks when None)."""
+    if chunk_size is None:
+        return array.chunks
+    return (*array.chunks[:-2], chunk_size, chunk_size)
+
+
+def pyramid_factors(shape_yx: tuple[int, int]) -> tuple[int, ...]:
+    """Downsampling factors (2, 4, 8, ...) of the pyramid levels below level 0.
+
+    At least three (while the level stays 16 px or more across), and more
+    until the coarsest level is at most :data:`PYRAMID_COARSEST_PX` across.
+    """
+    factors, f = [], 2
+    while min(shape_yx) // f >= 16 and (len(factors) < 3 or max(shape_yx) // (f // 2) > PYRAMID_COARSEST_PX):
+        factors.append(f)
+        f *= 2
+    return tuple(factors)
+
+
 def write_ome_zarr(
     path: str | os.PathLike,
     image: da.Array,
@@ -424,8 +465,8 @@ def write_ome_zarr(
     *,
     pixel_size_um: float,
     chunk_size: int = 2048,
-    n_levels: int = 4,
     colours: list[str] | None = None,
+    roles: list[dict] | None = None,
     atomic: bool = True,
 ) -> None:
     """Write a (C, Y, X) float image as an OME-NGFF 0.4 multiscale, channels named.
@@ -437,7 +478,9 @@ def write_ome_zarr(
     The ``omero``
     block that names the channels (and gives each its ``colours`` entry, an
     ``RRGGBB`` hex string; white when None) is written here, not by
-    ``ome-zarr`` (whose ``write_image`` drops it).
+    ``ome-zarr`` (whose ``write_image`` drops it). ``roles``, one dict per
+    channel (e.g. ``{"marker": "HER2", "role": "marker"}``), is stored as the
+    store's ``qdquant`` attribute, which other OME-NGFF readers ignore.
     """
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_image
@@ -450,7 +493,7 @@ def write_ome_zarr(
     if len(colours) != len(channel_names):
         raise InputError(f"{path}: {len(colours)} colours for {len(channel_names)} channels")
     image = da.asarray(image).rechunk((1, chunk_size, chunk_size))
-    factors = tuple(2**i for i in range(1, n_levels) if min(image.shape[1:]) // 2**i >= 16)
+    factors = pyramid_factors(image.shape[1:])
     with atomic_path(path) if atomic else contextlib.nullcontext(Path(path).absolute()) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         write_image(
@@ -459,7 +502,7 @@ def write_ome_zarr(
             axes="cyx",
             fmt=FormatV04(),
             scale_factors=factors,
-            storage_options={"chunks": (1, chunk_size, chunk_size)},
+            storage_options={"chunks": (1, store_chunk(chunk_size), store_chunk(chunk_size))},
             scale={"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
             axes_units={"y": "micrometer", "x": "micrometer"},
         )
@@ -474,6 +517,8 @@ def write_ome_zarr(
                 for i, (name, colour) in enumerate(zip(channel_names, colours))
             ],
         }
+        if roles is not None:
+            root.attrs["qdquant"] = {"channels": [{"label": n, **r} for n, r in zip(channel_names, roles)]}
 
 
 def _window(thumb: np.ndarray) -> dict:
@@ -486,14 +531,22 @@ def _first_dataset(group: zarr.Group) -> str:
     return group.attrs["multiscales"][0]["datasets"][0]["path"]
 
 
-def read_ome_zarr(path: str | os.PathLike) -> tuple[da.Array, list[str]]:
-    """Level 0 of an abundance OME-Zarr as a (C, Y, X) dask array, and its channel names."""
+def read_multiscale(path: str | os.PathLike) -> list[da.Array]:
+    """Every level of an OME-Zarr multiscale image (finest first), as lazy dask arrays."""
+    group = zarr.open_group(str(path), mode="r")
+    return [da.from_zarr(group[d["path"]]) for d in group.attrs["multiscales"][0]["datasets"]]
+
+
+def read_ome_zarr(path: str | os.PathLike, chunk_size: int | None = None) -> tuple[da.Array, list[str]]:
+    """Level 0 of an abundance OME-Zarr as a (C, Y, X) dask array (``chunk_size``² per chunk; the
+    stored chunks when None), and its channel names."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: OME-Zarr not found")
     root = zarr.open_group(str(path.absolute()), mode="r")  # absolute: read by workers elsewhere
     names = [c["label"] for c in root.attrs["omero"]["channels"]]
-    return da.from_zarr(root[_first_dataset(root)]), names
+    array = root[_first_dataset(root)]
+    return da.from_zarr(array, chunks=_dask_chunks(array, chunk_size)), names
 
 
 def write_labels(
@@ -545,7 +598,7 @@ def write_labels(
         for name, level0 in staged.items():
             # Nearest-neighbour levels, each read from the staged level 0 and
             # written in turn, so that no level waits in memory for another.
-            factors = [2**i for i in range(1, 4) if min(level0.shape) // 2**i >= 16]
+            factors = pyramid_factors(level0.shape)
             pyramid = [da.from_zarr(level0)] + [
                 da.from_zarr(level0)[f // 2 :: f, f // 2 :: f].rechunk(chunk_size) for f in factors
             ]
@@ -557,7 +610,7 @@ def write_labels(
                           for f in [1, *factors]]
             group = building_root.require_group(name)
             write_multiscale(pyramid, group, fmt=FormatV04(), axes=axes, name=name,
-                             storage_options={"chunks": (chunk_size, chunk_size)})
+                             storage_options={"chunks": (store_chunk(chunk_size),) * 2})
             # set here: ome-zarr's scale argument cannot say where a level's pixels lie
             multiscales = group.attrs["multiscales"]
             for dataset, transform in zip(multiscales[0]["datasets"], transforms):
@@ -614,13 +667,15 @@ def _remove_stale(folder: Path, pattern: str) -> None:
             stale.unlink(missing_ok=True)
 
 
-def read_labels(zarr_path: str | os.PathLike, name: str) -> da.Array:
-    """Level 0 of ``{zarr_path}/labels/{name}`` as a (Y, X) dask array."""
+def read_labels(zarr_path: str | os.PathLike, name: str, chunk_size: int | None = None) -> da.Array:
+    """Level 0 of ``{zarr_path}/labels/{name}`` as a (Y, X) dask array (``chunk_size``² per chunk;
+    the stored chunks when None)."""
     path = Path(zarr_path) / "labels" / name
     if not path.is_dir():
         raise InputError(f"{path}: label image not found (run the segment step first)")
     group = zarr.open_group(str(path.absolute()), mode="r")  # absolute: read by workers elsewhere
-    return da.from_zarr(group[_first_dataset(group)])
+    array = group[_first_dataset(group)]
+    return da.from_zarr(array, chunks=_dask_chunks(array, chunk_size))
 
 
 def read_pixel_size_um(zarr_path: str | os.PathLike) -> float:

@@ -273,6 +273,30 @@ def _with_flat_endmember(library):
                    names=(*library.names, name))
 
 
+def channel_roles(cfg: Config, library) -> list[dict]:
+    """Each endmember's marker and panel role, for viewers of ``unmixed.ome.zarr``.
+
+    Endmembers the unmix step adds take the role of what they model: the
+    slide's further autofluorescence kinds (``AF_2``, ...) that of the
+    panel's autofluorescence row, a flat column ``background``.
+    """
+    panel = {row.endmember: row for row in cfg.panel}
+    af = cfg.panel_row(role="autofluorescence")
+    flat = unmixing.flat_columns(library.spectra)
+    roles = []
+    for name, is_flat in zip(library.names, flat):
+        row = panel.get(name)
+        if row is not None:
+            roles.append({"marker": row.marker, "role": row.role})
+        elif is_flat:
+            roles.append({"marker": name, "role": "background"})
+        elif af is not None and name.startswith(f"{af.endmember}_"):
+            roles.append({"marker": f"{af.marker}{name[len(af.endmember):]}", "role": "autofluorescence"})
+        else:
+            roles.append({"marker": name, "role": "marker"})
+    return roles
+
+
 #: Flagged pixels are grown by this margin (about the optics' blur), micrometres.
 FLAG_MARGIN_UM = 0.5
 
@@ -323,9 +347,10 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
                 pixel_size_um=pixel_size,
                 chunk_size=cfg.chunk_size,
                 colours=[*channel_colours(library.spectra, library.wavelengths_nm), "FFFFFF"],
+                roles=[*channel_roles(cfg, library), {"marker": "residual", "role": "residual"}],
                 atomic=False,
             )
-            stored, _ = io.read_ome_zarr(store)
+            stored, _ = io.read_ome_zarr(store, cfg.chunk_size)
             signal = data - dark.counts.astype(np.float32)[:, None, None]  # what was fitted
             # pixels the library cannot explain (residual far above photon + read noise)
             noise = unmixing.noise_model(_cube_sample(cube, shading) - dark.counts[:, None, None],
@@ -340,9 +365,10 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
                 flagged = da.zeros(stored.shape[1:], dtype=bool, chunks=stored.chunks[1:])
             io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
         io.write_csv(library.to_frame(), out["spectra_used"])
-        stored, _ = io.read_ome_zarr(out["zarr"])
+        stored, _ = io.read_ome_zarr(out["zarr"], cfg.chunk_size)
         stats = report.plot_unmixing_qc(signal, stored, library, out["unmixing_qc"],
-                                        flagged=io.read_labels(out["zarr"], "flagged"), noise=noise,
+                                        flagged=io.read_labels(out["zarr"], "flagged", cfg.chunk_size),
+                                        noise=noise,
                                         dark_offset=dark.counts, warnings=[w for w in (dark_warning,) if w])
         log.info("unmixed %s: median relative residual %.3f, %.2f%% pixels flagged", sample_id,
                  stats["relative_residual_median"], 100 * stats["fraction_flagged"])
@@ -374,7 +400,7 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
     from qdquant import report
 
     out = outputs(cfg, sample_id)
-    abundances, names = io.read_ome_zarr(out["zarr"])
+    abundances, names = io.read_ome_zarr(out["zarr"], cfg.chunk_size)
     pixel_size = io.read_pixel_size_um(out["zarr"])
     seg = cfg.segmentation
     nuclear = abundances[_panel_channel(cfg, names, "nuclear_stain", out["zarr"])]
@@ -409,7 +435,8 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
         )
         io.write_labels(out["zarr"], {"nuclei": nuclei, "cells": cells}, chunk_size=cfg.chunk_size)
     report.plot_segmentation_qc(
-        nuclear, io.read_labels(out["zarr"], "nuclei"), io.read_labels(out["zarr"], "cells"),
+        nuclear, io.read_labels(out["zarr"], "nuclei", cfg.chunk_size),
+        io.read_labels(out["zarr"], "cells", cfg.chunk_size),
         out["segmentation_qc"],
     )
 
@@ -417,11 +444,11 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
 def quantify_sample(cfg: Config, sample_id: str) -> None:
     """Measure every cell (contract columns) and the HER2 membrane sectors."""
     out = outputs(cfg, sample_id)
-    abundances, names = io.read_ome_zarr(out["zarr"])
+    abundances, names = io.read_ome_zarr(out["zarr"], cfg.chunk_size)
     pixel_size = io.read_pixel_size_um(out["zarr"])
-    cells = io.read_labels(out["zarr"], "cells")
-    nuclei = io.read_labels(out["zarr"], "nuclei")
-    flagged = _flagged(out["zarr"])
+    cells = io.read_labels(out["zarr"], "cells", cfg.chunk_size)
+    nuclei = io.read_labels(out["zarr"], "nuclei", cfg.chunk_size)
+    flagged = _flagged(out["zarr"], cfg.chunk_size)
     measured = cfg.measured
     channels = abundances[[_channel(names, r.endmember, out["zarr"]) for r in measured]]
     width = cfg.segmentation.membrane_width_px
@@ -458,9 +485,9 @@ def quantify_sample(cfg: Config, sample_id: str) -> None:
     io.write_csv_slices(slices(), out["measurements"])
 
 
-def _flagged(zarr_path: Path):
+def _flagged(zarr_path: Path, chunk_size: int):
     path = Path(zarr_path) / "labels" / "flagged"
-    return io.read_labels(zarr_path, "flagged").astype(bool) if path.is_dir() else None
+    return io.read_labels(zarr_path, "flagged", chunk_size).astype(bool) if path.is_dir() else None
 
 
 def _sector_arrays(table: pd.DataFrame, sectors: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from qdquant import io  # noqa: E402
+from qdquant.colours import HER2_CLASS_COLOURS as CLASS_COLOURS  # noqa: E402
 
-CLASS_COLOURS = {"0": "#4575b4", "1+": "#fee090", "2+": "#fc8d59", "3+": "#d73027"}
 #: median relative residual above which the report warns that the library misfits
 RESIDUAL_WARN = 0.10
 #: fraction of flagged (poorly fitted) pixels above which the report warns
@@ -380,7 +380,7 @@ def write_sample_report(cfg, sample_id: str, paths: dict[str, Path]) -> None:
     summary = io.read_csv(paths["summary"], "summary").iloc[0].to_dict()
     stats_path = paths["unmixing_qc"].with_suffix(".json")
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
-    abundances, names = io.read_ome_zarr(paths["zarr"])
+    abundances, names = io.read_ome_zarr(paths["zarr"], cfg.chunk_size)
     nuclear = abundances[names.index(cfg.panel_row(role="nuclear_stain").endmember)]
 
     figures = [(paths["unmixing_qc"], "unmixing: library, mean spectrum and fit, residual map"),

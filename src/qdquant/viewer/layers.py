@@ -1,0 +1,211 @@
+"""napari layer data for a sample's results: ``(data, kwargs, layer_type)`` tuples, read lazily.
+
+Every layer is multiscale (the store's own pyramid, dask arrays on its
+chunks), so napari reads only the level and the tiles in view: a whole
+slide opens from its coarsest level. Physical scale (µm per pixel) on every
+layer. No napari import here: colormaps are given as plain dicts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from qdquant import io, scoring
+from qdquant.colours import HER2_CLASS_COLOURS
+from qdquant.viewer.results import SampleResults
+
+__all__ = ["HIDDEN_ROLES", "abundance_layers", "label_layers", "class_lut", "class_levels", "class_layer",
+           "results_layers", "channels"]
+
+#: Channels shown hidden at first: they explain light, they are not markers.
+HIDDEN_ROLES = ("autofluorescence", "background", "residual")
+
+#: Percentiles of the coarsest level that set an abundance layer's contrast limits.
+CONTRAST_PERCENTILES = (0.5, 99.5)
+
+#: Layer name of the HER2 class overlay, and its opacity over the abundances.
+CLASS_LAYER = "HER2 class"
+CLASS_OPACITY = 0.6
+
+
+def _hex_rgba(colour: str, alpha: float = 1.0) -> list[float]:
+    colour = colour.lstrip("#")
+    return [int(colour[i : i + 2], 16) / 255 for i in (0, 2, 4)] + [alpha]
+
+
+def channels(results: SampleResults) -> list[dict]:
+    """The store's channels: ``label``, ``colour`` (RRGGBB), ``marker`` and ``role`` each.
+
+    Roles come from the ``qdquant`` attribute the unmix step writes; a store
+    without it (another writer) gets ``residual`` for its residual channel,
+    ``background`` for a flat column of the ``spectra_used.csv`` beside it,
+    ``autofluorescence`` for names starting ``AF`` and ``marker`` otherwise.
+    """
+    attrs = json.loads((results.store / ".zattrs").read_text(encoding="utf-8"))
+    known = {c["label"]: c for c in (attrs.get("qdquant") or {}).get("channels", [])}
+    flat = set()
+    if not known and results.table("spectra_used.csv") is not None:
+        from qdquant.unmixing import flat_columns
+
+        library = io.read_csv(results.table("spectra_used.csv"), "spectra_used").drop(columns="wavelength_nm")
+        flat = set(library.columns[flat_columns(library.to_numpy(np.float64))])
+    out = []
+    for channel in attrs["omero"]["channels"]:
+        label = channel["label"]
+        guess = ("residual" if label == "residual" else "background" if label in flat
+                 else "autofluorescence" if label.upper().startswith("AF") else "marker")
+        info = known.get(label, {"marker": label, "role": guess})
+        out.append({"label": label, "colour": channel.get("color", "FFFFFF"),
+                    "marker": info.get("marker", label), "role": info.get("role", guess)})
+    return out
+
+
+def _contrast_limits(coarse: np.ndarray) -> list[float]:
+    """Robust display range of one channel (abundances are >= 0)."""
+    finite = coarse[np.isfinite(coarse)]
+    if finite.size == 0:
+        return [0.0, 1.0]
+    lo, hi = (float(v) for v in np.percentile(finite, CONTRAST_PERCENTILES))
+    lo = max(lo, 0.0)
+    return [lo, hi if hi > lo else lo + 1.0]
+
+
+def _layer_name(channel: dict) -> str:
+    marker, label = channel["marker"], channel["label"]
+    return label if marker in (label, "residual") else f"{marker} ({label})"
+
+
+def abundance_layers(results: SampleResults, pixel_size_um: float) -> list[tuple]:
+    """One image layer per channel: additive, coloured by the endmember's emission peak."""
+    levels = io.read_multiscale(results.store)
+    layers = []
+    for c, channel in enumerate(channels(results)):
+        data = [level[c] for level in levels]
+        # the coarsest level is small (<= PYRAMID_COARSEST_PX across): read whole, one channel at a time
+        limits = _contrast_limits(np.asarray(data[-1]))
+        kwargs = {
+            "name": _layer_name(channel),
+            "multiscale": True,
+            "scale": (pixel_size_um, pixel_size_um),
+            "units": ("µm", "µm"),
+            "blending": "additive",
+            "colormap": {"name": f"qdquant-{channel['colour']}",
+                         "colors": [[0.0, 0.0, 0.0, 1.0], _hex_rgba(channel["colour"])]},
+            "contrast_limits": limits,
+            "visible": channel["role"] not in HIDDEN_ROLES,
+            "metadata": {"qdquant_results": str(results.folder or results.store), "qdquant_channel": channel},
+        }
+        layers.append((data, kwargs, "image"))
+    return layers
+
+
+def label_levels(results: SampleResults, name: str) -> list[da.Array] | None:
+    """The pyramid of ``labels/{name}``, or None when the store has no such label image."""
+    path = results.store / "labels" / name
+    return io.read_multiscale(path) if (path / ".zattrs").is_file() else None
+
+
+def outline(labels: np.ndarray) -> np.ndarray:
+    """Each label's pixels that touch another value (4-neighbours), the rest 0: its contour, 1 px wide."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[1:] |= labels[1:] != labels[:-1]
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    return np.where(edge, labels, 0)
+
+
+def label_layers(results: SampleResults, pixel_size_um: float) -> list[tuple]:
+    """``nuclei`` and ``cells`` (contours) and ``flagged`` (hidden) label layers.
+
+    The contours are drawn from each level's chunks as they are read
+    (napari's own ``contour`` is not a layer argument a reader can pass).
+    """
+    styles = {  # contours in one colour each: the class overlay keeps its colours
+        "nuclei": {"opacity": 0.6, "colormap": [[0.0, 0.0, 0.0, 0.0], [0.55, 0.65, 1.0, 1.0]]},  # light blue
+        "cells": {"opacity": 0.7, "colormap": [[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]},  # white
+        "flagged": {"visible": False, "opacity": 0.6, "colormap": {None: [0, 0, 0, 0], 0: [0, 0, 0, 0],
+                                                                   1: [1.0, 0.0, 1.0, 1.0]}},
+    }
+    layers = []
+    for name, style in styles.items():
+        levels = label_levels(results, name)
+        if levels is None:
+            continue
+        if name in ("nuclei", "cells"):
+            levels = [level.map_overlap(outline, depth=1, boundary="none", dtype=level.dtype) for level in levels]
+        kwargs = {"name": name, "multiscale": True, "scale": (pixel_size_um, pixel_size_um),
+                  "units": ("µm", "µm"), "metadata": {"qdquant_results": str(results.folder or results.store)},
+                  **style}
+        layers.append((levels, kwargs, "labels"))
+    return layers
+
+
+def class_lut(cell_id: np.ndarray, codes: np.ndarray, max_label: int | None = None) -> np.ndarray:
+    """Look-up table from a cell's label id to its HER2 class code + 1 (0 = no cell).
+
+    Parameters
+    ----------
+    cell_id : (n,) array of int
+        Label ids of the cells (``CellID``).
+    codes : (n,) array of int
+        Class codes 0..3 (index into ``HER2_CLASSES``).
+    max_label : int, optional
+        Largest label id of the image, when above every ``cell_id``.
+
+    Returns
+    -------
+    (max_label + 1,) ndarray of uint8
+    """
+    cell_id = np.asarray(cell_id, dtype=np.int64)
+    size = max(int(cell_id.max(initial=0)), int(max_label or 0)) + 1
+    lut = np.zeros(size, dtype=np.uint8)
+    lut[cell_id] = np.asarray(codes, dtype=np.uint8) + 1
+    return lut
+
+
+def _lookup(block: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    # ids beyond the table (no row in cells.csv) show as no class
+    return lut[np.minimum(block, lut.size - 1)] * (block < lut.size)
+
+
+def class_levels(cell_levels: list[da.Array], lut: np.ndarray) -> list[da.Array]:
+    """The cells' pyramid with every cell's pixels replaced by its class code + 1, chunk by chunk."""
+    return [level.map_blocks(_lookup, lut, dtype=np.uint8) for level in cell_levels]
+
+
+def class_colormap() -> dict:
+    """Label colours of the class overlay: code + 1 -> the class's colour, 0 transparent."""
+    colours = {None: [0.0, 0.0, 0.0, 0.0], 0: [0.0, 0.0, 0.0, 0.0]}
+    colours.update({k + 1: _hex_rgba(HER2_CLASS_COLOURS[c]) for k, c in enumerate(scoring.HER2_CLASSES)})
+    return colours
+
+
+def class_layer(results: SampleResults, pixel_size_um: float) -> tuple | None:
+    """The cells coloured by their ``her2_class`` in ``cells.csv``; None without cells or HER2 scores."""
+    cells_csv = results.table("cells.csv")
+    cell_levels = label_levels(results, "cells")
+    if cells_csv is None or cell_levels is None:
+        return None
+    if "her2_class" not in io.read_csv(cells_csv, "cells", nrows=0).columns:
+        return None
+    cells = io.read_csv(cells_csv, "cells", usecols=["CellID", "her2_class"], dtype={"her2_class": str})
+    codes = pd.Categorical(cells["her2_class"], categories=scoring.HER2_CLASSES).codes
+    lut = class_lut(cells["CellID"].to_numpy(), codes)
+    kwargs = {"name": CLASS_LAYER, "multiscale": True, "scale": (pixel_size_um, pixel_size_um),
+              "units": ("µm", "µm"), "opacity": CLASS_OPACITY, "colormap": class_colormap(),
+              "metadata": {"qdquant_results": str(results.folder or results.store), "qdquant_class_lut": lut}}
+    return class_levels(cell_levels, lut), kwargs, "labels"
+
+
+def results_layers(results: SampleResults) -> list[tuple]:
+    """Every layer of a sample, bottom to top: abundances, nuclei, HER2 class, cell contours, flagged."""
+    pixel_size = io.read_pixel_size_um(results.store)
+    labels = {kw["name"]: (data, kw, kind) for data, kw, kind in label_layers(results, pixel_size)}
+    klass = class_layer(results, pixel_size)
+    ordered = [labels.get("nuclei"), klass, labels.get("cells"), labels.get("flagged")]
+    return abundance_layers(results, pixel_size) + [layer for layer in ordered if layer is not None]
