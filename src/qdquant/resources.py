@@ -2,7 +2,7 @@
 
 The workflow's rules call these (``resources: mem_mb=..., runtime=...``) so that a
 SLURM job for a 30 000² slide asks for more than one for a test field. The
-figures come from the README's measurements ("Whole slides": CPU seconds per
+figures come from docs/performance.md ("Whole slides": CPU seconds per
 megapixel and peak memory of each step on 4096²-16384² slides, 31 bands): every
 step computes chunk by chunk, so its memory follows the chunk size and the
 number of threads, plus what grows with the number of cells (about 1000 cells
