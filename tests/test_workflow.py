@@ -343,3 +343,20 @@ def test_a_step_error_reaches_the_console(tmp_path):
     errors = [line for line in out.splitlines() if "qdquant: error:" in line and "NaN" in line]
     assert errors, out[-4000:]
     assert "s1.ome.tif" in errors[0]
+
+
+def test_config_overrides_on_the_command_line_reach_every_step(tmp_path):
+    """`snakemake --config results=...` moves the outputs: the steps, which read config files,
+    get the overrides as a file of their own, merged last."""
+    from qdquant.config import load_config
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    proc = snakemake(tmp_path, "-n", "-p", "--config", "results=elsewhere", "chunk_size=1024")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [line.split("qdquant unmix", 1)[1] for line in proc.stdout.splitlines() if "qdquant unmix" in line]
+    assert commands and all("--config .snakemake/qdquant/config-overrides-" in c for c in commands)
+    files = [part for part in commands[0].split() if part.endswith(".yaml")]
+    assert files[0] == "config/config.yaml" and len(files) == 2
+    cfg = load_config([str(tmp_path / f) for f in files])
+    assert cfg.results == Path("elsewhere") and cfg.chunk_size == 1024
+    assert "elsewhere/her2_2plus/unmixed.ome.zarr" in proc.stdout

@@ -32,7 +32,28 @@ def config_files():
     return files or ["config/config.yaml"]
 
 
-CONFIG_FILES = config_files()
+def config_overrides_file():
+    """`snakemake --config KEY=VALUE` overrides as a config file of their own (None without any),
+    which every step merges last, as Snakemake does: the steps read config files, not
+    Snakemake's config in memory. Named by its content, under .snakemake/qdquant/."""
+    import hashlib
+
+    import yaml
+
+    overrides = json.loads(json.dumps(dict(workflow.config_settings.config or {}), default=str))
+    if not overrides:
+        return None
+    text = yaml.safe_dump(overrides, sort_keys=True)
+    path = Path(".snakemake", "qdquant", f"config-overrides-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+CONFIG_FILES = config_files() + [p for p in (config_overrides_file(),) if p is not None]
 try:
     CFG = load_config(config, source=" + ".join(CONFIG_FILES), check_images=True, image_will_exist=is_test_slide)
     check_results_writable(CFG)
