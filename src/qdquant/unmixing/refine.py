@@ -7,6 +7,7 @@ import math
 import dask.array as da
 import numpy as np
 
+from qdquant.config.defaults import default
 from qdquant.errors import InputError
 from qdquant.unmixing.fit import unmix
 from qdquant.unmixing.spectra import flat_columns
@@ -199,7 +200,7 @@ def refine_library(
     spectra,
     wavelengths_nm,
     *,
-    max_shift_nm=6.0,
+    max_shift_nm=float(default("unmixing.max_shift_nm")),
     max_widen=0.0,
     n_iter=2,
     offset=None,
@@ -236,7 +237,8 @@ def refine_library(
     wavelengths_nm : (C,) array_like
         Band centres, nm, increasing.
     max_shift_nm : float, optional
-        Bound on each endmember's shift. Default 6 nm.
+        Bound on each endmember's shift, nm. Default: the config schema's
+        ``unmixing.max_shift_nm``.
     max_widen : float, optional
         Bound on the relative change of width (0: no widening, the default).
     n_iter : int, optional
