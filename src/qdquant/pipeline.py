@@ -363,7 +363,9 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
                 flagged = unmixing.grow_mask(flagged, round(FLAG_MARGIN_UM / pixel_size))
             else:  # switched off: the mask stays, empty
                 flagged = da.zeros(stored.shape[1:], dtype=bool, chunks=stored.chunks[1:])
-            io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
+            # the labels group's metadata is the segment step's (it lists flagged with nuclei and cells)
+            io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size,
+                            group_metadata=False)
         io.write_csv(library.to_frame(), out["spectra_used"])
         stored, _ = io.read_ome_zarr(out["zarr"], cfg.chunk_size)
         stats = report.plot_unmixing_qc(signal, stored, library, out["unmixing_qc"],
