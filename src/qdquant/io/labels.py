@@ -21,6 +21,7 @@ def write_labels(
     labels: dict,
     *,
     chunk_size: int = default("chunk_size"),
+    group_metadata: bool = True,
 ) -> None:
     """Write (Y, X) integer label images under ``{zarr_path}/labels/{name}``.
 
@@ -34,6 +35,11 @@ def write_labels(
     and nothing temporary is ever inside the store; leftovers of a killed
     step are removed first. Every level
     carries the image's physical scale (µm) and axis units.
+
+    The ``labels`` group's own metadata (``labels/.zgroup``, and ``labels/.zattrs``
+    listing every label image in it) is written too; with
+    ``group_metadata=False`` it is not (the unmix step's ``flagged``: the
+    segment step writes the group's metadata, and each step only its own files).
     """
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_label_metadata, write_multiscale
@@ -57,7 +63,9 @@ def write_labels(
         # Dask chunks on the Zarr chunks, so that no two tasks write one chunk (no lock needed).
         da.store([da.asarray(image).rechunk((chunk_size, chunk_size)) for image in labels.values()],
                  list(staged.values()), lock=False)
-        root.require_group("labels")  # where the finished label images move
+        if group_metadata:
+            root.require_group("labels")  # where the finished label images move
+        (zarr_path / "labels").mkdir(exist_ok=True)
         # the image's own physical scale per level, so that labels land on the image in any viewer
         image_levels = root.attrs["multiscales"][0]["datasets"]
         spatial = [ax.get("unit") for ax in root.attrs["multiscales"][0]["axes"]][-2:]
@@ -92,10 +100,14 @@ def write_labels(
     finally:
         staging.cleanup()
         shutil.rmtree(building, ignore_errors=True)
-        group = zarr.open_group(str(zarr_path / "labels"), mode="r+")
-        known = [n for n in group.attrs.get("labels", []) if n not in labels]
-        known += [n for n in labels if (zarr_path / "labels" / n).exists()]
-        group.attrs["labels"] = known
+        folder = zarr_path / "labels"
+        if group_metadata and (folder / ".zgroup").is_file():
+            group = zarr.open_group(str(folder), mode="r+")
+            known = [n for n in group.attrs.get("labels", []) if n not in labels]
+            known += sorted(p.name for p in folder.iterdir()  # written without the group's metadata
+                            if (p / ".zattrs").is_file() and p.name not in known and p.name not in labels)
+            known += [n for n in labels if (folder / n).exists()]
+            group.attrs["labels"] = known
 
 
 def read_labels(zarr_path: str | os.PathLike, name: str, chunk_size: int | None = None) -> da.Array:

@@ -109,7 +109,9 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
             stored_residual = io.read_ome_zarr(store, cfg.chunk_size)[0][-1]  # read back, not recomputed
             noise = _noise_model(cube, shading, dark.counts, stored_residual)
             flagged = _flag_unexplained(cfg, signal, stored_residual, library, noise, pixel_size)
-            io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size)
+            # the labels group's metadata is the segment step's (it lists flagged with nuclei and cells)
+            io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size,
+                            group_metadata=False)
         io.write_csv(library.to_frame(), out["spectra_used"])
         _unmixing_qc(cfg, sample_id, signal, library, noise, dark.counts, [w for w in (dark_warning,) if w])
 
