@@ -249,3 +249,27 @@ def test_a_store_without_qdquant_roles_hides_what_is_not_a_marker(sample_results
     assert roles["residual"] == "residual" and roles["AF"] == "autofluorescence"
     assert roles["Offset"] == "background"  # flat in spectra_used.csv
     assert roles["QD655"] == roles["DAPI"] == "marker"
+
+
+def test_contours_of_a_chunked_label_image_are_those_of_the_whole_image(tmp_path):
+    import dask
+    import zarr
+    from dask.cache import Cache
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 5, (37, 45)).repeat(3, 0).repeat(3, 1).astype(np.int32)  # 111 x 135
+    store = zarr.open_array(str(tmp_path / "labels.zarr"), mode="w", shape=labels.shape, chunks=(16, 20),
+                            dtype=labels.dtype, zarr_format=2)
+    store[:] = labels
+    chunked = vlayers.outline_level(dask.array.from_zarr(store))
+    whole = vlayers.outline(labels)
+    cache = Cache(1e9)
+    with cache, dask.config.set({"optimization.fuse.active": False}):  # as napari reads
+        np.testing.assert_array_equal(np.asarray(chunked), whole)
+        np.testing.assert_array_equal(np.asarray(chunked[16:48, 20:60]), whole[16:48, 20:60])
+    # no cached piece keeps a larger block alive (a cache counts a view by its own bytes)
+    for value in cache.cache.data.values():
+        base = value
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        assert base.nbytes <= value.nbytes

@@ -19,7 +19,7 @@ from qdquant.colours import HER2_CLASS_COLOURS
 from qdquant.viewer.results import SampleResults
 
 __all__ = ["HIDDEN_ROLES", "abundance_layers", "label_layers", "class_lut", "class_levels", "class_layer",
-           "results_layers", "channels"]
+           "outline", "outline_level", "results_layers", "channels"]
 
 #: Channels shown hidden at first: they explain light, they are not markers.
 HIDDEN_ROLES = ("autofluorescence", "background", "residual")
@@ -109,14 +109,53 @@ def label_levels(results: SampleResults, name: str) -> list[da.Array] | None:
     return io.read_multiscale(path) if (path / ".zattrs").is_file() else None
 
 
-def outline(labels: np.ndarray) -> np.ndarray:
-    """Each label's pixels that touch another value (4-neighbours), the rest 0: its contour, 1 px wide."""
+def outline(labels: np.ndarray, up=None, down=None, left=None, right=None) -> np.ndarray:
+    """Each label's pixels that touch another value (4-neighbours), the rest 0: its contour, 1 px wide.
+
+    ``up``, ``down``, ``left``, ``right``: the neighbouring blocks of a
+    chunked image (None at its border), whose facing rows and columns count
+    as neighbours, so that a chunk's contours are those of the whole image.
+    """
     edge = np.zeros(labels.shape, dtype=bool)
-    edge[1:] |= labels[1:] != labels[:-1]
-    edge[:-1] |= labels[:-1] != labels[1:]
-    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    rows = labels[1:] != labels[:-1]
+    edge[1:] |= rows
+    edge[:-1] |= rows
+    cols = labels[:, 1:] != labels[:, :-1]
+    edge[:, 1:] |= cols
+    edge[:, :-1] |= cols
+    if up is not None:
+        edge[0] |= labels[0] != up[-1]
+    if down is not None:
+        edge[-1] |= labels[-1] != down[0]
+    if left is not None:
+        edge[:, 0] |= labels[:, 0] != left[:, -1]
+    if right is not None:
+        edge[:, -1] |= labels[:, -1] != right[:, 0]
     return np.where(edge, labels, 0)
+
+
+def outline_level(level: da.Array) -> da.Array:
+    """:func:`outline` of a chunked label image, chunk by chunk, with the same chunks.
+
+    Each chunk's task takes its own block and its four neighbours' whole
+    blocks (the read chunks, shared with their own tasks) and nothing else.
+    ``map_overlap`` would give it 1-pixel slices of them instead, and a cache
+    of read chunks (napari's) counts such a slice by its own few bytes while
+    it keeps its whole chunk in memory: hundreds of MB after some panning.
+    """
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = "qdquant-outline-" + tokenize(level)
+    src, (ny, nx) = level.name, level.numblocks
+    graph = {
+        (name, i, j): (outline, (src, i, j),
+                       (src, i - 1, j) if i > 0 else None, (src, i + 1, j) if i < ny - 1 else None,
+                       (src, i, j - 1) if j > 0 else None, (src, i, j + 1) if j < nx - 1 else None)
+        for i in range(ny) for j in range(nx)
+    }
+    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[level]), name,
+                    chunks=level.chunks, dtype=level.dtype)
 
 
 def label_layers(results: SampleResults, pixel_size_um: float) -> list[tuple]:
@@ -137,7 +176,7 @@ def label_layers(results: SampleResults, pixel_size_um: float) -> list[tuple]:
         if levels is None:
             continue
         if name in ("nuclei", "cells"):
-            levels = [level.map_overlap(outline, depth=1, boundary="none", dtype=level.dtype) for level in levels]
+            levels = [outline_level(level) for level in levels]
         kwargs = {"name": name, "multiscale": True, "scale": (pixel_size_um, pixel_size_um),
                   "units": ("µm", "µm"), "metadata": {"qdquant_results": str(results.folder or results.store)},
                   **style}
