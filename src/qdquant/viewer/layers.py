@@ -2,8 +2,10 @@
 
 Every layer is multiscale (the store's own pyramid, dask arrays on its
 chunks), so napari reads only the level and the tiles in view: a whole
-slide opens from its coarsest level. Physical scale (µm per pixel) on every
-layer. No napari import here: colormaps are given as plain dicts.
+slide opens from its coarsest level, and nothing here reads more than that
+or grows with the slide but the class look-up table (one byte per label id).
+Physical scale (µm per pixel) on every layer. No napari import here:
+colormaps are given as plain dicts.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from qdquant.colours import HER2_CLASS_COLOURS
 from qdquant.viewer.results import SampleResults
 
 __all__ = ["HIDDEN_ROLES", "abundance_layers", "label_layers", "class_lut", "class_levels", "class_layer",
-           "outline", "outline_level", "results_layers", "channels"]
+           "outline", "outline_level", "read_levels", "results_layers", "channels"]
 
 #: Channels shown hidden at first: they explain light, they are not markers.
 HIDDEN_ROLES = ("autofluorescence", "background", "residual")
 
 #: Percentiles of the coarsest level that set an abundance layer's contrast limits.
 CONTRAST_PERCENTILES = (0.5, 99.5)
+
+#: Chunk size (px) of the layers' dask arrays below the coarsest level (see :func:`read_levels`).
+VIEW_CHUNK_PX = 512
 
 #: Layer name of the HER2 class overlay, and its opacity over the abundances.
 CLASS_LAYER = "HER2 class"
@@ -79,9 +84,33 @@ def _layer_name(channel: dict) -> str:
     return label if marker in (label, "residual") else f"{marker} ({label})"
 
 
+def read_levels(path, view_chunk: int | None = None) -> list[da.Array]:
+    """Every level of an OME-Zarr multiscale (finest first) as dask arrays, in ``view_chunk``² chunks.
+
+    napari loads whole chunks around the view, so the chunks set how much of
+    a level a screenful holds in memory (and in textures): up to two chunks
+    more than the canvas in each direction. ``VIEW_CHUNK_PX`` (each task
+    reads its part of a stored chunk) rather than the stored 1024² halves
+    that at full resolution. The coarsest level, shown whole, keeps its
+    stored chunks.
+    """
+    import zarr
+
+    view_chunk = VIEW_CHUNK_PX if view_chunk is None else view_chunk
+    group = zarr.open_group(str(path), mode="r")
+    arrays = [group[d["path"]] for d in group.attrs["multiscales"][0]["datasets"]]
+    levels = []
+    for i, array in enumerate(arrays):
+        chunks = array.chunks
+        if i < len(arrays) - 1:
+            chunks = chunks[:-2] + tuple(min(c, view_chunk) for c in chunks[-2:])
+        levels.append(da.from_zarr(array, chunks=chunks))
+    return levels
+
+
 def abundance_layers(results: SampleResults, pixel_size_um: float) -> list[tuple]:
     """One image layer per channel: additive, coloured by the endmember's emission peak."""
-    levels = io.read_multiscale(results.store)
+    levels = read_levels(results.store)
     layers = []
     for c, channel in enumerate(channels(results)):
         data = [level[c] for level in levels]
@@ -106,7 +135,7 @@ def abundance_layers(results: SampleResults, pixel_size_um: float) -> list[tuple
 def label_levels(results: SampleResults, name: str) -> list[da.Array] | None:
     """The pyramid of ``labels/{name}``, or None when the store has no such label image."""
     path = results.store / "labels" / name
-    return io.read_multiscale(path) if (path / ".zattrs").is_file() else None
+    return read_levels(path) if (path / ".zattrs").is_file() else None
 
 
 def outline(labels: np.ndarray, up=None, down=None, left=None, right=None) -> np.ndarray:
