@@ -273,3 +273,18 @@ def test_contours_of_a_chunked_label_image_are_those_of_the_whole_image(tmp_path
         while isinstance(base.base, np.ndarray):
             base = base.base
         assert base.nbytes <= value.nbytes
+
+
+def test_qdquant_view_keeps_its_chunk_cache_size(sample_results, make_napari_viewer, monkeypatch):
+    """napari's window sets the cache to napari's own setting when it is made: the size must be set after."""
+    import dask
+    from napari.utils import resize_dask_cache
+
+    from qdquant.viewer.app import open_results
+
+    root, _ = sample_results
+    monkeypatch.setattr(napari, "Viewer", lambda **kwargs: make_napari_viewer(**kwargs))
+    with dask.config.set(scheduler=None):  # open_results sets it in a process of its own
+        viewer, _ = open_results(root / "results" / SAMPLE, cache_mb=48)
+    assert resize_dask_cache().cache.available_bytes == 48 * 2**20
+    assert [layer.name for layer in viewer.layers][-1] == "flagged" == viewer.layers.selection.active.name

@@ -43,8 +43,10 @@ def open_results(path, viewer=None, *, cache_mb: int = DASK_CACHE_MB):
     from qdquant.viewer.reader import read_results
     from qdquant.viewer.widget import Her2Widget
 
-    resize_dask_cache(cache_mb * 2**20)
     viewer = napari.Viewer(title=f"qdquant: {locate(path).sample_id}") if viewer is None else viewer
+    # after the viewer: making its window sets the cache to napari's own setting (a quarter of the
+    # machine's memory by default)
+    resize_dask_cache(cache_mb * 2**20)
     for data, kwargs, kind in read_results(path):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = Her2Widget(viewer)
