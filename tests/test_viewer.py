@@ -275,6 +275,25 @@ def test_contours_of_a_chunked_label_image_are_those_of_the_whole_image(tmp_path
         assert base.nbytes <= value.nbytes
 
 
+def test_contrast_limits_without_stored_windows_come_from_the_coarsest_level(sample_results, tmp_path):
+    import json
+
+    root, _ = sample_results
+    store = tmp_path / "slide.ome.zarr"
+    shutil.copytree(root / "results" / SAMPLE / "unmixed.ome.zarr", store)
+    levels = vlayers.read_levels(store)
+    stored = vlayers.contrast_limits(locate(store), levels[-1])
+    attrs = json.loads((store / ".zattrs").read_text())
+    assert stored == [[c["window"]["start"], c["window"]["end"]] for c in attrs["omero"]["channels"]]
+    del attrs["qdquant"]  # another writer's windows are not trusted
+    (store / ".zattrs").write_text(json.dumps(attrs))
+    computed = vlayers.contrast_limits(locate(store), levels[-1])
+    coarse = np.asarray(levels[-1])
+    for c, (lo, hi) in enumerate(computed):
+        assert 0 <= lo < hi <= coarse[c].max() and hi >= np.percentile(coarse[c], 99)
+        assert hi == pytest.approx(stored[c][1], rel=1e-6)  # the same 99.5th percentile
+
+
 def test_qdquant_view_keeps_its_chunk_cache_size(sample_results, make_napari_viewer, monkeypatch):
     """napari's window sets the cache to napari's own setting when it is made: the size must be set after."""
     import dask

@@ -11,6 +11,7 @@ colormaps are given as plain dicts.
 from __future__ import annotations
 
 import json
+import math
 
 import dask.array as da
 import numpy as np
@@ -21,7 +22,7 @@ from qdquant.colours import HER2_CLASS_COLOURS
 from qdquant.viewer.results import SampleResults
 
 __all__ = ["HIDDEN_ROLES", "abundance_layers", "label_layers", "class_lut", "class_levels", "class_layer",
-           "outline", "outline_level", "read_levels", "results_layers", "channels"]
+           "contrast_limits", "outline", "outline_level", "read_levels", "results_layers", "channels"]
 
 #: Channels shown hidden at first: they explain light, they are not markers.
 HIDDEN_ROLES = ("autofluorescence", "background", "residual")
@@ -79,6 +80,38 @@ def _contrast_limits(coarse: np.ndarray) -> list[float]:
     return [lo, hi if hi > lo else lo + 1.0]
 
 
+def _stored_window(results: SampleResults) -> list[list[float]] | None:
+    """Each channel's display window as qdquant's writer stored it, or None for another writer's store.
+
+    The unmix step stores the 99.5th percentile of each channel's coarsest
+    pyramid level as its OMERO ``window`` (:func:`qdquant.io.write_ome_zarr`):
+    the same robust range :func:`_contrast_limits` computes, read without
+    touching a chunk. Other writers' windows mean other things, so they are
+    not trusted.
+    """
+    attrs = json.loads((results.store / ".zattrs").read_text(encoding="utf-8"))
+    if "qdquant" not in attrs:
+        return None
+    limits = []
+    for channel in attrs["omero"]["channels"]:
+        window = channel.get("window") or {}
+        lo, hi = (float(window.get(k, math.nan)) for k in ("start", "end"))
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi):
+            return None
+        limits.append([lo, hi])
+    return limits
+
+
+def contrast_limits(results: SampleResults, coarsest: da.Array) -> list[list[float]]:
+    """Every channel's contrast limits: the stored windows, else robust percentiles of the coarsest
+    level (read in one go: at most ``PYRAMID_COARSEST_PX``² per channel, whatever the slide's size)."""
+    stored = _stored_window(results)
+    if stored is not None and len(stored) == coarsest.shape[0]:
+        return stored
+    coarse = np.asarray(coarsest)
+    return [_contrast_limits(coarse[c]) for c in range(coarse.shape[0])]
+
+
 def _layer_name(channel: dict) -> str:
     marker, label = channel["marker"], channel["label"]
     return label if marker in (label, "residual") else f"{marker} ({label})"
@@ -111,11 +144,10 @@ def read_levels(path, view_chunk: int | None = None) -> list[da.Array]:
 def abundance_layers(results: SampleResults, pixel_size_um: float) -> list[tuple]:
     """One image layer per channel: additive, coloured by the endmember's emission peak."""
     levels = read_levels(results.store)
+    all_limits = contrast_limits(results, levels[-1])
     layers = []
-    for c, channel in enumerate(channels(results)):
+    for c, (channel, limits) in enumerate(zip(channels(results), all_limits)):
         data = [level[c] for level in levels]
-        # the coarsest level is small (<= PYRAMID_COARSEST_PX across): read whole, one channel at a time
-        limits = _contrast_limits(np.asarray(data[-1]))
         kwargs = {
             "name": _layer_name(channel),
             "multiscale": True,
