@@ -275,6 +275,28 @@ def test_contours_of_a_chunked_label_image_are_those_of_the_whole_image(tmp_path
         assert base.nbytes <= value.nbytes
 
 
+def test_class_overlay_reads_cells_h5ad_as_cells_csv(sample_results, tmp_path):
+    import os
+
+    root, _ = sample_results
+    folder = tmp_path / SAMPLE
+    shutil.copytree(root / "results" / SAMPLE, folder)
+    assert (folder / "cells.h5ad").is_file()
+    from_h5ad = vlayers.cell_classes(locate(folder))
+    cells = pd.read_csv(folder / "cells.csv", dtype={"her2_class": str})
+    np.testing.assert_array_equal(from_h5ad[0], cells["CellID"])
+    np.testing.assert_array_equal(from_h5ad[1], pd.Categorical(cells["her2_class"], scoring.HER2_CLASSES).codes)
+    # a cells.csv newer than cells.h5ad (rewritten since) is what counts
+    cells.loc[0, "her2_class"] = "3+" if cells.loc[0, "her2_class"] != "3+" else "0"
+    cells.to_csv(folder / "cells.csv", index=False)
+    h5ad_time = (folder / "cells.h5ad").stat().st_mtime
+    os.utime(folder / "cells.csv", (h5ad_time + 10, h5ad_time + 10))
+    from_csv = vlayers.cell_classes(locate(folder))
+    np.testing.assert_array_equal(from_csv[1], pd.Categorical(cells["her2_class"], scoring.HER2_CLASSES).codes)
+    (folder / "cells.h5ad").unlink()
+    np.testing.assert_array_equal(vlayers.cell_classes(locate(folder))[1], from_csv[1])
+
+
 def test_contrast_limits_without_stored_windows_come_from_the_coarsest_level(sample_results, tmp_path):
     import json
 

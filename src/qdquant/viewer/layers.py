@@ -15,14 +15,14 @@ import math
 
 import dask.array as da
 import numpy as np
-import pandas as pd
 
-from qdquant import io, scoring
+from qdquant import io
 from qdquant.colours import HER2_CLASS_COLOURS
 from qdquant.viewer.results import SampleResults
 
 __all__ = ["HIDDEN_ROLES", "abundance_layers", "label_layers", "class_lut", "class_levels", "class_layer",
-           "contrast_limits", "outline", "outline_level", "read_levels", "results_layers", "channels"]
+           "cell_classes", "contrast_limits", "outline", "outline_level", "read_levels", "results_layers",
+           "channels"]
 
 #: Channels shown hidden at first: they explain light, they are not markers.
 HIDDEN_ROLES = ("autofluorescence", "background", "residual")
@@ -253,7 +253,7 @@ def class_lut(cell_id: np.ndarray, codes: np.ndarray, max_label: int | None = No
     cell_id : (n,) array of int
         Label ids of the cells (``CellID``).
     codes : (n,) array of int
-        Class codes 0..3 (index into ``HER2_CLASSES``).
+        Class codes 0..3 (index into ``HER2_CLASSES``), -1 for none.
     max_label : int, optional
         Largest label id of the image, when above every ``cell_id``.
 
@@ -264,7 +264,7 @@ def class_lut(cell_id: np.ndarray, codes: np.ndarray, max_label: int | None = No
     cell_id = np.asarray(cell_id, dtype=np.int64)
     size = max(int(cell_id.max(initial=0)), int(max_label or 0)) + 1
     lut = np.zeros(size, dtype=np.uint8)
-    lut[cell_id] = np.asarray(codes, dtype=np.uint8) + 1
+    lut[cell_id] = np.asarray(codes, dtype=np.int16) + 1  # code -1 (no class) -> 0
     return lut
 
 
@@ -280,22 +280,76 @@ def class_levels(cell_levels: list[da.Array], lut: np.ndarray) -> list[da.Array]
 
 def class_colormap() -> dict:
     """Label colours of the class overlay: code + 1 -> the class's colour, 0 transparent."""
+    from qdquant.scoring import HER2_CLASSES
+
     colours = {None: [0.0, 0.0, 0.0, 0.0], 0: [0.0, 0.0, 0.0, 0.0]}
-    colours.update({k + 1: _hex_rgba(HER2_CLASS_COLOURS[c]) for k, c in enumerate(scoring.HER2_CLASSES)})
+    colours.update({k + 1: _hex_rgba(HER2_CLASS_COLOURS[c]) for k, c in enumerate(HER2_CLASSES)})
     return colours
+
+
+def _class_codes(names: np.ndarray) -> np.ndarray:
+    """Class names (``HER2_CLASSES``) to codes 0..3, -1 for anything else (no class)."""
+    from qdquant.scoring import HER2_CLASSES
+
+    codes = np.full(len(names), -1, dtype=np.int8)
+    for code, name in enumerate(HER2_CLASSES):
+        codes[names == name] = code
+    return codes
+
+
+def _classes_from_h5ad(path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(CellID, class code)`` of every cell from ``cells.h5ad``'s ``obs``, None when it has no
+    ``her2_class``. Two columns of a binary table, not a parse of all of ``cells.csv``."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        obs = f["obs"]
+        if "her2_class" not in obs:
+            return None
+        index = obs[obs.attrs.get("_index", "_index")].asstr()[()]
+        klass = obs["her2_class"]
+        if isinstance(klass, h5py.Group):  # categorical: codes into categories, -1 (missing) to ""
+            categories = np.append(np.asarray(klass["categories"].asstr()[()], dtype=object), "")
+            names = categories[klass["codes"][()]]
+        else:
+            names = np.asarray(klass.asstr()[()], dtype=object)
+    # the index is "{sample_id}_{CellID}" (io.H5adWriter)
+    cell_id = np.fromiter((int(s.rpartition("_")[2]) for s in index), dtype=np.int64, count=len(index))
+    return cell_id, _class_codes(names)
+
+
+def cell_classes(results: SampleResults) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(CellID, class code 0..3)`` of every cell of ``cells.csv``; None without HER2 classes.
+
+    Read from ``cells.h5ad`` (``cells.csv``'s content, written by the same
+    score step just after it) when it is there and not older than
+    ``cells.csv``: a 16384² slide's ``cells.csv`` is about 200 MB of text,
+    which takes seconds to parse even for two columns.
+    """
+    cells_csv = results.table("cells.csv")
+    if cells_csv is None:
+        return None
+    h5ad = results.table("cells.h5ad")
+    if h5ad is not None and h5ad.stat().st_mtime >= cells_csv.stat().st_mtime:
+        try:
+            found = _classes_from_h5ad(h5ad)
+        except (OSError, KeyError, ValueError, ImportError):
+            found = None  # unreadable: cells.csv says the same
+        if found is not None:
+            return found
+    if "her2_class" not in io.read_csv(cells_csv, "cells", nrows=0).columns:
+        return None
+    cells = io.read_csv(cells_csv, "cells", usecols=["CellID", "her2_class"], dtype={"her2_class": str})
+    return cells["CellID"].to_numpy(np.int64), _class_codes(cells["her2_class"].to_numpy(dtype=object))
 
 
 def class_layer(results: SampleResults, pixel_size_um: float) -> tuple | None:
     """The cells coloured by their ``her2_class`` in ``cells.csv``; None without cells or HER2 scores."""
-    cells_csv = results.table("cells.csv")
     cell_levels = label_levels(results, "cells")
-    if cells_csv is None or cell_levels is None:
+    classes = cell_classes(results) if cell_levels is not None else None
+    if classes is None:
         return None
-    if "her2_class" not in io.read_csv(cells_csv, "cells", nrows=0).columns:
-        return None
-    cells = io.read_csv(cells_csv, "cells", usecols=["CellID", "her2_class"], dtype={"her2_class": str})
-    codes = pd.Categorical(cells["her2_class"], categories=scoring.HER2_CLASSES).codes
-    lut = class_lut(cells["CellID"].to_numpy(), codes)
+    lut = class_lut(*classes)
     kwargs = {"name": CLASS_LAYER, "multiscale": True, "scale": (pixel_size_um, pixel_size_um),
               "units": ("µm", "µm"), "opacity": CLASS_OPACITY, "colormap": class_colormap(),
               "metadata": {"qdquant_results": str(results.folder or results.store), "qdquant_class_lut": lut}}
