@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
 
 from qdquant.colours import HER2_CLASS_COLOURS
 from qdquant.errors import InputError
-from qdquant.scoring import HER2_CLASSES
 from qdquant.viewer.layers import CLASS_LAYER
 from qdquant.viewer.results import locate
 from qdquant.viewer.session import Her2Session
@@ -133,6 +132,8 @@ class Her2Widget(QWidget):
         self._show_summary()
 
     def _show_summary(self) -> None:
+        from qdquant.scoring import HER2_CLASSES
+
         run = self.session.run_summary
         s = self.session.summary if self.session.codes is not None else run
         changed = self.session.settings != self.session.run_settings
