@@ -251,6 +251,31 @@ def test_a_store_without_qdquant_roles_hides_what_is_not_a_marker(sample_results
     assert roles["QD655"] == roles["DAPI"] == "marker"
 
 
+def test_a_click_without_the_class_layer_still_shows_the_cell(sample_results, make_napari_viewer):
+    """The user may delete the overlay (or the contours too): a click maps through what is left."""
+    from types import SimpleNamespace
+
+    from qdquant.viewer.app import open_results
+
+    root, _ = sample_results
+    folder = root / "results" / SAMPLE
+    viewer, widget = open_results(folder, viewer=make_napari_viewer())
+    labels = np.asarray(io.read_labels(folder / "unmixed.ome.zarr", "cells"))
+    cells = pd.read_csv(folder / "cells.csv").set_index("CellID")
+    cell = int(cells["Area"].idxmax())
+    y, x = np.argwhere(labels == cell)[0]
+    click = SimpleNamespace(type="mouse_press", position=((y + 0.5) * 0.5, (x + 0.5) * 0.5))  # world: µm
+    for gone in ("HER2 class", "cells"):
+        viewer.layers.remove(gone)
+        widget.select_cell(0)
+        assert widget._on_click in viewer.mouse_drag_callbacks
+        widget._on_click(viewer, click)
+        assert widget.cell_table.item(0, 1).text() == str(cell), gone
+        assert viewer.layers["selected cell"].visible
+    widget.set_thresholds(t_faint=widget.session.settings.t_faint * 0.9)  # no overlay to update: no error
+    assert widget.message.text() == ""
+
+
 def test_contours_of_a_chunked_label_image_are_those_of_the_whole_image(tmp_path):
     import dask
     import zarr
