@@ -2,9 +2,9 @@
 # A one-node SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld,
 # slurmd), for trying qdquant's SLURM profile and for its tests.
 #
-#   tests/cluster/slurm_cluster.sh start    # about 15 s; then: export SLURM_CONF=<dir>/slurm.conf
-#   tests/cluster/slurm_cluster.sh status
-#   tests/cluster/slurm_cluster.sh stop     # stops exactly the daemons start recorded
+#   tests/workflow/cluster/slurm_cluster.sh start    # about 15 s; then: export SLURM_CONF=<dir>/slurm.conf
+#   tests/workflow/cluster/slurm_cluster.sh status
+#   tests/workflow/cluster/slurm_cluster.sh stop     # stops exactly the daemons start recorded
 #
 # Needs root and Debian's packages: apt-get install --no-install-recommends
 # munge slurm-client slurmctld slurmd slurmdbd mariadb-server. Everything it makes

@@ -1,7 +1,7 @@
 """The workflow on a real one-node SLURM cluster with ``--profile profiles/slurm``.
 
 conftest's ``slurm_cluster`` starts munged, MariaDB, slurmdbd, slurmctld and
-slurmd (tests/cluster/slurm_cluster.sh) and stops exactly those at the end of
+slurmd (tests/workflow/cluster/slurm_cluster.sh) and stops exactly those at the end of
 the session; the test is skipped where the Debian packages are not installed.
 The jobs must show in SLURM's accounting (``sacct``) as completed (the
 profile runs a sample's five steps as one job, then the cohort step), and
@@ -16,11 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import REPO, RUN_SAMPLE, SNAKEMAKE, assert_same_outputs, simulated_slides, workflow_project
-
-pytestmark = pytest.mark.slow
 
 #: SLURM jobs of a one-sample run: the sample's group job (its five steps) and the cohort step.
 EXPECTED_JOBS = 2

@@ -21,8 +21,6 @@ import pytest
 
 from conftest import RUN_SAMPLE, SNAKEMAKE, assert_same_outputs, simulated_slides, workflow_project
 
-pytestmark = pytest.mark.slow
-
 SAMPLE = RUN_SAMPLE
 
 

@@ -1,11 +1,11 @@
 """The tutorial notebook runs from top to bottom (so it never rots)."""
 
-from pathlib import Path
-
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "tutorial.ipynb"
+from conftest import REPO
+
+NOTEBOOK = REPO / "notebooks" / "tutorial.ipynb"
 
 
 def test_tutorial_notebook_executes():

@@ -5,7 +5,7 @@ worker processes started in a different working directory from the step's; the
 sample sheet and the results folder are relative paths. The unmix, segment and
 quantify steps of a 4096² slide cut into 16 chunks must give what the threaded
 scheduler gives: the same labels, per-cell means to 1e-6. With the one-node
-SLURM cluster of tests/cluster up (conftest's ``slurm_cluster``), the same
+SLURM cluster of tests/workflow/cluster up (conftest's ``slurm_cluster``), the same
 holds for ``dask.cluster: slurm``: two dask-jobqueue worker jobs.
 """
 
@@ -122,7 +122,6 @@ def test_abundances_and_cell_means_match(runs):
     np.testing.assert_allclose(ta[means].to_numpy(), tb[means].to_numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_slurm_cluster_workers_give_the_threaded_results(runs, slurm_cluster, monkeypatch, capsys):
     """dask.cluster: slurm on the one-node SLURM cluster: two worker jobs of one core each."""
     pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed (pip install '.[distributed]')")
