@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import yaml
 
-from conftest import need_independent_generator
+from conftest import SHARED_DATA, need_independent_generator
 
 try:
     need_independent_generator()
@@ -21,7 +21,7 @@ import slides  # noqa: E402
 import spectra as sp  # noqa: E402
 
 SIZE = 320
-CONTRACT = Path(__file__).resolve().parents[2] / "shared" / "spec" / "contract.md"
+CONTRACT = SHARED_DATA.parent / "spec" / "contract.md"
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import tifffile
 
+from conftest import SHARED_DATA
 from qdquant import simulate as sim  # not `from ... import test_cohort`: pytest would collect it
 from qdquant.quantification import measure_cells
 from qdquant.scoring import intensity_bins
 
-MIBI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ark_mibi_tnbc_fov8"
+MIBI_DIR = SHARED_DATA / "ark_mibi_tnbc_fov8"
 EXPECTED = {  # sample id -> (her2_score, her2_category)
     "her2_null": ("0", "HER2-null"),
     "her2_ultralow": ("0", "HER2-ultralow"),

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from conftest import SHARED_DATA as DATA
 from qdquant.metrics import match_instances
 from qdquant.nucleus_size import estimate_nucleus_diameter, resolve_nucleus_diameter
 from qdquant.segmentation import segment_chunked, segment_nuclei
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PS = 0.5  # um per pixel, assumed for DSB2018 and used for the synthetic images
 
 

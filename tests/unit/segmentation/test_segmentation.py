@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from conftest import SHARED_DATA as DATA
 from qdquant.errors import InputError
 from qdquant.metrics import match_instances
 from qdquant.segmentation import (
@@ -29,7 +30,6 @@ from qdquant.segmentation import (
     segment_nuclei,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _need(path: Path) -> Path:
