@@ -57,30 +57,6 @@ def test_off_library_object_is_flagged_and_left_out():
     assert abs(masked.loc[0, "HER2_membrane_mean"] - 40) < 6
 
 
-def test_flagging_can_be_switched_off(tmp_path):
-    """unmixing.flag_poor_fit: false keeps an empty labels/flagged (for ablations)."""
-    from conftest import write_project
-    from qdquant import io, pipeline
-    from qdquant.config import load_config
-
-    flagged = {}
-    for switch in (True, False):
-        config = write_project(tmp_path / str(switch), config_extra={
-            "unmixing": {"refine_library": False, "flag_poor_fit": switch}})
-        # a bright emitter the library cannot fit: half of it goes to a band no endmember explains
-        root = config.parent
-        cube = np.random.default_rng(0).poisson(100, size=(8, 64, 64)).astype(np.uint16)
-        cube[0, 20:30, 20:30] += 3000
-        cube[7, 20:30, 20:30] += 3000
-        io.write_ome_tiff(root / "s1.ome.tif", cube, pixel_size_um=0.5)
-        cfg = load_config(config)
-        assert cfg.unmixing.flag_poor_fit is switch
-        pipeline.unmix_sample(cfg, "s1")
-        flagged[switch] = np.asarray(io.read_labels(pipeline.outputs(cfg, "s1")["zarr"], "flagged"))
-    assert flagged[True][20:30, 20:30].mean() > 0.9
-    assert flagged[False].shape == (64, 64) and flagged[False].max() == 0
-
-
 def _lipofuscin_scene(seed=5):
     """Library mixtures with photon noise, two cells, and broad lipofuscin-like light on one membrane."""
     rng = np.random.default_rng(seed)
