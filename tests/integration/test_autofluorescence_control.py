@@ -1,14 +1,13 @@
-"""Autofluorescence measured on an unstained control slide named in the sample sheet."""
+"""Autofluorescence measured on an unstained control slide named in the sample sheet, used by
+the unmix step (the spectrum itself: tests/unit/library; the sheet's checks: tests/unit/config)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, repo_config, write_project
+from conftest import REPO, repo_config
 from qdquant import io, pipeline, simulate
 from qdquant.config import load_config
-from qdquant.errors import InputError
-from qdquant.library import autofluorescence_spectrum
 
 #: a tissue whose autofluorescence is mostly flavin, where the library's AF is mostly NADH
 FLAVIN_RICH = {"NADH": 0.15, "Riboflavin": 0.85}
@@ -24,28 +23,6 @@ def slides(tmp_path_factory):
     paths = {"stained": simulate.write_slide(stained, root, "stained")["image"],
              "unstained": simulate.write_slide(unstained, root, "unstained")["image"]}
     return root, stained, paths
-
-
-def test_spectrum_of_an_unstained_slide_with_red_cells_and_few_photons():
-    slide = simulate.simulate_slide(her2_score="null", shape=(512, 512), seed=7, af_mix=FLAVIN_RICH,
-                                    unstained=True, off_library_af=True, photons_per_count=2.0)
-    assert slide.abundance("QD655").max() == 0 and slide.abundance("DAPI").max() == 0
-    true = slide.true_spectra["AF"].to_numpy()
-    assert np.abs(slide.library["AF"].to_numpy() - true).max() > 0.4  # the library is far off
-    estimate = autofluorescence_spectrum(slide.cube)
-    assert estimate.max() == 1.0
-    assert np.abs(estimate - true).max() < 0.03
-
-
-def test_spectrum_errors():
-    with pytest.raises(InputError, match="3-D"):
-        autofluorescence_spectrum(np.zeros((8, 8)))
-    with pytest.raises(InputError, match="NaN"):
-        autofluorescence_spectrum(np.full((4, 16, 16), np.nan))
-    with pytest.raises(InputError, match="unsaturated"):
-        autofluorescence_spectrum(np.full((4, 16, 16), 65535, np.uint16))
-    with pytest.raises(InputError, match="no signal"):
-        autofluorescence_spectrum(np.full((4, 16, 16), 100, np.uint16))
 
 
 def _unmix(root, paths, with_control):
@@ -78,25 +55,3 @@ def test_unmix_uses_the_controls_autofluorescence(slides):
     # subtracted from every pixel, so there is less of it left to misfit than on the raw counts)
     assert residual[True] < 0.97 * residual[False], residual
     assert her2_error[True] < 0.75 * her2_error[False], her2_error
-
-
-def test_sheet_errors(tmp_path):
-    config = write_project(tmp_path / "p")
-    root = config.parent
-    sheet = root / "samples.tsv"
-    image = root / "s1.ome.tif"
-    # the tiny panel has no autofluorescence row
-    sheet.write_text(f"sample_id\timage\tunstained\ns1\t{image}\t{image}\n")
-    with pytest.raises(InputError, match="role autofluorescence"):
-        load_config(config)
-    library = pd.read_csv(root / "spectra.csv")
-    library["AF"] = np.linspace(1.0, 0.2, len(library))
-    library.to_csv(root / "spectra.csv", index=False)
-    (root / "panel.tsv").write_text((root / "panel.tsv").read_text() + "AF\tAF\tautofluorescence\t\tnone\t\t\t\n")
-    sheet.write_text(f"sample_id\timage\tunstained\ns1\t{image}\t{root / 'missing.ome.tif'}\n")
-    with pytest.raises(InputError, match="missing.ome.tif"):
-        load_config(config, check_images=True)
-    io.write_ome_tiff(root / "five_bands.ome.tif", np.ones((5, 16, 16), np.uint16), pixel_size_um=0.5)
-    sheet.write_text(f"sample_id\timage\tunstained\ns1\t{image}\t{root / 'five_bands.ome.tif'}\n")
-    with pytest.raises(InputError, match=r"five_bands.ome.tif: 5 bands .*unstained control"):
-        load_config(config, check_images=True)
