@@ -200,32 +200,6 @@ def test_screenshot_shows_each_class_colour_at_its_cells(sample_results, make_na
     assert set(checked) == set(scoring.HER2_CLASSES)
 
 
-def test_view_without_napari_names_the_extra(monkeypatch, tmp_path, capsys):
-    import builtins
-
-    from qdquant.cli import main
-
-    real_import = builtins.__import__
-
-    def no_napari(name, *args, **kwargs):
-        if name == "napari" or name.startswith("napari."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_napari)
-    assert main(["view", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ['qdquant: error: napari is not installed: pip install "qdquant[napari]"']
-
-
-def test_view_of_a_folder_without_results_is_one_line(tmp_path, capsys):
-    from qdquant.cli import main
-
-    assert main(["view", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(tmp_path) in err[0] and "not a sample's results folder" in err[0]
-
-
 def test_locate_a_bare_store_has_no_tables(sample_results, tmp_path):
     root, _ = sample_results
     bare = tmp_path / "slide7.ome.zarr"
