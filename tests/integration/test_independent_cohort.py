@@ -20,6 +20,9 @@ from qdquant import pipeline
 from qdquant.config import load_config
 from qdquant.metrics import match_instances
 
+#: every step on three 768² slides: about a minute
+pytestmark = pytest.mark.slow
+
 SLIDES = ["ind_null_a", "ind_1plus", "ind_3plus"]
 
 

@@ -24,6 +24,9 @@ from qdquant.metrics import match_instances
 sys.path.insert(0, str(REPO / "benchmarks"))
 import eval_cohort  # noqa: E402
 
+#: every step on five 512² slides, and two of them again: about a minute
+pytestmark = pytest.mark.slow
+
 SLIDES = ("messy_null", "messy_ultralow")
 
 
