@@ -86,6 +86,14 @@ def shared(*parts) -> Path:
     return path
 
 
+def median_equivalent_diameter(labels: np.ndarray, min_area: float = 0) -> float:
+    """The median over labelled objects larger than ``min_area`` pixels of the diameter of the
+    disc of the same area, in pixels (the truth the nucleus-size tests compare against)."""
+    area = np.bincount(labels.ravel())[1:]
+    area = area[area > min_area]
+    return float(np.median(2 * np.sqrt(area / np.pi)))
+
+
 def need_independent_generator():
     """Put the independent slide generator (tests/independent) on the path, or skip the test
     when the FPbase spectra it renders with (../shared/data) are not beside the repository."""
