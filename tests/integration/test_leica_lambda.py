@@ -13,6 +13,10 @@ import pytest
 from conftest import REPO, SHARED_DATA
 from qdquant.unmixing import estimate_offset, unmix
 
+#: three fits and a refinement of a real 12 x 512² stack (4-5 s): the benchmark's figures
+#: checked on real data, not a unit check needed on every edit
+pytestmark = pytest.mark.slow
+
 LEICA_DATA = SHARED_DATA / "poissonnmf_spectra_and_leica_lambda"
 
 
