@@ -15,6 +15,7 @@ import dask
 import numpy as np
 import pandas as pd
 
+from qdquant.config.defaults import default
 from qdquant.errors import InputError
 from qdquant.segmentation import membrane_ring
 
@@ -128,7 +129,7 @@ def measure_cells(
     *,
     pixel_size_um: float = 1.0,
     flagged=None,
-    block_size: int = 2048,
+    block_size: int = default("chunk_size"),
 ) -> pd.DataFrame:
     """Measure every cell: geometry and per-compartment mean of each channel.
 
@@ -150,7 +151,8 @@ def measure_cells(
     flagged : (M, N) bool array, optional
         Pixels left out of every mean (poorly fitted pixels); counted per cell.
     block_size : int
-        Edge (pixels) of the blocks the image is reduced in.
+        Edge (pixels) of the blocks the image is reduced in. Default: the
+        config schema's ``chunk_size``.
 
     Returns
     -------
@@ -240,9 +242,9 @@ def membrane_sectors(
     centroids_yx,
     membrane_width_px: float,
     *,
-    sectors: int = 36,
+    sectors: int = default("her2.sectors"),
     flagged=None,
-    block_size: int = 2048,
+    block_size: int = default("chunk_size"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sum and pixel count of ``values`` over each cell's membrane ring, per angular sector.
 
@@ -262,8 +264,12 @@ def membrane_sectors(
         Each cell's centroid (pixels).
     membrane_width_px : float
     sectors : int
+        Number of equal angular sectors. Default: the config schema's
+        ``her2.sectors``.
     flagged : (M, N) bool array, optional
         Pixels left out (neither summed nor counted).
+    block_size : int
+        As in :func:`measure_cells`.
 
     Returns
     -------

@@ -25,7 +25,7 @@ def test_chunked_pipeline_equals_one_chunk(tmp_path, monkeypatch):
     paths = simulate.write_slide(slide, tmp_path / "slides", "small")
     tables, summaries, h5ads = {}, {}, {}
     for chunk in (2048, 128):
-        monkeypatch.setattr(pipeline, "TABLE_ROWS", 7 if chunk == 128 else 10**6)
+        monkeypatch.setattr(pipeline.common, "TABLE_ROWS", 7 if chunk == 128 else 10**6)
         (tmp_path / "samples.tsv").write_text(f"sample_id\timage\nsmall\t{paths['image']}\n")
         cfg = load_config(repo_config(tmp_path / f"config{chunk}.yaml", tmp_path / "samples.tsv",
                                       tmp_path / f"results{chunk}", chunk_size=chunk,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import tifffile
 import zarr
 
 from qdquant.metrics import match_instances
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile")]
@@ -127,15 +130,105 @@ def test_rerun_is_a_no_op(run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def dry_run_jobs(work: Path) -> set[str]:
+def dry_run_jobs(work: Path, *args: str) -> set[str]:
     """The rules a dry run would run (from Snakemake's job stats)."""
-    proc = snakemake(work, "-n")
+    proc = snakemake(work, "-n", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     if "Job stats:" not in out:
         return set()
     stats = out.split("Job stats:", 1)[1].strip().split("\n\n", 1)[0].splitlines()[2:]
     return {line.split()[0] for line in stats if line.split() and line.split()[0] not in ("total", "all")}
+
+
+def dry_run(work: Path, *args: str) -> set[tuple[str, str | None]]:
+    """The jobs a dry run would run, as (rule, sample) (sample None for a cohort-wide rule)."""
+    proc = snakemake(work, "-n", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout + proc.stderr)[1:]:
+        rule = re.match(r"(?:local)?rule (\w+):", block)[1]
+        sample = re.search(r"^\s+wildcards: .*?\bsample=([\w-]+)", block, re.M)
+        if rule != "all":
+            jobs.add((rule, sample[1] if sample else None))
+    return jobs
+
+
+def declared_outputs(work: Path) -> dict[Path, dict[str, str]]:
+    """Every output the workflow declares, by path, with its rule, status and plan (`snakemake --summary`)."""
+    proc = snakemake(work, "--summary")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("output_file\t"))
+    names = lines[header].split("\t")
+    rows = [dict(zip(names, line.split("\t"))) for line in lines[header + 1:] if line.count("\t") >= 5]
+    return {(work / row["output_file"]).resolve(): row for row in rows}
+
+
+def test_every_file_a_step_writes_is_declared_and_there(run):
+    """After a full run every declared output exists and is up to date, and every file under a
+    sample's results is a declared output or inside one (a directory() output): Snakemake's
+    view of what is done is true. The one exception: the unmixed image's coarser pyramid
+    levels (s1, s2, ...), written with its level 0 and named in the store's .zattrs, whose
+    number follows the slide's size (workflow/rules/common.smk)."""
+    declared = declared_outputs(run)
+    steps = {"unmix", "segment", "quantify", "score", "report", "cohort"}
+    assert steps <= {row["rule"] for row in declared.values()} <= steps | {"simulate_test_slide"}
+    stale = {str(p): (row["status"], row["plan"]) for p, row in declared.items()
+             if (row["status"], row["plan"]) != ("ok", "no update")}
+    assert not stale, stale
+    assert all(p.exists() for p in declared)
+    results = (run / "results").resolve()
+    written = [p for p in results.iterdir() if p.is_file()] + list((results / "provenance").rglob("*"))
+    for sid in sample_ids(run):
+        store = results / sid / "unmixed.ome.zarr"
+        assert declared[store / "labels" / "nuclei"]["rule"] == declared[store / "labels" / "cells"]["rule"] \
+            == declared[store / "labels" / ".zattrs"]["rule"] == "segment"
+        assert declared[store / ".zattrs"]["rule"] == declared[store / "labels" / "flagged"]["rule"] == "unmix"
+        levels = [d["path"] for d in json.loads((store / ".zattrs").read_text())["multiscales"][0]["datasets"]]
+        assert store / levels[0] in declared
+        coarse = [store / level for level in levels[1:]]
+        written += [p for p in (results / sid).rglob("*") if not any(p == c or c in p.parents for c in coarse)]
+        # the labels group (OME-NGFF) lists every label image in it, the unmix step's flagged too
+        listed = json.loads((store / "labels" / ".zattrs").read_text())["labels"]
+        assert listed == ["flagged", "nuclei", "cells"], listed
+        for name in listed:
+            assert "image-label" in json.loads((store / "labels" / name / ".zattrs").read_text()), name
+    undeclared = [str(p.relative_to(results)) for p in written
+                  if p.is_file() and not any(q in declared for q in (p, *p.parents))]
+    assert not undeclared, undeclared
+
+
+def test_deleted_labels_are_made_again_by_segment_and_the_steps_after_it(run):
+    """Labels deleted by hand: a dry run runs segment and what follows for that sample, nothing before."""
+    sid = sample_ids(run)[0]
+    cells = run / "results" / sid / "unmixed.ome.zarr" / "labels" / "cells"
+    aside = run / "labels-cells-aside"
+    shutil.move(cells, aside)
+    try:
+        assert dry_run(run) == {("segment", sid), ("quantify", sid), ("score", sid), ("report", sid),
+                                ("cohort", None)}
+    finally:
+        shutil.move(aside, cells)
+    assert dry_run(run) == set()
+
+
+def test_an_unmix_rerun_takes_the_labels_and_segment_runs_again(run, tmp_path):
+    """unmix renames a whole new store into place, so the labels segment wrote there go with it;
+    Snakemake then runs segment and the steps after it again, and not unmix."""
+    sid = sample_ids(run)[0]
+    work = tmp_path / "rerun"
+    shutil.copytree(run / "config", work / "config")
+    sheet = pd.read_csv(work / "config" / "samples.tsv", sep="\t")
+    sheet = sheet[sheet["sample_id"] == sid].assign(image=lambda t: [str(run / p) for p in t["image"]])
+    sheet.to_csv(work / "config" / "samples.tsv", sep="\t", index=False)
+    shutil.copytree(run / "results" / sid, work / "results" / sid)
+    proc = snakemake(work, f"results/{sid}/spectra_used.csv", "--forcerun", "unmix", "--rerun-triggers", "mtime")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = work / "results" / sid / "unmixed.ome.zarr" / "labels"
+    assert sorted(p.name for p in labels.iterdir()) == ["flagged"]
+    assert dry_run(work, "--rerun-triggers", "mtime") == {("segment", sid), ("quantify", sid), ("score", sid),
+                                                         ("report", sid), ("cohort", None)}
 
 
 @pytest.mark.parametrize(

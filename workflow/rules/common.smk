@@ -72,6 +72,35 @@ IMAGES = {s.sample_id: str(s.image) for s in CFG.samples}
 # unmix inputs per sample: the image, and its unstained control where the sheet names one
 UNMIX_IMAGES = {s.sample_id: [str(p) for p in (s.image, s.unstained) if p is not None] for s in CFG.samples}
 
+# A sample's unmixed.ome.zarr is written by two steps, and each declares the files it writes
+# there (Snakemake allows no step's output inside another step's directory() output): unmix
+# the multiscale image and labels/flagged, segment the labels group (labels/.zgroup, and
+# labels/.zattrs listing every label image) with labels/nuclei and labels/cells. The image's
+# coarser levels (s1, s2, ...) are written with its level 0 and named in its .zattrs; they are
+# not declared, as their number follows the slide's size and a rule declares the same files
+# for every sample.
+STORE = f"{RESULTS}/{{sample}}/unmixed.ome.zarr"
+#: The multiscale image of the store: its metadata and its level-0 array (a folder, named
+#: s0 by ome-zarr's writer; tests/test_workflow.py checks it against the store's .zattrs).
+STORE_IMAGE = {"zgroup": f"{STORE}/.zgroup", "zattrs": f"{STORE}/.zattrs", "level0": f"{STORE}/s0"}
+
+
+def step_outputs(*names):
+    """Every output of these per-sample rules, as patterns with {sample}."""
+    return [str(path) for name in names for path in getattr(rules, name).output]
+
+
+def unmix_qc_files():
+    """The QC files the unmix step writes beside qc/unmixing.png for this config
+    (qdquant.pipeline.unmix_sample): the fit's statistics and the dark offset always, the
+    library refinement unless it is off, the shading estimate when it is on."""
+    names = ["unmixing.json", "dark_offset.csv"]
+    if CFG.unmixing.refine_library is not False:
+        names += ["library_refinement.csv", "library_refinement.png"]
+    if CFG.illumination == "estimate":
+        names += ["illumination.png", "illumination.json"]
+    return [f"{RESULTS}/{{sample}}/qc/{name}" for name in names]
+
 
 #: The settings each step's output depends on (dotted config keys, resolved with their
 #: defaults): they are the step's `params`, so changing one reruns that step and the steps

@@ -1,7 +1,9 @@
 rule quantify:
     input:
-        zarr=f"{RESULTS}/{{sample}}/unmixed.ome.zarr",
-        segmentation=f"{RESULTS}/{{sample}}/qc/segmentation.png",
+        image=[STORE_IMAGE["zattrs"], STORE_IMAGE["level0"]],
+        nuclei=f"{STORE}/labels/nuclei",
+        cells=f"{STORE}/labels/cells",
+        flagged=f"{STORE}/labels/flagged",  # pixels left out of every mean
     output:
         f"{RESULTS}/{{sample}}/measurements.csv",
     params:

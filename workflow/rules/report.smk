@@ -6,6 +6,8 @@ rule report:
         cells=f"{RESULTS}/{{sample}}/cells.csv",
         summary=f"{RESULTS}/{{sample}}/summary.csv",
         qc=[f"{RESULTS}/{{sample}}/qc/unmixing.png", f"{RESULTS}/{{sample}}/qc/segmentation.png"],
+        unmix_qc=unmix_qc_files(),  # the fit's statistics (warnings) and library refinement (provenance)
+        image=[STORE_IMAGE["zattrs"], STORE_IMAGE["level0"]],  # the nuclear channel under the maps
         spectra=f"{RESULTS}/{{sample}}/spectra_used.csv",  # named on the page (provenance)
     output:
         page=report(f"{RESULTS}/{{sample}}/report.html", category="Samples", labels={"sample": "{sample}"}),
@@ -28,6 +30,7 @@ rule cohort:
     input:
         expand(f"{RESULTS}/{{sample}}/summary.csv", sample=SAMPLES),
         expand(f"{RESULTS}/{{sample}}/report.html", sample=SAMPLES),
+        expand(f"{RESULTS}/{{sample}}/qc/unmixing.json", sample=SAMPLES),  # each sample's warnings
     output:
         summary=f"{RESULTS}/cohort_summary.csv",
         report=report(f"{RESULTS}/cohort_report.html", category="Cohort", labels={"page": "cohort report"}),

@@ -1,10 +1,13 @@
-# Writes labels/nuclei and labels/cells into the sample's unmixed.ome.zarr
-# (atomically); the QC overlay and the nucleus size used (qc/nucleus_size.csv)
-# are the rule's declared outputs.
 rule segment:
     input:
-        zarr=f"{RESULTS}/{{sample}}/unmixed.ome.zarr",
+        image=[STORE_IMAGE["zattrs"], STORE_IMAGE["level0"]],
+        flagged=f"{STORE}/labels/flagged",  # listed in the labels group with nuclei and cells
     output:
+        # the labels group of unmixed.ome.zarr (its metadata lists every label image in it)
+        # and the two label images in it
+        labels_group=[f"{STORE}/labels/.zgroup", f"{STORE}/labels/.zattrs"],
+        nuclei=directory(f"{STORE}/labels/nuclei"),
+        cells=directory(f"{STORE}/labels/cells"),
         qc=report(f"{RESULTS}/{{sample}}/qc/segmentation.png", category="QC", subcategory="segmentation",
                   labels={"sample": "{sample}", "figure": "segmentation overlay"}),
         nucleus_size=f"{RESULTS}/{{sample}}/qc/nucleus_size.csv",

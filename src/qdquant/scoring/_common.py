@@ -7,7 +7,7 @@ from numbers import Real
 
 import numpy as np
 
-from qdquant.config import schema
+from qdquant.config.defaults import default
 from qdquant.errors import InputError
 
 #: Per-cell and per-sample HER2 scores, in order (index = class code).
@@ -33,7 +33,7 @@ _SAMPLE_PCT = 10.0
 
 
 # Contract defaults: read from the config schema, where they are defined.
-ULTRALOW_MIN_PCT = schema()["properties"]["her2"]["properties"]["ultralow_min_pct"]["default"]
+ULTRALOW_MIN_PCT = default("her2.ultralow_min_pct")
 
 
 def _real(value, name: str) -> float:

@@ -8,6 +8,7 @@ from numbers import Real
 import numpy as np
 from skimage.filters import threshold_otsu
 
+from qdquant.config.defaults import default
 from qdquant.errors import InputError
 from qdquant.scoring._common import HER2_CLASSES, NOT_ASSESSABLE, _pct_or_nan, _real
 
@@ -61,7 +62,13 @@ def _not(a):
 
 
 def surrogate_subtype(
-    her2_score, er_pct, pr_pct, ki67_pct=None, *, pr_cutoff_pct=20, ki67_cutoff_pct=20
+    her2_score,
+    er_pct,
+    pr_pct,
+    ki67_pct=None,
+    *,
+    pr_cutoff_pct=default("subtype.pr_cutoff_pct"),
+    ki67_cutoff_pct=default("subtype.ki67_cutoff_pct"),
 ) -> str:
     """St Gallen 2013 surrogate intrinsic subtype (contract's first-match table).
 
@@ -76,7 +83,8 @@ def surrogate_subtype(
         % Ki67-positive cells; None when Ki67 is not in the panel (NaN: in
         the panel, but no evaluable cell).
     pr_cutoff_pct, ki67_cutoff_pct : float, optional
-        Cut-offs in percent (default 20 each).
+        Cut-offs in percent. Default: the config schema's
+        ``subtype.pr_cutoff_pct`` and ``subtype.ki67_cutoff_pct``.
 
     Returns
     -------

@@ -1,6 +1,6 @@
 """Tuning constants of the segmentation (fractions of the nucleus radius r unless stated)."""
 
-from qdquant.config import schema
+from qdquant.config.defaults import default
 
 _SMOOTH_Q = 1 / 6  # pre-smoothing Gaussian sigma
 _LOG_Q = (0.4, 0.5, 0.6)  # LoG scales of the seed detector
@@ -31,6 +31,6 @@ _BARE_LEVEL = 0.05
 _BARE_RIM_UM = 1.0
 
 # Contract defaults: read from the config schema, where they are defined.
-_SCHEMA = schema()["properties"]
-CELL_EXPANSION_UM = _SCHEMA["segmentation"]["properties"]["cell_expansion_um"]["default"]
-CHUNK_SIZE = _SCHEMA["chunk_size"]["default"]
+CELL_EXPANSION_UM = default("segmentation.cell_expansion_um")
+CHUNK_SIZE = default("chunk_size")
+NUCLEUS_DIAMETER_UM = default("segmentation.nucleus_diameter_um")

@@ -12,7 +12,7 @@ from qdquant.segmentation._checks import (
     _as_float, _check_image, _check_scale, _diameter, _is_dask, _membrane_radius, _radius_px,
 )
 from qdquant.segmentation._tuning import (
-    CELL_EXPANSION_UM, CHUNK_SIZE, _MEMBRANE_SMOOTH_UM, _MIN_AREA_Q, _SMOOTH_Q,
+    CELL_EXPANSION_UM, CHUNK_SIZE, NUCLEUS_DIAMETER_UM, _MEMBRANE_SMOOTH_UM, _MIN_AREA_Q, _SMOOTH_Q,
 )
 from qdquant.segmentation.cells import _cells_tile
 from qdquant.segmentation.image_stats import _image_stats_lazy
@@ -83,7 +83,7 @@ def segment_chunked(
     membrane=None,
     *,
     pixel_size_um: float,
-    nucleus_diameter_um: float | str = 8,
+    nucleus_diameter_um: float | str = NUCLEUS_DIAMETER_UM,
     nucleus_diameter_hint: bool = False,
     cell_expansion_um: float = CELL_EXPANSION_UM,
     chunk_size: int = CHUNK_SIZE,
@@ -116,6 +116,7 @@ def segment_chunked(
         As in :func:`segment_nuclei` and :func:`segment_cells`, micrometres.
         An estimated diameter is estimated once, from a few windows of the
         whole slide, before the tiles are cut, so all tiles use the same.
+        Defaults: the config schema's (``nucleus_diameter_um="auto"``).
     chunk_size : int, optional
         Tile edge and output chunk edge, pixels. Inputs chunked otherwise
         are rechunked (reading is cheapest when it is a multiple of the

@@ -12,7 +12,7 @@ from skimage import segmentation
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _diameter, _radius_px
 from qdquant.segmentation._tuning import (
     _ALPHA, _COMPACTNESS, _LOG_Q, _MASK_MIN, _MAX_AREA_Q, _MERGE_AREA, _MERGE_DIP, _MERGE_R, _MIN_AREA_Q,
-    _NMS_Q, _NOISE_K_MASK, _NOISE_K_SEED, _SEED_H, _SEED_MIN, _SMOOTH_Q,
+    _NMS_Q, _NOISE_K_MASK, _NOISE_K_SEED, _SEED_H, _SEED_MIN, _SMOOTH_Q, NUCLEUS_DIAMETER_UM,
 )
 from qdquant.segmentation.image_stats import _image_stats, _Stats, _upsample
 
@@ -213,7 +213,11 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
 
 
 def segment_nuclei(
-    image, pixel_size_um: float, nucleus_diameter_um: float | str = 8, *, nucleus_diameter_hint: bool = False
+    image,
+    pixel_size_um: float,
+    nucleus_diameter_um: float | str = NUCLEUS_DIAMETER_UM,
+    *,
+    nucleus_diameter_hint: bool = False,
 ) -> np.ndarray:
     """Label the nuclei of a nuclear-stain abundance image.
 
@@ -259,6 +263,8 @@ def segment_nuclei(
         the tumour nuclei rather than the lymphocytes): too small a value
         splits large textured nuclei, too large a value merges touching
         small ones; nuclei under a third of it across tend to be missed.
+        Default: the config schema's ``segmentation.nucleus_diameter_um``
+        (``"auto"``), as a workflow run has it.
     nucleus_diameter_hint : bool, optional
         Treat a number ``nucleus_diameter_um`` as a hint: the diameter is
         estimated from the image within 1/3 to 3 times it.

@@ -12,17 +12,10 @@ from scipy import ndimage as ndi
 
 from qdquant.errors import InputError
 from qdquant.simulate.reference import compartments, membrane_ring
-from qdquant.simulate.rendering import _render_cube, _spectral_perturbation
-from qdquant.simulate.slide import SimulatedSlide, _jsonable
-from qdquant.simulate.spectra import (
-    BAND_WAVELENGTHS_NM,
-    ENDMEMBERS,
-    _IDX,
-    _off_library_spectra,
-    band_spectra,
-    default_panel,
-)
-from qdquant.simulate.tissue import _abundance_stack, _autofluorescence, _check, _shading_map
+from qdquant.simulate.rendering import _camera, _check_camera_args
+from qdquant.simulate.slide import SimulatedSlide, _slide_record
+from qdquant.simulate.spectra import _IDX, default_panel
+from qdquant.simulate.tissue import _abundance_stack, _autofluorescence, _check
 from qdquant.simulate.truth import (
     HER2_DEFAULTS,
     _centroids,
@@ -136,16 +129,59 @@ def simulate_mibi(
     """
     chans, mask = _read_mibi(Path(mibi_dir))
     _check(pixel_size_um > 0 and mibi_pixel_size_um > 0, "pixel sizes must be > 0")
-    _check(photons_per_count > 0, "photons_per_count: must be > 0")
-    _check(0 <= drift_nm <= 10, "drift_nm: must be in [0, 10]")
-    _check(0 <= shading < 0.9, "shading: must be in [0, 0.9)")
+    _check_camera_args(locals())
     if crop is not None:
         y0, y1, x0, x1 = (int(v) for v in crop)
         mask = mask[y0:y1, x0:x1]
         chans = {c: v[y0:y1, x0:x1] for c, v in chans.items()}
         _check(min(mask.shape) >= 32, f"crop: region {crop} is too small")
     rng = np.random.default_rng(seed)
-    zoom = mibi_pixel_size_um / pixel_size_um
+    sm, cells, mesmer_ids = _resampled(chans, mask, zoom=mibi_pixel_size_um / pixel_size_um)
+    n = int(cells.max())
+    _check(n > 0, f"{mibi_dir}: the Mesmer mask holds no cell in this region")
+    nuclei = _mibi_nuclei(sm["HH3"], cells, n)
+    masks = compartments(cells, nuclei, HER2_DEFAULTS["membrane_width_px"])  # nucleus, membrane ring, cytoplasm
+    stains, nest = _mibi_stains(sm, cells, masks, n, her2_gamma=her2_gamma, her2_p90=her2_p90,
+                                nuclear_z_t1=nuclear_z_t1, psf_sigma_px=psf_sigma_px)
+    af = _autofluorescence(rng, ~(cells > 0), 1.0 / pixel_size_um)
+    abund = _abundance_stack(cells.shape, offset_counts, **stains, AF=af)
+    camera = _camera(rng, abund, drift_nm=drift_nm, shading=shading, fov_px=fov_px,
+                     photons_per_count=photons_per_count, read_noise=read_noise, offset_counts=offset_counts)
+    cells_truth, thresholds = _mibi_cells_truth(abund, sm["CD45"], cells, nuclei, masks, n, mesmer_ids, pixel_size_um)
+    truth = sample_truth(cells_truth)
+    truth.update(
+        {
+            "nest_fraction": float(nest.mean()),
+            "source": "ark-analysis example MIBI-TOF fov8 (Keren et al. 2018), Mesmer whole-cell mask",
+            "truth_rule": "contract rules measured on the true abundance over the true cells",
+            **thresholds,
+            "spectral_shift_nm": camera["shifts"],
+            "spectral_width_factor": camera["widths"],
+            "shading": float(shading),
+            "shading_fov_px": int(fov_px),
+            "off_library_af": False,
+            "params": {
+                "seed": int(seed), "pixel_size_um": float(pixel_size_um),
+                "mibi_pixel_size_um": float(mibi_pixel_size_um),
+                "crop": list(crop) if crop is not None else None,
+                "her2_gamma": float(her2_gamma), "her2_p90": float(her2_p90),
+                "photons_per_count": float(photons_per_count), "read_noise": float(read_noise),
+                "offset_counts": float(offset_counts), "drift_nm": float(drift_nm),
+                "shading": float(shading), "psf_sigma_px": float(psf_sigma_px),
+                "fov_px": int(fov_px),
+            },
+        }
+    )
+    return _slide_record(camera, truth, abund, nuclei, cells, cells_truth, pixel_size_um,
+                         np.zeros((2,) + cells.shape, np.float32))
+
+
+def _resampled(chans: dict, mask: np.ndarray, *, zoom: float):
+    """The MIBI images despiked, smoothed and resampled by ``zoom``, and the Mesmer cells on the same grid.
+
+    Returns the smoothed images by channel, the (Y, X) int32 cells (ids
+    1..n, consecutive) and the Mesmer id of each cell id (index 0: 0).
+    """
 
     def prep(img):
         img = np.minimum(img, np.percentile(img, 99.9))
@@ -163,13 +199,13 @@ def simulate_mibi(
     if mesmer_ids[0] != 0:
         cells += 1
         mesmer_ids = np.concatenate([[0], mesmer_ids])
-    n = int(cells.max())
-    _check(n > 0, f"{mibi_dir}: the Mesmer mask holds no cell in this region")
+    return sm, cells, mesmer_ids
 
-    # nuclei: HH3-bright part of each cell, else the cell's core
+
+def _mibi_nuclei(hh3: np.ndarray, cells: np.ndarray, n: int) -> np.ndarray:
+    """The true nuclei: the HH3-bright part of each cell (Otsu), else the cell's core."""
     from skimage.filters import threshold_otsu
 
-    hh3 = sm["HH3"]
     inside = cells > 0
     thr = threshold_otsu(hh3[inside]) if np.ptp(hh3[inside]) > 0 else np.inf
     nuclei = np.where(ndi.binary_opening(ndi.binary_fill_holes(hh3 >= thr)) & inside, cells, 0)
@@ -178,11 +214,16 @@ def simulate_mibi(
     max_depth = ndi.maximum(depth, cells, np.arange(n + 1))
     nuc_area = np.bincount(nuclei.ravel(), minlength=n + 1)
     core = inside & (depth >= 0.5 * max_depth[cells]) & (nuc_area[cells] < 10)
-    nuclei = np.where(core, cells, nuclei).astype(np.int32)
-    nuc_area = np.bincount(nuclei.ravel(), minlength=n + 1)
+    return np.where(core, cells, nuclei).astype(np.int32)
 
-    width = HER2_DEFAULTS["membrane_width_px"]
-    nucleus_m, ring_m, cyto_m = compartments(cells, nuclei, width)
+
+def _mibi_stains(sm: dict, cells, masks, n: int, *, her2_gamma, her2_p90, nuclear_z_t1, psf_sigma_px):
+    """The stain abundances (by endmember: DAPI, QD565 ER, QD585 Ki67, QD655 HER2, QD705 E-cadherin)
+    made from the smoothed MIBI images, blurred by the PSF; and the epithelial nests (Y, X) bool."""
+    from skimage.filters import threshold_otsu
+
+    nucleus_m, ring_m, _ = masks
+    shape = cells.shape
 
     def blur(img):
         return ndi.gaussian_filter(img.astype(np.float32), psf_sigma_px)
@@ -191,7 +232,7 @@ def simulate_mibi(
         ref = float(np.percentile(img[mask_], q)) if mask_.any() else 0.0
         return img * (value / ref) if ref > 0 else img
 
-    dapi = blur(scale_to(hh3, nucleus_m, 180.0, 50))
+    dapi = blur(scale_to(sm["HH3"], nucleus_m, 180.0, 50))
     # epithelium: the keratin-rich nests (Otsu of the heavily smoothed PanKeratin)
     pank = ndi.gaussian_filter(sm["PanKeratin"], 6.0)
     nest = pank >= threshold_otsu(pank) if np.ptp(pank) > 0 else np.ones(shape, bool)
@@ -216,29 +257,21 @@ def simulate_mibi(
 
     er = robust_nuclear(sm["ER"], 30.0)
     ki67 = robust_nuclear(sm["Ki67"], 30.0)
-    um = 1.0 / pixel_size_um
-    af = _autofluorescence(rng, ~inside, um)
+    return {"DAPI": dapi, "QD565": er, "QD585": ki67, "QD655": her2, "QD705": ecad}, nest
 
-    abund = _abundance_stack(shape, offset_counts, DAPI=dapi, QD565=er, QD585=ki67, QD655=her2, QD705=ecad, AF=af)
 
-    library = band_spectra()
-    shifts, widths = _spectral_perturbation(rng, drift_nm)
-    true_spectra = band_spectra(shifts, widths)
-    shade = _shading_map(shape, shading, fov_px) if shading > 0 else np.ones(shape, np.float32)
-    non_offset = [i for i, e in enumerate(ENDMEMBERS) if e != "Offset"]
-    cube = _render_cube(
-        rng, abund[non_offset], true_spectra[[ENDMEMBERS[i] for i in non_offset]].to_numpy(float),
-        shading=shade, extra=None, extra_spectra=None, photons_per_count=photons_per_count,
-        read_noise=read_noise, offset_counts=offset_counts,
-    )
-
-    # truth: the contract's rules on the true abundance over the true cells
+def _mibi_cells_truth(abund, cd45_image, cells, nuclei, masks, n, mesmer_ids, pixel_size_um):
+    """One row per cell, its classes *measured* by the contract's rules on the true abundance over the
+    true cells; and the tumour and immune thresholds used (as recorded in the truth)."""
+    nucleus_m, ring_m, _ = masks
+    inside = cells > 0
     area, cy, cx = _centroids(cells, n)
+    nuc_area = np.bincount(nuclei.ravel(), minlength=n + 1)
     inten, comp, her2_cls = _her2_cells(abund[_IDX["QD655"]], _her2_geometry(cells, n, cy, cx))
     markers = {name: abund[_IDX[em]] for name, em in (("ECAD", "QD705"), ("ER", "QD565"), ("Ki67", "QD585"))}
     ecad_ring = _label_means(markers["ECAD"], cells, ring_m, n)
     tumour_thr = _otsu_log1p(ecad_ring[1:])
-    cd45 = _label_means(sm["CD45"], cells, inside, n)
+    cd45 = _label_means(cd45_image, cells, inside, n)
     cd45_med = float(np.nanmedian(cd45[1:]))
     immune_thr = cd45_med + 3.0 * 1.4826 * float(np.nanmedian(np.abs(cd45[1:] - cd45_med)))
     with np.errstate(invalid="ignore"):
@@ -294,50 +327,8 @@ def simulate_mibi(
             "cd45": cd45[ids],
         }
     )
-    truth = sample_truth(cells_truth)
-    truth.update(
-        {
-            "nest_fraction": float(nest.mean()),
-            "source": "ark-analysis example MIBI-TOF fov8 (Keren et al. 2018), Mesmer whole-cell mask",
-            "truth_rule": "contract rules measured on the true abundance over the true cells",
-            "tumour_threshold_ecad": float(tumour_thr),
-            "immune_threshold_cd45_counts": float(immune_thr),
-            "spectral_shift_nm": shifts,
-            "spectral_width_factor": widths,
-            "shading": float(shading),
-            "shading_fov_px": int(fov_px),
-            "off_library_af": False,
-            "params": {
-                "seed": int(seed), "pixel_size_um": float(pixel_size_um),
-                "mibi_pixel_size_um": float(mibi_pixel_size_um),
-                "crop": list(crop) if crop is not None else None,
-                "her2_gamma": float(her2_gamma), "her2_p90": float(her2_p90),
-                "photons_per_count": float(photons_per_count), "read_noise": float(read_noise),
-                "offset_counts": float(offset_counts), "drift_nm": float(drift_nm),
-                "shading": float(shading), "psf_sigma_px": float(psf_sigma_px),
-                "fov_px": int(fov_px),
-            },
-            "her2_thresholds": dict(HER2_DEFAULTS),
-            "pixel_size_um": float(pixel_size_um),
-            "endmembers": list(ENDMEMBERS),
-        }
-    )
-    truth = _jsonable(truth)
-    return SimulatedSlide(
-        cube=cube,
-        wavelengths_nm=BAND_WAVELENGTHS_NM.copy(),
-        library=library,
-        true_spectra=true_spectra,
-        abundances=abund,
-        nuclei=nuclei,
-        cells=cells,
-        cells_truth=cells_truth,
-        truth=truth,
-        pixel_size_um=float(pixel_size_um),
-        shading=shade,
-        off_library=np.zeros((2,) + shape, np.float32),
-        off_library_spectra=_off_library_spectra(BAND_WAVELENGTHS_NM),
-    )
+    thresholds = {"tumour_threshold_ecad": float(tumour_thr), "immune_threshold_cd45_counts": float(immune_thr)}
+    return cells_truth, thresholds
 
 
 def _otsu_log1p(values: np.ndarray) -> float:

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-from qdquant.config import schema
+from qdquant.config.defaults import default
 
 #: The contract's per-cell HER2 classes, in increasing order.
 HER2_CLASSES: tuple[str, ...] = ("0", "1+", "2+", "3+")
@@ -39,19 +39,16 @@ def contract_defaults() -> dict:
         ``sectors`` (int), ``membrane_width_px`` (as in the schema),
         ``ultralow_min_pct``, ``pr_cutoff_pct``, ``ki67_cutoff_pct`` (float).
     """
-    props = schema()["properties"]
-    her2 = props["her2"]["properties"]
-    subtype = props["subtype"]["properties"]
     return {
-        "t_faint": float(her2["t_faint"]["default"]),
-        "t_weak": float(her2["t_weak"]["default"]),
-        "t_strong": float(her2["t_strong"]["default"]),
-        "complete_fraction": float(her2["complete_fraction"]["default"]),
-        "sectors": int(her2["sectors"]["default"]),
-        "membrane_width_px": props["segmentation"]["properties"]["membrane_width_px"]["default"],
-        "ultralow_min_pct": float(her2["ultralow_min_pct"]["default"]),
-        "pr_cutoff_pct": float(subtype["pr_cutoff_pct"]["default"]),
-        "ki67_cutoff_pct": float(subtype["ki67_cutoff_pct"]["default"]),
+        "t_faint": float(default("her2.t_faint")),
+        "t_weak": float(default("her2.t_weak")),
+        "t_strong": float(default("her2.t_strong")),
+        "complete_fraction": float(default("her2.complete_fraction")),
+        "sectors": int(default("her2.sectors")),
+        "membrane_width_px": default("segmentation.membrane_width_px"),
+        "ultralow_min_pct": float(default("her2.ultralow_min_pct")),
+        "pr_cutoff_pct": float(default("subtype.pr_cutoff_pct")),
+        "ki67_cutoff_pct": float(default("subtype.ki67_cutoff_pct")),
     }
 
 

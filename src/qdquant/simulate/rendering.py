@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from qdquant.simulate.spectra import ENDMEMBERS
+from qdquant.simulate.spectra import BAND_WAVELENGTHS_NM, ENDMEMBERS, _off_library_spectra, band_spectra
+from qdquant.simulate.tissue import _check, _shading_map
 
 
 # ----------------------------------------------------------------------------
@@ -108,3 +109,50 @@ def _spectral_perturbation(rng: np.random.Generator, drift_nm: float):
         shifts[name] = float(rng.choice([-1.0, 1.0]) * max(base, drift))
         widths[name] = float(rng.uniform(0.97, 1.03))
     return shifts, widths
+
+
+def _check_camera_args(args: dict) -> None:
+    """InputError for camera settings (``photons_per_count``, ``read_noise``, ``drift_nm``, ``shading``)
+    out of range."""
+    _check(args["photons_per_count"] > 0, "photons_per_count: must be > 0")
+    _check(args.get("read_noise", 0) >= 0, "read_noise: must be >= 0")
+    _check(0 <= args["drift_nm"] <= 10, "drift_nm: must be in [0, 10]")
+    _check(0 <= args["shading"] < 0.9, "shading: must be in [0, 0.9)")
+
+
+def _camera(rng, abund, *, drift_nm, shading, fov_px, photons_per_count, read_noise, offset_counts, af_mix=None,
+            exact=False, extra=None) -> dict:
+    """The library, the generating spectra (perturbed from it), the shading and the camera cube.
+
+    ``abund`` (endmembers, Y, X) in :data:`ENDMEMBERS` order; ``extra``
+    (2, Y, X), optional: off-library RBC and lipofuscin abundance. With
+    ``exact``, the cube is generated with the library's spectra.
+
+    Returns
+    -------
+    dict
+        ``library``, ``true_spectra`` (DataFrames), ``shifts``, ``widths``
+        (per endmember), ``shade`` (Y, X) and ``cube`` (31, Y, X) uint16.
+    """
+    shape = abund.shape[1:]
+    library = band_spectra()
+    shifts, widths = _spectral_perturbation(rng, drift_nm)
+    if exact:
+        shifts, widths = {k: 0.0 for k in shifts}, {k: 1.0 for k in widths}
+    true_spectra = band_spectra(shifts, widths, af_mix=af_mix)
+    shade = _shading_map(shape, shading, fov_px) if shading > 0 else np.ones(shape, np.float32)
+    non_offset = [i for i, e in enumerate(ENDMEMBERS) if e != "Offset"]
+    cube = _render_cube(
+        rng,
+        abund[non_offset],
+        true_spectra[[ENDMEMBERS[i] for i in non_offset]].to_numpy(float),
+        shading=shade,
+        extra=extra,
+        extra_spectra=None if extra is None else _off_library_spectra(BAND_WAVELENGTHS_NM)[["RBC", "lipofuscin"]]
+        .to_numpy(float),
+        photons_per_count=photons_per_count,
+        read_noise=read_noise,
+        offset_counts=offset_counts,
+    )
+    return {"library": library, "true_spectra": true_spectra, "shifts": shifts, "widths": widths,
+            "shade": shade, "cube": cube}

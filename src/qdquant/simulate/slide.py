@@ -1,4 +1,25 @@
-"""A simulated slide: the :class:`SimulatedSlide` record, :func:`simulate_slide` and writing."""
+"""A simulated slide: the :class:`SimulatedSlide` record, :func:`simulate_slide` and writing.
+
+Designed per-cell levels (abundance units, as measured on the true masks
+after the PSF): HER2 0 → faint ring 0–2.5 (no sector reaches t_faint),
+1+ → 30–42, 2+ → 85–115 complete or 250–320 on 40–60 % of the ring,
+3+ → 230–300 complete (``her2_levels="separated"``; see
+:data:`~qdquant.simulate.her2_design.HER2_LEVELS`); ER/PR nuclear means by
+bin: negative 0–8, 1+ 45–65, 2+ 105–135, 3+ 220–300 (thresholds 30/80/160);
+Ki67 positive 60–150, negative 0–6; mTOR cytoplasm positive 60–110, negative
+0–6; E-cadherin ring 70–150 on tumour cells; DAPI 120–260 per nucleus (x1.1
+fibroblasts, x1.4 immune cells) with chromatin texture. Stromal and immune
+cells carry no marker (0). The HER2 classes of touching tumour cells differ
+by at most one class, and a strong-incomplete 2+ cell only touches 2+/3+
+cells, with its missing arc facing away from the brightest neighbours:
+through the PSF, brighter neighbours would otherwise make a cell read a
+class higher. ``cells_truth`` records both the designed class and the class
+the contract's rule measures on the true abundance and true cells (they
+agree for >= 98 % of cells, typically all). Stromal and immune cells, and
+some tumour cells of ``crowded`` nests, have no cytoplasm in the contract's
+sense (all their non-nuclear pixels are membrane ring); such cells are
+mTOR-negative by design.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +40,7 @@ from qdquant.simulate.her2_design import (
     _values_at,
 )
 from qdquant.simulate.reference import HER2_CLASSES, compartments
-from qdquant.simulate.rendering import _render_cube, _spectral_perturbation
+from qdquant.simulate.rendering import _camera, _check_camera_args
 from qdquant.simulate.stains import _design_markers, _off_library_discs
 from qdquant.simulate.spectra import (
     AF_MIX,
@@ -27,7 +48,6 @@ from qdquant.simulate.spectra import (
     ENDMEMBERS,
     _IDX,
     _off_library_spectra,
-    band_spectra,
     default_panel,
 )
 from qdquant.simulate.tissue import (
@@ -37,7 +57,6 @@ from qdquant.simulate.tissue import (
     _check,
     _exact_counts,
     _pairs_within,
-    _shading_map,
     _smooth_noise,
 )
 from qdquant.simulate.truth import (
@@ -77,7 +96,23 @@ class SimulatedSlide:
     nuclei, cells : (Y, X) ndarray of int32
         True nucleus and cell labels; a cell and its nucleus share the id.
     cells_truth : pandas.DataFrame
-        One row per cell (see :func:`simulate_slide`).
+        One row per cell: ``CellID``, ``X_centroid``, ``Y_centroid``
+        (pixels), ``X_um``, ``Y_um``, ``Area``, ``NucleusArea`` (pixels),
+        ``cell_type`` (tumour/stroma/immune), ``is_tumour``, ``her2_class``
+        ('0', '1+', '2+', '3+'), ``her2_intensity`` and ``her2_completeness``
+        (designed values of the contract's her2_membrane_intensity and
+        her2_completeness; 0 for class 0), ``her2_pattern`` (none, faint,
+        complete, incomplete), ``her2_ring_level`` (designed mean HER2 over
+        the drawn ring), ``her2_membrane_intensity_true``,
+        ``her2_completeness_true``, ``her2_class_true`` (the contract's rule on
+        the true abundance over the true cells), ``er_bin``, ``pr_bin``,
+        ``ki67_bin``, ``mtor_bin`` (0..3), ``ki67_positive``,
+        ``mtor_positive``, ``er_intensity``, ``pr_intensity``,
+        ``ki67_intensity`` (designed nuclear means), ``mtor_intensity``
+        (designed cytoplasmic mean), ``ecad`` (designed E-cadherin ring
+        mean), ``dapi`` (nuclear DAPI level); abundance units. (A
+        semi-synthetic slide, :func:`~qdquant.simulate.mibi.simulate_mibi`,
+        has its own.)
     truth : dict
         Sample-level truth (see :func:`sample_truth`) and the simulation
         parameters (JSON-serialisable).
@@ -235,83 +270,134 @@ def simulate_slide(
     Returns
     -------
     SimulatedSlide
-        ``cells_truth`` columns: ``CellID``, ``X_centroid``, ``Y_centroid``
-        (pixels), ``X_um``, ``Y_um``, ``Area``, ``NucleusArea`` (pixels),
-        ``cell_type`` (tumour/stroma/immune), ``is_tumour``, ``her2_class``
-        ('0', '1+', '2+', '3+'), ``her2_intensity`` and ``her2_completeness``
-        (designed values of the contract's her2_membrane_intensity and
-        her2_completeness; 0 for class 0), ``her2_pattern`` (none, faint,
-        complete, incomplete), ``her2_ring_level`` (designed mean HER2 over
-        the drawn ring), ``her2_membrane_intensity_true``,
-        ``her2_completeness_true``, ``her2_class_true`` (the contract's rule on
-        the true abundance over the true cells), ``er_bin``, ``pr_bin``,
-        ``ki67_bin``, ``mtor_bin`` (0..3), ``ki67_positive``,
-        ``mtor_positive``, ``er_intensity``, ``pr_intensity``,
-        ``ki67_intensity`` (designed nuclear means), ``mtor_intensity``
-        (designed cytoplasmic mean), ``ecad`` (designed E-cadherin ring
-        mean), ``dapi`` (nuclear DAPI level); abundance units.
-
-    Notes
-    -----
-    Designed per-cell levels (abundance units, as measured on the true masks
-    after the PSF): HER2 0 → faint ring 0–2.5 (no sector reaches t_faint),
-    1+ → 30–42, 2+ → 85–115 complete or 250–320 on 40–60 % of the ring,
-    3+ → 230–300 complete (``her2_levels="separated"``; see
-    :data:`HER2_LEVELS`); ER/PR nuclear means by bin: negative 0–8, 1+
-    45–65, 2+ 105–135, 3+ 220–300 (thresholds 30/80/160); Ki67 positive
-    60–150, negative 0–6; mTOR cytoplasm positive 60–110, negative 0–6;
-    E-cadherin ring 70–150 on tumour cells; DAPI 120–260 per nucleus (x1.1
-    fibroblasts, x1.4 immune cells) with chromatin texture. Stromal and
-    immune cells carry no marker (0). The HER2 classes of touching tumour
-    cells differ by at most one class, and a strong-incomplete 2+ cell only
-    touches 2+/3+ cells, with its missing arc facing away from the brightest
-    neighbours: through the PSF, brighter neighbours would otherwise make a
-    cell read a class higher. ``cells_truth`` records both the designed
-    class and the class the contract's rule measures on the true abundance
-    and true cells (they agree for >= 98 % of cells, typically all).
-    Stromal and immune cells, and some tumour cells of ``crowded`` nests,
-    have no cytoplasm in the contract's sense (all their non-nuclear pixels
-    are membrane ring); such cells are mTOR-negative by design.
+        The cube, the spectra and the ground truth (per cell:
+        :attr:`SimulatedSlide.cells_truth`; the designed levels are in this
+        module's description).
     """
-    width = HER2_DEFAULTS["membrane_width_px"]
     key = str(her2_score)
-    _check(key in HER2_MIX_PRESETS or her2_mix is not None,
-           f"her2_score: unknown value {her2_score!r} (one of {sorted(HER2_MIX_PRESETS)})")
+    _check_slide_args(locals())
     mix = np.asarray(her2_mix if her2_mix is not None else HER2_MIX_PRESETS[key], dtype=float)
-    _check(mix.shape == (4,) and (mix >= 0).all() and mix.sum() > 0,
-           "her2_mix: expected 4 non-negative fractions (0, 1+, 2+, 3+)")
-    _check(len(shape) == 2 and min(shape) >= 64, f"shape: expected (Y, X) >= 64, got {shape}")
-    _check(pixel_size_um > 0, "pixel_size_um: must be > 0")
-    _check(photons_per_count > 0, "photons_per_count: must be > 0")
-    _check(read_noise >= 0, "read_noise: must be >= 0")
-    _check(0 <= drift_nm <= 10, "drift_nm: must be in [0, 10]")
-    _check(0 <= shading < 0.9, "shading: must be in [0, 0.9)")
-    _check(her2_levels in HER2_LEVELS, f"her2_levels: one of {sorted(HER2_LEVELS)}, got {her2_levels!r}")
-    _check(0 <= stroma_fraction < 1, "stroma_fraction: must be in [0, 1)")
-    _check(0 <= immune_fraction <= 1, "immune_fraction: must be in [0, 1]")
-    for name, v in (("er_pct", er_pct), ("pr_pct", pr_pct), ("ki67_pct", ki67_pct),
-                    ("mtor_pct", mtor_pct)):
-        _check(0 <= v <= 100, f"{name}: must be a percentage in [0, 100]")
-    _check(0.05 <= nest_fraction <= 0.9, "nest_fraction: must be in [0.05, 0.9]")
-
     rng = np.random.default_rng(seed)
     shape = (int(shape[0]), int(shape[1]))
     um = 1.0 / pixel_size_um  # pixels per µm
-    yy, xx = np.indices(shape)
 
-    # --- tissue: nests and stroma ------------------------------------------
     nuclei, cells, ctype, nest, inner = _build_tissue(
         rng, shape, um, crowded=crowded, nest_fraction=nest_fraction,
         stroma_fraction=stroma_fraction, immune_fraction=immune_fraction,
     )
-    n = len(ctype)
+    width = HER2_DEFAULTS["membrane_width_px"]
+    masks = compartments(cells, nuclei, width)  # nucleus, membrane ring, cytoplasm
+    cls, her2 = _design_her2_classes(rng, cells, ctype, masks[1], mix, um=um, width=width,
+                                     incomplete_fraction=her2_incomplete_fraction, psf_sigma_px=psf_sigma_px,
+                                     levels=HER2_LEVELS[her2_levels])
+    mk = _design_markers(
+        rng, cells, nuclei, ctype, masks, um=um, psf_sigma_px=psf_sigma_px,
+        pcts=(er_pct, pr_pct, ki67_pct, mtor_pct), receptor_split=receptor_split,
+    )
+    af_img = _autofluorescence(rng, ~nest, um)
+    abund = _abundance_stack(
+        shape, offset_counts, DAPI=mk["dapi_img"], QD525=mk["mtor_img"], QD565=mk["er_img"],
+        QD585=mk["ki_img"], QD605=mk["pr_img"], QD655=her2["image"], QD705=mk["ecad_img"], AF=af_img,
+    )
+    if unstained:  # autofluorescence and camera offset only
+        abund[[i for i, e in enumerate(ENDMEMBERS) if e not in ("AF", "Offset")]] = 0.0
+    off, off_info = np.zeros((2,) + shape, np.float32), {"n_rbc": 0, "n_lipofuscin": 0}
+    if off_library_af:
+        off, off_info = _off_library_discs(
+            rng, cells, nuclei, ctype, nest, inner, um=um, psf_sigma_px=psf_sigma_px,
+            lipofuscin_in_cells=lipofuscin_in_cells,
+        )
+    camera = _camera(rng, abund, drift_nm=drift_nm, shading=shading, fov_px=fov_px,
+                     photons_per_count=photons_per_count, read_noise=read_noise, offset_counts=offset_counts,
+                     af_mix=af_mix, exact=exact_library, extra=off if off_library_af else None)
+    cells_truth = _cells_truth_table(cells, nuclei, ctype, cls, her2, mk, abund[_IDX["QD655"]], pixel_size_um)
+    truth = _slide_truth(cells_truth, mix, camera, off_info, _slide_params(locals()))
+    return _slide_record(camera, truth, abund, nuclei.astype(np.int32), cells.astype(np.int32), cells_truth,
+                         pixel_size_um, off)
 
+
+def _check_slide_args(args: dict) -> None:
+    """InputError for any of :func:`simulate_slide`'s arguments (``args``: its locals) out of range."""
+    her2_score, her2_mix, shape = args["her2_score"], args["her2_mix"], args["shape"]
+    _check(str(her2_score) in HER2_MIX_PRESETS or her2_mix is not None,
+           f"her2_score: unknown value {her2_score!r} (one of {sorted(HER2_MIX_PRESETS)})")
+    mix = np.asarray(her2_mix if her2_mix is not None else HER2_MIX_PRESETS[str(her2_score)], dtype=float)
+    _check(mix.shape == (4,) and (mix >= 0).all() and mix.sum() > 0,
+           "her2_mix: expected 4 non-negative fractions (0, 1+, 2+, 3+)")
+    _check(len(shape) == 2 and min(shape) >= 64, f"shape: expected (Y, X) >= 64, got {shape}")
+    _check(args["pixel_size_um"] > 0, "pixel_size_um: must be > 0")
+    _check_camera_args(args)
+    _check(args["her2_levels"] in HER2_LEVELS,
+           f"her2_levels: one of {sorted(HER2_LEVELS)}, got {args['her2_levels']!r}")
+    _check(0 <= args["stroma_fraction"] < 1, "stroma_fraction: must be in [0, 1)")
+    _check(0 <= args["immune_fraction"] <= 1, "immune_fraction: must be in [0, 1]")
+    for name in ("er_pct", "pr_pct", "ki67_pct", "mtor_pct"):
+        _check(0 <= args[name] <= 100, f"{name}: must be a percentage in [0, 100]")
+    _check(0.05 <= args["nest_fraction"] <= 0.9, "nest_fraction: must be in [0.05, 0.9]")
+    if args["exact_library"]:
+        _check(args["drift_nm"] == 0 and args["af_mix"] is None, "exact_library: needs drift_nm=0 and no af_mix")
+
+
+def _slide_params(args: dict) -> dict:
+    """:func:`simulate_slide`'s arguments (``args``: its locals), as the truth records them."""
+    a = args
+    return {
+        "her2_score": str(a["her2_score"]), "shape": list(a["shape"]), "seed": int(a["seed"]),
+        "pixel_size_um": float(a["pixel_size_um"]), "er_pct": float(a["er_pct"]),
+        "pr_pct": float(a["pr_pct"]), "ki67_pct": float(a["ki67_pct"]),
+        "mtor_pct": float(a["mtor_pct"]), "stroma_fraction": float(a["stroma_fraction"]),
+        "immune_fraction": float(a["immune_fraction"]),
+        "photons_per_count": float(a["photons_per_count"]), "read_noise": float(a["read_noise"]),
+        "offset_counts": float(a["offset_counts"]), "drift_nm": float(a["drift_nm"]),
+        "shading": float(a["shading"]), "off_library_af": bool(a["off_library_af"]),
+        "lipofuscin_in_cells": bool(a["lipofuscin_in_cells"]), "crowded": bool(a["crowded"]),
+        "her2_incomplete_fraction": float(a["her2_incomplete_fraction"]),
+        "her2_levels": a["her2_levels"],
+        "receptor_split": [float(x) for x in a["receptor_split"]], "nest_fraction": float(a["nest_fraction"]),
+        "psf_sigma_px": float(a["psf_sigma_px"]), "fov_px": int(a["fov_px"]),
+        "af_mix": dict(a["af_mix"] or AF_MIX), "unstained": bool(a["unstained"]),
+        "exact_library": bool(a["exact_library"]),
+    }
+
+
+def _slide_truth(cells_truth: pd.DataFrame, mix: np.ndarray, camera: dict, off_info: dict, params: dict) -> dict:
+    """A simulated slide's sample-level truth: the scores of its designed classes, and how it was made."""
+    truth = sample_truth(cells_truth)
+    truth.update(
+        {
+            "n_her2_strong_incomplete_2plus": int(
+                ((cells_truth["her2_class"] == "2+") & (cells_truth["her2_pattern"] == "incomplete")).sum()
+            ),
+            "design_her2_score": params["her2_score"],
+            "her2_mix_tumour": [float(x) for x in mix / mix.sum()],
+            "her2_class_agreement_true_masks": float(
+                np.mean(cells_truth["her2_class"] == cells_truth["her2_class_true"])
+            ),
+            "spectral_shift_nm": camera["shifts"],
+            "spectral_width_factor": camera["widths"],
+            "shading": params["shading"],
+            "shading_fov_px": params["fov_px"],
+            "shading_model": "signal x (1 - shading * r^2), r = distance from the FOV centre "
+                             "normalised to 1 at its corners; offset not shaded",
+            "off_library_af": params["off_library_af"], "lipofuscin_in_cells": params["lipofuscin_in_cells"],
+            **off_info,
+            "params": params,
+        }
+    )
+    return truth
+
+
+def _design_her2_classes(rng, cells, ctype, ring_m, mix, *, um, width, incomplete_fraction, psf_sigma_px, levels):
+    """Each tumour cell's HER2 class (spatially clustered, in ``mix`` proportions) and its membrane.
+
+    Returns the class index per cell id (0 for non-tumour cells) and
+    :func:`~qdquant.simulate.her2_design._design_her2`'s result.
+    """
+    shape, n = cells.shape, len(ctype)
+    yy, xx = np.indices(shape)
     _, cy, cx = _centroids(cells, n)
-    nucleus_m, ring_m, cyto_m = compartments(cells, nuclei, width)
     tum_ids = np.nonzero(ctype == 0)[0] + 1
     n_t = len(tum_ids)
-
-    # --- HER2 design ---------------------------------------------------------
     her2_field = _smooth_noise(rng, shape, 18 * um)
     rank_val = _values_at(her2_field, cy[tum_ids], cx[tum_ids]) + 0.05 * rng.standard_normal(n_t)
     counts = _exact_counts(mix, n_t)
@@ -322,117 +408,36 @@ def simulate_slide(
     _repair_level_jumps(cls, pairs, is_tum, _values_at(her2_field, cy, cx))
     her2 = _design_her2(
         rng, cls, pairs, is_tum, cells, ring_m, cy, cx, yy, xx,
-        incomplete_fraction=her2_incomplete_fraction, psf_sigma_px=psf_sigma_px,
-        levels=HER2_LEVELS[her2_levels],
+        incomplete_fraction=incomplete_fraction, psf_sigma_px=psf_sigma_px, levels=levels,
     )
+    return cls, her2
 
-    # --- nuclear, cytoplasmic and membrane markers, DAPI ---------------------
-    mk = _design_markers(
-        rng, cells, nuclei, ctype, (nucleus_m, ring_m, cyto_m), um=um, psf_sigma_px=psf_sigma_px,
-        pcts=(er_pct, pr_pct, ki67_pct, mtor_pct), receptor_split=receptor_split,
-    )
 
-    af_img = _autofluorescence(rng, ~nest, um)
-
-    abund = _abundance_stack(
-        shape, offset_counts, DAPI=mk["dapi_img"], QD525=mk["mtor_img"], QD565=mk["er_img"],
-        QD585=mk["ki_img"], QD605=mk["pr_img"], QD655=her2["image"], QD705=mk["ecad_img"], AF=af_img,
-    )
-    if unstained:  # autofluorescence and camera offset only
-        abund[[i for i, e in enumerate(ENDMEMBERS) if e not in ("AF", "Offset")]] = 0.0
-
-    # --- off-library autofluorescence ---------------------------------------
-    off = np.zeros((2,) + shape, np.float32)
-    off_spec = _off_library_spectra(BAND_WAVELENGTHS_NM)
-    off_info = {"n_rbc": 0, "n_lipofuscin": 0}
-    if off_library_af:
-        off, off_info = _off_library_discs(
-            rng, cells, nuclei, ctype, nest, inner, um=um, psf_sigma_px=psf_sigma_px,
-            lipofuscin_in_cells=lipofuscin_in_cells,
-        )
-
-    # --- spectra and camera --------------------------------------------------
-    library = band_spectra()
-    shifts, widths = _spectral_perturbation(rng, drift_nm)
-    if exact_library:
-        _check(drift_nm == 0 and af_mix is None, "exact_library: needs drift_nm=0 and no af_mix")
-        shifts, widths = {k: 0.0 for k in shifts}, {k: 1.0 for k in widths}
-    true_spectra = band_spectra(shifts, widths, af_mix=af_mix)
-    shade = _shading_map(shape, shading, fov_px) if shading > 0 else np.ones(shape, np.float32)
-    non_offset = [i for i, e in enumerate(ENDMEMBERS) if e != "Offset"]
-    cube = _render_cube(
-        rng,
-        abund[non_offset],
-        true_spectra[[ENDMEMBERS[i] for i in non_offset]].to_numpy(float),
-        shading=shade,
-        extra=off if off_library_af else None,
-        extra_spectra=off_spec[["RBC", "lipofuscin"]].to_numpy(float),
-        photons_per_count=photons_per_count,
-        read_noise=read_noise,
-        offset_counts=offset_counts,
-    )
-
-    # --- truth tables --------------------------------------------------------
-    cells_truth = _cells_truth_table(
-        cells, nuclei, ctype, cls, her2, mk, abund[_IDX["QD655"]], pixel_size_um
-    )
-    truth = sample_truth(cells_truth)
+def _slide_record(camera: dict, truth: dict, abund, nuclei, cells, cells_truth, pixel_size_um: float,
+                  off) -> SimulatedSlide:
+    """The :class:`SimulatedSlide`, its truth completed with what every simulated slide records."""
     truth.update(
         {
-            "n_her2_strong_incomplete_2plus": int(
-                ((cells_truth["her2_class"] == "2+") & (cells_truth["her2_pattern"] == "incomplete")).sum()
-            ),
-            "design_her2_score": key,
-            "her2_mix_tumour": [float(x) for x in mix / mix.sum()],
-            "her2_class_agreement_true_masks": float(
-                np.mean(cells_truth["her2_class"] == cells_truth["her2_class_true"])
-            ),
-            "spectral_shift_nm": shifts,
-            "spectral_width_factor": widths,
-            "shading": float(shading),
-            "shading_fov_px": int(fov_px),
-            "shading_model": "signal x (1 - shading * r^2), r = distance from the FOV centre "
-                             "normalised to 1 at its corners; offset not shaded",
-            "off_library_af": bool(off_library_af), "lipofuscin_in_cells": bool(lipofuscin_in_cells),
-            **off_info,
-            "params": {
-                "her2_score": key, "shape": list(shape), "seed": int(seed),
-                "pixel_size_um": float(pixel_size_um), "er_pct": float(er_pct),
-                "pr_pct": float(pr_pct), "ki67_pct": float(ki67_pct),
-                "mtor_pct": float(mtor_pct), "stroma_fraction": float(stroma_fraction),
-                "immune_fraction": float(immune_fraction),
-                "photons_per_count": float(photons_per_count), "read_noise": float(read_noise),
-                "offset_counts": float(offset_counts), "drift_nm": float(drift_nm),
-                "shading": float(shading), "off_library_af": bool(off_library_af),
-                "lipofuscin_in_cells": bool(lipofuscin_in_cells), "crowded": bool(crowded), "her2_incomplete_fraction": float(her2_incomplete_fraction),
-                "her2_levels": her2_levels,
-                "receptor_split": [float(x) for x in receptor_split], "nest_fraction": float(nest_fraction),
-                "psf_sigma_px": float(psf_sigma_px), "fov_px": int(fov_px),
-                "af_mix": dict(af_mix or AF_MIX), "unstained": bool(unstained),
-                "exact_library": bool(exact_library),
-            },
-            "her2_thresholds": {k: HER2_DEFAULTS[k] for k in HER2_DEFAULTS},
+            "her2_thresholds": dict(HER2_DEFAULTS),
             "pixel_size_um": float(pixel_size_um),
             "endmembers": list(ENDMEMBERS),
         }
     )
-    truth = _jsonable(truth)
     return SimulatedSlide(
-        cube=cube,
+        cube=camera["cube"],
         wavelengths_nm=BAND_WAVELENGTHS_NM.copy(),
-        library=library,
-        true_spectra=true_spectra,
+        library=camera["library"],
+        true_spectra=camera["true_spectra"],
         abundances=abund,
-        nuclei=nuclei.astype(np.int32),
-        cells=cells.astype(np.int32),
+        nuclei=nuclei,
+        cells=cells,
         cells_truth=cells_truth,
-        truth=truth,
+        truth=_jsonable(truth),
         pixel_size_um=float(pixel_size_um),
-        shading=shade,
+        shading=camera["shade"],
         off_library=off,
-        off_library_spectra=off_spec,
+        off_library_spectra=_off_library_spectra(BAND_WAVELENGTHS_NM),
     )
-
 
 
 # ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import dask.array as da
 import numpy as np
 
+from qdquant.config.defaults import default
 from qdquant.errors import InputError
 from qdquant.unmixing.fit import unmix
 from qdquant.unmixing.spectra import flat_columns
@@ -194,12 +195,36 @@ _AT_BOUND_NM = 0.05
 _FIT_PIXELS = 8000
 
 
+def _fit_endmember(residual, moved, shift, widen, max_shift_nm, max_widen):
+    """One endmember's shift, then widening, that minimise ``residual`` of the pixels it dominates.
+
+    ``moved(shifts, widens)`` gives its library spectrum moved and widened;
+    ``shift`` and ``widen`` are its current values. Returns ``(shift, widen,
+    at_bound)``; an endmember whose best shift lies on the bound keeps its
+    library spectrum: ``(0.0, 1.0, True)``.
+    """
+    at_bound = False
+    if max_shift_nm > 0:
+        shift = _best_shift(lambda s: residual(moved(s, widen)), max_shift_nm)
+        # A best fit on the bound is not a drift the bound allows: the
+        # spectrum is absorbing light of another kind (leakage on a
+        # slide without the stain, off-library emitters), so keep the
+        # library's.
+        at_bound = abs(shift) >= max_shift_nm - min(_AT_BOUND_NM, 0.1 * max_shift_nm)
+        if at_bound:
+            return 0.0, 1.0, True
+    if max_widen > 0:
+        w = _argmin_fine(lambda w: residual(moved(np.full(len(w), shift), w)), 1 - max_widen, 1 + max_widen)
+        widen = min(max(w, 1 - max_widen), 1 + max_widen)
+    return shift, widen, at_bound
+
+
 def refine_library(
     cube_sample,
     spectra,
     wavelengths_nm,
     *,
-    max_shift_nm=6.0,
+    max_shift_nm=float(default("unmixing.max_shift_nm")),
     max_widen=0.0,
     n_iter=2,
     offset=None,
@@ -236,7 +261,8 @@ def refine_library(
     wavelengths_nm : (C,) array_like
         Band centres, nm, increasing.
     max_shift_nm : float, optional
-        Bound on each endmember's shift. Default 6 nm.
+        Bound on each endmember's shift, nm. Default: the config schema's
+        ``unmixing.max_shift_nm``.
     max_widen : float, optional
         Bound on the relative change of width (0: no widening, the default).
     n_iter : int, optional
@@ -279,10 +305,8 @@ def refine_library(
         b = b - offset[:, None]
     pixels = np.ascontiguousarray(b.T)  # pixel-major: the pixels of a fit are gathered as rows
     flat = flat_columns(a0)
-    shift, widen = np.zeros(k), np.ones(k)
-    at_bound = np.zeros(k, dtype=bool)
+    shift, widen, at_bound = np.zeros(k), np.ones(k), np.zeros(k, dtype=bool)
     a = a0.copy()
-
     splines = [CubicSpline(wl, a0[:, j]) for j in range(k)]
 
     def moved(j, shifts, widens):
@@ -294,9 +318,7 @@ def refine_library(
         if it == 0:  # the library's own fit, for the report
             x0, sq0 = x, r[0].astype(np.float64) ** 2 * c
         shares = _dominance(x, a, flat, min_share)
-        for j in range(k):
-            if flat[j]:
-                continue
+        for j in np.flatnonzero(~flat):
             sel = np.flatnonzero(shares[j])
             if sel.size < min_pixels:
                 continue
@@ -304,22 +326,9 @@ def refine_library(
             # smooth function of the shift).
             sel = sel[:: -(-sel.size // _FIT_PIXELS)]
             residual = _OneColumnResidual(pixels[sel], x[:, sel], a, j)
-            if max_shift_nm > 0:
-                shift[j] = _best_shift(lambda s: residual(moved(j, s, widen[j])), max_shift_nm)
-                # A best fit on the bound is not a drift the bound allows: the
-                # spectrum is absorbing light of another kind (leakage on a
-                # slide without the stain, off-library emitters), so keep the
-                # library's.
-                at_bound[j] = abs(shift[j]) >= max_shift_nm - min(_AT_BOUND_NM, 0.1 * max_shift_nm)
-                if at_bound[j]:
-                    shift[j], widen[j] = 0.0, 1.0
-                    a[:, j] = a0[:, j]
-                    continue
-            if max_widen > 0:
-                w = _argmin_fine(lambda w: residual(moved(j, np.full(len(w), shift[j]), w)),
-                                 1 - max_widen, 1 + max_widen)
-                widen[j] = min(max(w, 1 - max_widen), 1 + max_widen)
-            a[:, j] = moved(j, shift[j], widen[j])[0]
+            shift[j], widen[j], at_bound[j] = _fit_endmember(
+                residual, lambda s, w, j=j: moved(j, s, w), shift[j], widen[j], max_shift_nm, max_widen)
+            a[:, j] = a0[:, j] if at_bound[j] else moved(j, shift[j], widen[j])[0]
 
     # report: the NNLS residual of every pixel with either library
     sq1 = unmix(b[:, None, :], a)[1][0].astype(np.float64) ** 2 * c

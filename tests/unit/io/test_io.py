@@ -130,7 +130,7 @@ def test_large_cubes_are_written_as_bigtiff(tmp_path, monkeypatch):
 
     cube = np.arange(3 * 40 * 50, dtype=np.uint16).reshape(3, 40, 50)
     qio.write_ome_tiff(tmp_path / "small.ome.tif", cube, pixel_size_um=0.5)
-    monkeypatch.setattr(qio, "BIGTIFF_BYTES", cube.nbytes - 1)
+    monkeypatch.setattr(qio.ome_tiff, "BIGTIFF_BYTES", cube.nbytes - 1)
     for interleaved in (False, True):
         path = tmp_path / f"big{interleaved}.ome.tif"
         qio.write_ome_tiff(path, cube, pixel_size_um=0.5, interleaved=interleaved, tile=32)

@@ -411,7 +411,7 @@ def test_chunked_segmentation_equals_unchunked():
 def test_chunked_handles_ragged_edges_and_numpy_input():
     image, _ = synthetic_tissue((300, 230), seed=9)
     ref = segment_nuclei(image, 0.5, 8)
-    nuclei, cells = segment_chunked(image, pixel_size_um=0.5, chunk_size=128, overlap_px=40)
+    nuclei, cells = segment_chunked(image, pixel_size_um=0.5, nucleus_diameter_um=8, chunk_size=128, overlap_px=40)
     assert nuclei.chunks == ((128, 128, 44), (128, 102))
     nuclei = nuclei.compute()
     r = match_instances(ref, nuclei, iou_threshold=0.9)

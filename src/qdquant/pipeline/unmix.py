@@ -1,0 +1,201 @@
+"""The unmix step: a sample's cube into ``unmixed.ome.zarr`` (abundances, residual, flagged pixels).
+
+:func:`unmix_sample` reads as the step's recipe, one named part a line: the
+library checked, the camera's dark offset and the field's shading measured,
+the library adapted to the slide (:mod:`qdquant.pipeline.unmix_library`), the
+fit, the store written, the pixels the library cannot explain flagged, and the
+QC figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from qdquant import io, unmixing
+from qdquant.config import Config, check_image
+from qdquant.pipeline.common import naming
+from qdquant.pipeline.paths import outputs
+from qdquant.pipeline.sampling import cube_sample, pixel_sample
+from qdquant.pipeline.unmix_library import (
+    channel_roles,
+    refined_library,
+    with_control_autofluorescence,
+    with_flat_endmember,
+    with_slide_autofluorescence,
+)
+
+log = logging.getLogger("qdquant")
+
+
+def _dark_offset(library, cube: io.Cube, qc_dir: Path):
+    """The camera's dark offset per band, from the slide's darkest region; recorded in ``qc/dark_offset.csv``.
+
+    Always subtracted before the fit, whether or not the library has a flat
+    column (which cannot explain an offset that differs between bands).
+    Returns the :class:`~qdquant.dark_offset.DarkOffset` and a warning (or None)
+    when the library alone cannot explain the dark region.
+    """
+    from qdquant import dark_offset
+
+    # a few dozen of the file's own tiles across the slide, not whole chunks
+    dark = dark_offset.estimate_dark_offset(cube.tiles if cube.tiles is not None else cube.data)
+    io.write_csv(pd.DataFrame({"wavelength_nm": library.wavelengths_nm, "dark_offset_counts": dark.counts,
+                               "dark_region_sd_counts": dark.spread}), qc_dir / "dark_offset.csv")
+    lo, hi = dark.counts.min(), dark.counts.max()
+    log.info("dark offset %.1f-%.1f counts per band (trimmed mean of the darkest %.0f%% of %s sampled px); subtracted",
+             lo, hi, 100 * dark.dark_fraction, f"{round(dark.n_pixels / dark.dark_fraction):,}")
+    warning = None
+    if not dark_offset.library_explains(library.spectra, dark):
+        what = "a constant" if dark.is_flat else "different in each band"
+        warning = (f"The spectral library cannot explain the slide's darkest region (glass) by itself: a dark "
+                   f"offset of {lo:.0f}-{hi:.0f} counts ({what}) was estimated from it and subtracted "
+                   "(qc/dark_offset.csv).")
+        log.warning(warning)
+    return dark, warning
+
+
+def _shading(cfg: Config, library, cube: io.Cube, qc_dir: Path):
+    """The field-of-view shading estimated on the cube (``illumination: estimate``), with the dark
+    offset it leaves alone; None when off or none is found."""
+    if cfg.illumination != "estimate":
+        return None
+    from qdquant import illumination, report
+
+    nuclear = library.names.index(cfg.panel_row(role="nuclear_stain").endmember)
+    # the camera offset the shading leaves alone: each band's low percentile (on a slide covered
+    # with tissue it stays below the faintest tissue's light, which the shading does scale)
+    offset = unmixing.estimate_offset(cube.tiles if cube.tiles is not None else cube.data,
+                                      max_pixels=illumination.OFFSET_PIXELS)
+    shading, brightness, offset = illumination.estimate_slide_shading(cube.data, library.spectra, nuclear,
+                                                                      offset=offset)
+    report.plot_shading(shading, brightness, qc_dir / "illumination.png")
+    return None if shading.is_flat else (shading, offset)
+
+
+#: Flagged pixels are grown by this margin (about the optics' blur), micrometres.
+FLAG_MARGIN_UM = 0.5
+
+
+def unmix_sample(cfg: Config, sample_id: str) -> None:
+    """Unmix a sample's cube into ``unmixed.ome.zarr`` (abundances + residual + ``labels/flagged``).
+
+    Also writes ``spectra_used.csv`` (the library of the fit) and the QC
+    files under ``qc/`` (``unmixing.png`` and its ``.json``, ``dark_offset.csv``,
+    and, where they run, the shading and library-refinement figures).
+    """
+    sample, out = cfg.sample(sample_id), outputs(cfg, sample_id)
+    qc_dir = out["unmixing_qc"].parent
+    _, pixel_size = check_image(cfg, sample)
+    with io.open_cube(sample.image, chunk_size=cfg.chunk_size) as cube, naming(sample.image):
+        unmixing.check_library(cfg.library.spectra, list(cfg.library.names))
+        cube = io.decoded_once(cube)  # read four or five times below
+        library = with_control_autofluorescence(cfg, sample, cfg.library)
+        dark, dark_warning = _dark_offset(library, cube, qc_dir)
+        library = with_flat_endmember(library)
+        shading = _shading(cfg, library, cube, qc_dir)  # divided out before refinement and the fit
+        library = with_slide_autofluorescence(cfg, sample, library, cube, shading, dark.counts, qc_dir)
+        library = refined_library(cfg, library, cube, shading, dark.counts, qc_dir)
+        abundances, residual = _fit(cfg, sample_id, cube, library, dark.counts, shading)
+        signal = _fitted_signal(cube, shading, dark.counts)
+        # The store (abundances, residual, labels/flagged) is built under a temporary name and
+        # renamed when complete: a reader never sees a store without its flags.
+        with io.atomic_path(out["zarr"]) as store:
+            _write_unmixed(cfg, store, abundances, residual, library, pixel_size)
+            stored_residual = io.read_ome_zarr(store, cfg.chunk_size)[0][-1]  # read back, not recomputed
+            noise = _noise_model(cube, shading, dark.counts, stored_residual)
+            flagged = _flag_unexplained(cfg, signal, stored_residual, library, noise, pixel_size)
+            # the labels group's metadata is the segment step's (it lists flagged with nuclei and cells)
+            io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size,
+                            group_metadata=False)
+        io.write_csv(library.to_frame(), out["spectra_used"])
+        _unmixing_qc(cfg, sample_id, signal, library, noise, dark.counts, [w for w in (dark_warning,) if w])
+
+
+def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray, shading):
+    """The lazy (K, Y, X) abundances and (Y, X) residual of the fit of ``library`` to the cube.
+
+    The dark offset is subtracted and the shading divided out as the fit
+    reads the cube, without a corrected copy of it.
+    """
+    gain = {}
+    if shading is not None:
+        from qdquant import illumination
+
+        gain = dict(gain=illumination.inverse_field(shading[0], cube.data.chunks[1:]), gain_offset=shading[1])
+    log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
+             "x".join(map(str, cube.data.shape[1:])), len(library.names))
+    return unmixing.unmix(
+        cube.data,
+        library.spectra,
+        offset=offset,
+        weights="poisson" if cfg.unmixing.poisson_weights else None,
+        **gain,
+    )
+
+
+def _fitted_signal(cube: io.Cube, shading, offset: np.ndarray) -> da.Array:
+    """The (C, Y, X) signal the fit explains: the cube, shading divided out, dark offset subtracted."""
+    data = cube.data
+    if shading is not None:
+        from qdquant import illumination
+
+        data = illumination.correct_shading(cube.data, *shading)
+    return data - offset.astype(np.float32)[:, None, None]
+
+
+def _write_unmixed(cfg: Config, store: Path, abundances, residual, library, pixel_size: float) -> None:
+    """Write the abundances and the residual into ``store`` as one multiscale, channels named,
+    coloured and given their panel roles."""
+    from qdquant.colours import channel_colours
+
+    io.write_ome_zarr(
+        store,
+        da.concatenate([abundances, residual[None]], axis=0),
+        [*library.names, "residual"],
+        pixel_size_um=pixel_size,
+        chunk_size=cfg.chunk_size,
+        colours=[*channel_colours(library.spectra, library.wavelengths_nm), "FFFFFF"],
+        roles=[*channel_roles(cfg, library), {"marker": "residual", "role": "residual"}],
+        atomic=False,
+    )
+
+
+def _noise_model(cube: io.Cube, shading, offset: np.ndarray, residual: da.Array):
+    """The photon + read noise model, fitted on a few windows of the signal and the stored residual."""
+    return unmixing.noise_model(cube_sample(cube, shading) - offset[:, None, None],
+                                pixel_sample(residual, grid=cube.data.chunks[-2:])[0])
+
+
+def _flag_unexplained(cfg: Config, signal: da.Array, residual: da.Array, library, noise,
+                      pixel_size: float) -> da.Array:
+    """The (Y, X) pixels the library cannot explain: residual far above the noise, or broadband light.
+
+    Grown by :data:`FLAG_MARGIN_UM`; all False when ``unmixing.flag_poor_fit`` is off (the mask
+    is written either way).
+    """
+    if not cfg.unmixing.flag_poor_fit:
+        return da.zeros(residual.shape, dtype=bool, chunks=residual.chunks)
+    probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
+    flagged = unmixing.flag_poor_fit(signal, residual, noise) | unmixing.flag_broadband(
+        signal, probes, noise, n_endmembers=len(library.names))
+    # the optics spread an emitter's light a little beyond where it is detectable
+    return unmixing.grow_mask(flagged, round(FLAG_MARGIN_UM / pixel_size))
+
+
+def _unmixing_qc(cfg: Config, sample_id: str, signal: da.Array, library, noise, offset: np.ndarray,
+                 warnings: list[str]) -> None:
+    """``qc/unmixing.png`` (and its statistics, ``qc/unmixing.json``), from the written store."""
+    from qdquant import report
+
+    out = outputs(cfg, sample_id)
+    stored, _ = io.read_ome_zarr(out["zarr"], cfg.chunk_size)
+    stats = report.plot_unmixing_qc(signal, stored, library, out["unmixing_qc"],
+                                    flagged=io.read_labels(out["zarr"], "flagged", cfg.chunk_size),
+                                    noise=noise, dark_offset=offset, warnings=warnings)
+    log.info("unmixed %s: median relative residual %.3f, %.2f%% pixels flagged", sample_id,
+             stats["relative_residual_median"], 100 * stats["fraction_flagged"])
