@@ -223,3 +223,108 @@ def test_a_store_without_qdquant_roles_hides_what_is_not_a_marker(sample_results
     assert roles["residual"] == "residual" and roles["AF"] == "autofluorescence"
     assert roles["Offset"] == "background"  # flat in spectra_used.csv
     assert roles["QD655"] == roles["DAPI"] == "marker"
+
+
+def test_a_click_without_the_class_layer_still_shows_the_cell(sample_results, make_napari_viewer):
+    """The user may delete the overlay (or the contours too): a click maps through what is left."""
+    from types import SimpleNamespace
+
+    from qdquant.viewer.app import open_results
+
+    root, _ = sample_results
+    folder = root / "results" / SAMPLE
+    viewer, widget = open_results(folder, viewer=make_napari_viewer())
+    labels = np.asarray(io.read_labels(folder / "unmixed.ome.zarr", "cells"))
+    cells = pd.read_csv(folder / "cells.csv").set_index("CellID")
+    cell = int(cells["Area"].idxmax())
+    y, x = np.argwhere(labels == cell)[0]
+    click = SimpleNamespace(type="mouse_press", position=((y + 0.5) * 0.5, (x + 0.5) * 0.5))  # world: µm
+    for gone in ("HER2 class", "cells"):
+        viewer.layers.remove(gone)
+        widget.select_cell(0)
+        assert widget._on_click in viewer.mouse_drag_callbacks
+        widget._on_click(viewer, click)
+        assert widget.cell_table.item(0, 1).text() == str(cell), gone
+        assert viewer.layers["selected cell"].visible
+    widget.set_thresholds(t_faint=widget.session.settings.t_faint * 0.9)  # no overlay to update: no error
+    assert widget.message.text() == ""
+
+
+def test_contours_of_a_chunked_label_image_are_those_of_the_whole_image(tmp_path):
+    import dask
+    import zarr
+    from dask.cache import Cache
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 5, (37, 45)).repeat(3, 0).repeat(3, 1).astype(np.int32)  # 111 x 135
+    store = zarr.open_array(str(tmp_path / "labels.zarr"), mode="w", shape=labels.shape, chunks=(16, 20),
+                            dtype=labels.dtype, zarr_format=2)
+    store[:] = labels
+    chunked = vlayers.outline_level(dask.array.from_zarr(store))
+    whole = vlayers.outline(labels)
+    cache = Cache(1e9)
+    with cache, dask.config.set({"optimization.fuse.active": False}):  # as napari reads
+        np.testing.assert_array_equal(np.asarray(chunked), whole)
+        np.testing.assert_array_equal(np.asarray(chunked[16:48, 20:60]), whole[16:48, 20:60])
+    # no cached piece keeps a larger block alive (a cache counts a view by its own bytes)
+    for value in cache.cache.data.values():
+        base = value
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        assert base.nbytes <= value.nbytes
+
+
+def test_class_overlay_reads_cells_h5ad_as_cells_csv(sample_results, tmp_path):
+    import os
+
+    root, _ = sample_results
+    folder = tmp_path / SAMPLE
+    shutil.copytree(root / "results" / SAMPLE, folder)
+    assert (folder / "cells.h5ad").is_file()
+    from_h5ad = vlayers.cell_classes(locate(folder))
+    cells = pd.read_csv(folder / "cells.csv", dtype={"her2_class": str})
+    np.testing.assert_array_equal(from_h5ad[0], cells["CellID"])
+    np.testing.assert_array_equal(from_h5ad[1], pd.Categorical(cells["her2_class"], scoring.HER2_CLASSES).codes)
+    # a cells.csv newer than cells.h5ad (rewritten since) is what counts
+    cells.loc[0, "her2_class"] = "3+" if cells.loc[0, "her2_class"] != "3+" else "0"
+    cells.to_csv(folder / "cells.csv", index=False)
+    h5ad_time = (folder / "cells.h5ad").stat().st_mtime
+    os.utime(folder / "cells.csv", (h5ad_time + 10, h5ad_time + 10))
+    from_csv = vlayers.cell_classes(locate(folder))
+    np.testing.assert_array_equal(from_csv[1], pd.Categorical(cells["her2_class"], scoring.HER2_CLASSES).codes)
+    (folder / "cells.h5ad").unlink()
+    np.testing.assert_array_equal(vlayers.cell_classes(locate(folder))[1], from_csv[1])
+
+
+def test_contrast_limits_without_stored_windows_come_from_the_coarsest_level(sample_results, tmp_path):
+    import json
+
+    root, _ = sample_results
+    store = tmp_path / "slide.ome.zarr"
+    shutil.copytree(root / "results" / SAMPLE / "unmixed.ome.zarr", store)
+    levels = vlayers.read_levels(store)
+    stored = vlayers.contrast_limits(locate(store), levels[-1])
+    attrs = json.loads((store / ".zattrs").read_text())
+    assert stored == [[c["window"]["start"], c["window"]["end"]] for c in attrs["omero"]["channels"]]
+    del attrs["qdquant"]  # another writer's windows are not trusted
+    (store / ".zattrs").write_text(json.dumps(attrs))
+    computed = vlayers.contrast_limits(locate(store), levels[-1])
+    coarse = np.asarray(levels[-1])
+    for c, (lo, hi) in enumerate(computed):
+        assert 0 <= lo < hi <= coarse[c].max() and hi >= np.percentile(coarse[c], 99)
+        assert hi == pytest.approx(stored[c][1], rel=1e-6)  # the same 99.5th percentile
+
+
+def test_qdquant_view_keeps_its_chunk_cache_size(sample_results, make_napari_viewer, monkeypatch):
+    """napari's window sets the cache to napari's own setting when it is made: the size must be set after."""
+    import dask
+    from napari.utils import resize_dask_cache
+
+    from qdquant.viewer.app import open_results
+
+    root, _ = sample_results
+    monkeypatch.setattr(napari, "Viewer", lambda **kwargs: make_napari_viewer(**kwargs))
+    with dask.config.set(scheduler=None):  # open_results sets it in a process of its own
+        viewer, _ = open_results(root / "results" / SAMPLE, cache_mb=48)
+    assert resize_dask_cache().cache.available_bytes == 48 * 2**20
+    assert [layer.name for layer in viewer.layers][-1] == "flagged" == viewer.layers.selection.active.name

@@ -20,7 +20,6 @@ from qdquant.io.atomic import atomic_path, on_distributed_cluster, scratch_dir
 from qdquant.io.labels import read_labels, write_labels
 from qdquant.io.ome_tiff import BIGTIFF_BYTES, Cube, decoded_once, open_cube, read_cube_header, write_ome_tiff
 from qdquant.io.ome_zarr import (
-    NGFF_IMAGE_PATH,
     PYRAMID_COARSEST_PX,
     STORE_CHUNK_PX,
     pyramid_factors,
@@ -33,7 +32,7 @@ from qdquant.io.ome_zarr import (
 from qdquant.io.tables import H5adWriter, read_csv, write_csv, write_csv_slices
 
 __all__ = [
-    "BIGTIFF_BYTES", "NGFF_IMAGE_PATH", "PYRAMID_COARSEST_PX", "STORE_CHUNK_PX", "Cube", "H5adWriter",
+    "BIGTIFF_BYTES", "PYRAMID_COARSEST_PX", "STORE_CHUNK_PX", "Cube", "H5adWriter",
     "atomic_path", "decoded_once", "on_distributed_cluster", "open_cube", "pyramid_factors", "read_csv",
     "read_cube_header", "read_labels", "read_multiscale", "read_ome_zarr", "read_pixel_size_um", "scratch_dir",
     "store_chunk", "write_csv", "write_csv_slices", "write_labels", "write_ome_tiff", "write_ome_zarr",

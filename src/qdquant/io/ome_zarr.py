@@ -19,10 +19,6 @@ from qdquant.config.defaults import default
 from qdquant.errors import InputError
 from qdquant.io.atomic import atomic_path
 
-
-NGFF_IMAGE_PATH = "0"  # level-0 dataset of the abundance multiscale
-
-
 #: The coarsest pyramid level is at most this many pixels across (a viewer shows a whole slide
 #: from it at once), and the pyramid has at least 4 levels where the image allows.
 PYRAMID_COARSEST_PX = 1024
@@ -32,6 +28,18 @@ PYRAMID_COARSEST_PX = 1024
 #: screenful of a whole slide then reads a few MB per channel, not tens; the steps read
 #: several stored chunks per dask chunk (``chunk_size``).
 STORE_CHUNK_PX = 1024
+
+
+def store_codec():
+    """The stored chunks' compressor: zstd at level 1.
+
+    On unmixed abundances (float32, photon noise) level 1 compresses about
+    2x faster than zarr's default (level 3) for a store 2 % larger (ratio
+    1.54 against 1.57; docs/performance.md); the values are the same.
+    """
+    from numcodecs import Zstd
+
+    return Zstd(level=1)
 
 
 def store_chunk(chunk_size: int) -> int:
@@ -89,6 +97,7 @@ def write_ome_zarr(
     store's ``qdquant`` attribute, which other OME-NGFF readers ignore.
     """
     from ome_zarr.format import FormatV04
+    from ome_zarr.scale import Methods
     from ome_zarr.writer import write_image
 
     if image.shape[0] != len(channel_names):
@@ -108,7 +117,11 @@ def write_ome_zarr(
             axes="cyx",
             fmt=FormatV04(),
             scale_factors=factors,
-            storage_options={"chunks": (1, store_chunk(chunk_size), store_chunk(chunk_size))},
+            # each level the mean of 2x2 pixels of the one above (an abundance's mean over the area;
+            # half the cost of ome-zarr's default anti-aliased resize)
+            method=Methods.LOCAL_MEAN,
+            storage_options={"chunks": (1, store_chunk(chunk_size), store_chunk(chunk_size)),
+                             "compressor": store_codec()},
             scale={"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
             axes_units={"y": "micrometer", "x": "micrometer"},
         )

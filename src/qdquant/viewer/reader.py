@@ -1,8 +1,11 @@
-"""napari reader: a sample's results folder or a bare ``unmixed.ome.zarr``."""
+"""napari reader: a sample's results folder or a bare ``unmixed.ome.zarr``.
+
+napari asks :func:`napari_get_reader` about every path it opens: importing
+this module costs a few standard-library imports, nothing more.
+"""
 
 from __future__ import annotations
 
-from qdquant.viewer.layers import results_layers
 from qdquant.viewer.results import locate
 
 __all__ = ["napari_get_reader", "read_results"]
@@ -15,4 +18,6 @@ def napari_get_reader(path):
 
 def read_results(path) -> list[tuple]:
     """Layer data of a sample's results (see :func:`qdquant.viewer.layers.results_layers`)."""
+    from qdquant.viewer.layers import results_layers  # dask and zarr: only once a path is ours
+
     return results_layers(locate(path))

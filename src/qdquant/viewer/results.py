@@ -1,6 +1,8 @@
 """A sample's results as the viewer sees them: where they are, the HER2 settings, re-scoring.
 
-No napari or Qt here: these are plain functions, tested without a viewer.
+No napari or Qt here: these are plain functions, tested without a viewer;
+pandas and the scoring code are imported when a table is first read, so
+that :func:`locate` (napari's reader asks it about every path) is cheap.
 Re-scoring calls the pipeline's own :func:`qdquant.scoring.her2_cell_scores`
 and :func:`qdquant.scoring.her2_sample_score` on the per-sector sums of
 ``measurements.csv``, so a threshold moved in the viewer classifies every
@@ -14,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from qdquant import io, scoring
 from qdquant.errors import InputError
 
 __all__ = ["SampleResults", "Her2Settings", "locate", "her2_settings", "read_scoring_table", "rescore"]
@@ -111,8 +111,10 @@ def her2_settings(results: SampleResults) -> Her2Settings:
     ``complete_fraction``, ``sectors`` and ``ultralow_min_pct`` come from the
     run's ``provenance/params.yml``, else the config schema's defaults.
     """
+    import pandas as pd
     import yaml
 
+    from qdquant import io
     from qdquant.config import schema
 
     defaults = schema()["properties"]["her2"]["properties"]
@@ -145,6 +147,8 @@ def read_scoring_table(results: SampleResults, sectors: int) -> ScoringTable:
     Read as the score step reads them (float64 sums, int64 pixel counts),
     so that re-scoring reproduces its classes exactly.
     """
+    from qdquant import io
+
     measurements, cells = results.table("measurements.csv"), results.table("cells.csv")
     if measurements is None or cells is None:
         raise InputError(f"{results.folder or results.store}: no measurements.csv and cells.csv beside the store")
@@ -172,6 +176,10 @@ def rescore(table: ScoringTable, settings: Her2Settings) -> tuple[np.ndarray, di
     ``her2_class`` column and the summary the ``her2_*`` columns a score
     step with these thresholds writes.
     """
+    import pandas as pd
+
+    from qdquant import scoring
+
     _, _, klass = scoring.her2_cell_scores(table.sector_sum, table.sector_npx, **settings.thresholds,
                                            complete_fraction=settings.complete_fraction)
     summary = scoring.her2_sample_score(klass[table.population], ultralow_min_pct=settings.ultralow_min_pct)

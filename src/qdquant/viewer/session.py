@@ -11,10 +11,8 @@ from dataclasses import replace
 from functools import cached_property
 
 import numpy as np
-import pandas as pd
 
 from qdquant import io
-from qdquant.segmentation import membrane_ring
 from qdquant.viewer.layers import class_levels, class_lut, label_levels
 from qdquant.viewer.results import Her2Settings, SampleResults, her2_settings, read_scoring_table, rescore
 
@@ -45,7 +43,7 @@ class Her2Session:
         return read_scoring_table(self.results, self.run_settings.sectors)
 
     @cached_property
-    def cells(self) -> pd.DataFrame:
+    def cells(self):
         """``cells.csv`` indexed by ``CellID`` (read at the first click)."""
         return io.read_csv(self.results.table("cells.csv"), "cells", dtype={"her2_class": str}).set_index("CellID")
 
@@ -120,6 +118,8 @@ class Her2Session:
 
         Only a window around the cell's centroid is read, sized from its area.
         """
+        from qdquant.segmentation import membrane_ring
+
         row = self.cells.loc[cell_id]
         half = int(math.ceil(1.5 * math.sqrt(float(row["Area"])) + self.membrane_width_px + 2))
         level0 = self.cell_levels[0]

@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
 
 from qdquant.colours import HER2_CLASS_COLOURS
 from qdquant.errors import InputError
-from qdquant.scoring import HER2_CLASSES
 from qdquant.viewer.layers import CLASS_LAYER
 from qdquant.viewer.results import locate
 from qdquant.viewer.session import Her2Session
@@ -133,6 +132,8 @@ class Her2Widget(QWidget):
         self._show_summary()
 
     def _show_summary(self) -> None:
+        from qdquant.scoring import HER2_CLASSES
+
         run = self.session.run_summary
         s = self.session.summary if self.session.codes is not None else run
         changed = self.session.settings != self.session.run_settings
@@ -153,9 +154,22 @@ class Her2Widget(QWidget):
     def _on_click(self, viewer, event) -> None:
         if event.type != "mouse_press" or self.session is None:
             return
-        layer = self._class_layer()
-        y, x = layer.world_to_data(event.position)[-2:]
-        self.select_cell(self.session.cell_at(y, x))
+        self.select_cell(self.session.cell_at(*self._label_pixel(event.position)))
+
+    def _label_pixel(self, position) -> tuple[float, float]:
+        """The level-0 pixel of the cell labels under a world position.
+
+        Through the class overlay's (or the contours') transform when the
+        user kept one of them, else the store's pixel size: the layers may
+        have been deleted, the labels are still there.
+        """
+        layers = {layer.name: layer for layer in self.viewer.layers}
+        layer = layers.get(CLASS_LAYER) or layers.get("cells")
+        if layer is not None:
+            y, x = layer.world_to_data(position)[-2:]
+            return float(y), float(x)
+        ps = self.session.pixel_size_um
+        return float(position[-2]) / ps, float(position[-1]) / ps
 
     def select_cell(self, cell_id: int) -> None:
         """Show a cell's row and outline its membrane ring (0: clear)."""

@@ -112,6 +112,23 @@ def test_ome_zarr_has_named_channels_scale_and_labels(tmp_path):
     assert not [p for p in (path / "labels").iterdir() if p.name.startswith(".") and "tmp" in p.name]
 
 
+def test_ome_zarr_pyramid_levels_are_means_of_2x2_pixels(tmp_path):
+    """Each coarser level holds the mean of 2x2 pixels of the level above (an abundance's mean
+    over the area), truncated at odd edges; stored with zstd."""
+    rng = np.random.default_rng(3)
+    image = rng.gamma(2.0, 20.0, size=(2, 70, 66)).astype(np.float32)
+    path = tmp_path / "unmixed.ome.zarr"
+    io.write_ome_zarr(path, da.from_array(image, chunks=(1, 32, 32)), ["A", "B"], pixel_size_um=0.5,
+                      chunk_size=32)
+    levels = [np.asarray(level) for level in io.read_multiscale(path)]
+    assert [lvl.shape for lvl in levels[:3]] == [(2, 70, 66), (2, 35, 33), (2, 17, 16)]
+    expected = image[:, :70, :66].reshape(2, 35, 2, 33, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(levels[1], expected, rtol=1e-6)
+    np.testing.assert_allclose(levels[2], levels[1][:, :34, :32].reshape(2, 17, 2, 16, 2).mean(axis=(2, 4)),
+                               rtol=1e-6)
+    assert json.loads((path / "s0" / ".zarray").read_text())["compressor"]["id"] == "zstd"
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out" / "table.csv"
     with pytest.raises(RuntimeError):
