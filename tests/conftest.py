@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -87,6 +86,14 @@ def shared(*parts) -> Path:
     return path
 
 
+def median_equivalent_diameter(labels: np.ndarray, min_area: float = 0) -> float:
+    """The median over labelled objects larger than ``min_area`` pixels of the diameter of the
+    disc of the same area, in pixels (the truth the nucleus-size tests compare against)."""
+    area = np.bincount(labels.ravel())[1:]
+    area = area[area > min_area]
+    return float(np.median(2 * np.sqrt(area / np.pi)))
+
+
 def need_independent_generator():
     """Put the independent slide generator (tests/independent) on the path, or skip the test
     when the FPbase spectra it renders with (../shared/data) are not beside the repository."""
@@ -169,54 +176,3 @@ def _all_arrays(group, prefix=""):
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile")]
 #: The slide the kill-and-resume, determinism and SLURM tests run the workflow on.
 RUN_SAMPLE = "her2_2plus"
-
-
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory) -> Path:
-    """The workflow run uninterrupted, locally, on two cores (chunk_size 2048) on one test slide;
-    returns its results folder."""
-    import subprocess
-
-    slides = simulated_slides(tmp_path_factory.mktemp("slides"), [RUN_SAMPLE])
-    work = workflow_project(tmp_path_factory.mktemp("reference"), slides)
-    proc = subprocess.run([*SNAKEMAKE, "--directory", str(work), "--cores", "2"], capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work / "results"
-
-
-SLURM_SCRIPT = REPO / "tests" / "cluster" / "slurm_cluster.sh"
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A real one-node SLURM cluster (tests/cluster/slurm_cluster.sh) for the session; yields its
-    SLURM_CONF. Skipped where the Debian packages, root or the executor plugin are missing."""
-    import importlib.util
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("the one-node SLURM cluster needs root (it starts munged, slurmd and MariaDB)")
-    lacking = subprocess.run(["bash", str(SLURM_SCRIPT), "missing"], capture_output=True, text=True).stdout.split()
-    if lacking:
-        pytest.skip(f"SLURM is not installed (missing {', '.join(lacking)}; apt-get install munge slurm-client"
-                    " slurmctld slurmd slurmdbd mariadb-server)")
-    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        pytest.skip("snakemake-executor-plugin-slurm is not installed (pip install '.[slurm]')")
-    import shutil
-    import tempfile
-
-    # not under pytest's private tmp folder: the daemons that drop root must reach their files
-    state = Path(tempfile.mkdtemp(prefix="qdquant-slurm-"))
-    state.chmod(0o755)
-    env = {**os.environ, "QDQUANT_SLURM_DIR": str(state)}
-    proc = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, env=env, timeout=180)
-    try:
-        assert proc.returncode == 0, f"the SLURM cluster did not start: {proc.stderr[-2000:]}"
-        yield state / "slurm.conf"
-    finally:
-        stop = subprocess.run(["bash", str(SLURM_SCRIPT), "stop"], capture_output=True, text=True, env=env,
-                              timeout=120)
-        print(stop.stderr)
-        if stop.returncode == 0:
-            shutil.rmtree(state, ignore_errors=True)
