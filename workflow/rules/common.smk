@@ -81,7 +81,7 @@ UNMIX_IMAGES = {s.sample_id: [str(p) for p in (s.image, s.unstained) if p is not
 # for every sample.
 STORE = f"{RESULTS}/{{sample}}/unmixed.ome.zarr"
 #: The multiscale image of the store: its metadata and its level-0 array (a folder, named
-#: s0 by ome-zarr's writer; tests/test_workflow.py checks it against the store's .zattrs).
+#: s0 by ome-zarr's writer; tests/workflow/test_workflow.py checks it against the store's .zattrs).
 STORE_IMAGE = {"zgroup": f"{STORE}/.zgroup", "zattrs": f"{STORE}/.zattrs", "level0": f"{STORE}/s0"}
 
 

@@ -26,7 +26,7 @@ _MEMBRANE_WEIGHT = 4.0  # weight of the membrane term against the distance term
 # A cell whose cytoplasm carries essentially no membrane stain (mean
 # saturated score m / (1 + m) below this, i.e. m ~ 1/20 of the Otsu level)
 # keeps only a rim of cytoplasm this wide, micrometres. Higher levels also
-# trim the sparse-count cells of the MIBI data set (tests/test_segmentation.py).
+# trim the sparse-count cells of the MIBI data set (tests/unit/segmentation/test_segmentation.py).
 _BARE_LEVEL = 0.05
 _BARE_RIM_UM = 1.0
 
