@@ -67,7 +67,9 @@ missing() {
 
 write_configs() {
     local cpus mem
-    cpus=$(nproc)
+    # what slurmd finds on the machine (not `nproc`, which follows OMP_NUM_THREADS: a test
+    # session where dask set it to 1 would get a one-CPU node that never runs a 2-CPU job)
+    cpus=$(slurmd -C | sed -n 's/.* CPUs=\([0-9]*\).*/\1/p')
     mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
     mem=$((mem * 95 / 100))   # more than the node reports gets it drained
     cat >"$DIR/slurm.conf" <<CONF
