@@ -1,9 +1,12 @@
 """Per-cell measurements: areas, centroids, compartment means, HER2 membrane sectors.
 
 Every reduction is a ``np.bincount`` over label images, done one block at a
-time (with a halo as wide as the membrane ring) and added up per cell, so a
-whole slide is measured in memory bounded by the block size, and a cell that
-straddles block borders gets exactly the sums it would get in one piece.
+time and added up per cell, so a whole slide is measured in memory bounded
+by the block size, and a cell that straddles block borders gets exactly the
+sums it would get in one piece. Only the cell labels are read with a halo (as
+wide as the membrane ring, which depends on the neighbours' labels): the
+abundances, nuclei and flags are read for the block itself, so a block whose
+edges are those of the stored chunks decodes no neighbouring chunk of them.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ def _blocks(shape: tuple[int, int], block: int, halo: int) -> Iterator[tuple[tup
             )
 
 
-def _per_block(func, shape: tuple[int, int], block: int, halo: int, *arrays) -> Iterator:
-    """``func(padded, core, *blocks)`` on every block, results yielded in block order.
+def _per_block(func, shape: tuple[int, int], block: int, halo: int, labels, *arrays) -> Iterator:
+    """``func(padded, core, label_block, *blocks)`` on every block, results yielded in block order.
 
-    ``blocks`` are the padded block of each of ``arrays`` (numpy or dask,
-    sliced on their last two axes; None stays None), read by the task
-    itself. Blocks run on the current dask scheduler (local threads or
+    ``label_block`` is the padded block of ``labels`` (the halo included);
+    ``blocks`` are the core block of each of ``arrays`` (numpy or dask,
+    sliced on their last two axes; None stays None). Each is read by the
+    task itself. Blocks run on the current dask scheduler (local threads or
     processes, or the workers of a ``dask.distributed`` cluster) a few at a
     time, so only a batch of results is alive at once when the caller folds
     them in as they come.
@@ -49,9 +53,13 @@ def _per_block(func, shape: tuple[int, int], block: int, halo: int, *arrays) -> 
     batch = 2 * max(dask.config.get("num_workers", None) or os.cpu_count() or 1, 1)
     blocks = list(_blocks(shape, block, halo))
     task = dask.delayed(func, pure=True)
+
+    def in_image(p, c):  # the core's slices into the image
+        return tuple(slice(pp.start + cc.start, pp.start + cc.stop) for pp, cc in zip(p, c))
+
     for start in range(0, len(blocks), batch):
         yield from dask.compute(*[
-            task(p, c, *[None if a is None else a[(Ellipsis, *p)] for a in arrays])
+            task(p, c, labels[(Ellipsis, *p)], *[None if a is None else a[(Ellipsis, *in_image(p, c))] for a in arrays])
             for p, c in blocks[start : start + batch]
         ])
 
@@ -76,9 +84,30 @@ def _check_inputs(cells, nuclei, abundances, names) -> None:
         raise InputError(f"duplicate marker names: {list(names)}")
 
 
+def _dense_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(labels, return_inverse=True)`` for non-negative integer labels, without a sort.
+
+    A block's ids usually span a short range (cells are numbered region by
+    region), so a lookup table over that range replaces the sort; ids spread
+    wider than that (labels from elsewhere) are sorted.
+    """
+    if labels.size == 0:
+        return labels[:0], np.zeros(0, np.intp)
+    low, high = int(labels.min()), int(labels.max())
+    if high - low > 4 * labels.size + 65536:
+        return np.unique(labels, return_inverse=True)
+    offsets = (labels - low).astype(np.intp, copy=False)
+    present = np.bincount(offsets).astype(bool)
+    ids = np.flatnonzero(present) + low
+    lookup = np.cumsum(present, dtype=np.intp) - 1
+    return ids.astype(labels.dtype, copy=False), lookup[offsets]
+
+
 def _block_sums(cells, nuclei, abundances, flagged, core, width_px):
     """Per-label sums over one block.
 
+    ``cells`` is the padded block, ``core`` its slices of the block itself;
+    ``nuclei``, ``abundances`` and ``flagged`` are of the block itself.
     Returns the block's ids, geometry sums (count, y, x, nucleus area,
     flagged) and, per compartment, a (n, 1 + K) array of pixel count and
     channel sums. Each pixel falls in one of four disjoint classes (in the
@@ -87,13 +116,13 @@ def _block_sums(cells, nuclei, abundances, flagged, core, width_px):
     compartments at once.
     """
     ring = membrane_ring(cells, width_px)[core]
-    cells, nuclei = cells[core], nuclei[core]
+    cells = cells[core]
     inside = cells > 0
-    ids, inv = np.unique(cells[inside], return_inverse=True)
+    ids, inv = _dense_ids(cells[inside])
     n = len(ids)
     ys, xs = np.nonzero(inside)  # relative to the core's origin
     in_nucleus = nuclei[inside] > 0
-    good = ~flagged[core][inside] if flagged is not None else np.ones(len(inv), bool)
+    good = ~flagged[inside] if flagged is not None else np.ones(len(inv), bool)
     geometry = np.stack(
         [
             np.bincount(inv, minlength=n),
@@ -106,7 +135,7 @@ def _block_sums(cells, nuclei, abundances, flagged, core, width_px):
     ).astype(np.float64)
     # class: 0 cytoplasm, 1 nucleus only, 2 ring only, 3 nucleus and ring
     index = (4 * inv + in_nucleus + 2 * ring[inside])[good]
-    values = abundances[:, core[0], core[1]][:, inside][:, good]  # (K, n_good_pixels)
+    values = abundances[:, inside][:, good]  # (K, n_good_pixels)
     per_class = np.stack(
         [np.bincount(index, minlength=4 * n)] + [np.bincount(index, weights=v, minlength=4 * n) for v in values],
         axis=1,
@@ -170,18 +199,20 @@ def measure_cells(
     def one(padded, core, cell_block, nucleus_block, values, f):
         f = None if f is None else np.asarray(f, dtype=bool)
         cell_block, nucleus_block = np.asarray(cell_block), np.asarray(nucleus_block)
-        for what, block in (("cells", cell_block), ("nuclei", nucleus_block)):
+        y0, x0 = padded[0].start + core[0].start, padded[1].start + core[1].start  # the block's origin
+        for what, block, (oy, ox) in (("cells", cell_block, (padded[0].start, padded[1].start)),
+                                      ("nuclei", nucleus_block, (y0, x0))):
             if block.size and block.min() < 0:
                 y, x = np.unravel_index(np.argmin(block), block.shape)
                 raise InputError(f"{what} labels must be >= 0 (0 = background), got {block.min()} at "
-                                 f"y {padded[0].start + y}, x {padded[1].start + x}")
+                                 f"y {oy + y}, x {ox + x}")
         values = np.asarray(values)
         if values.dtype.kind == "f" and values.dtype.itemsize > 4 and values.size:
             big = np.abs(values) > np.finfo(np.float32).max
             if big.any():  # the sums are float32 per block: say so rather than measure inf
                 k, y, x = np.argwhere(big)[0]
                 raise InputError(f"abundance {values[k, y, x]:.3g} of channel '{names[k]}' at "
-                                 f"y {padded[0].start + y}, x {padded[1].start + x} overflows float32")
+                                 f"y {y0 + y}, x {x0 + x} overflows float32")
         ids, geometry, sums = _block_sums(
             cell_block,
             nucleus_block,
@@ -290,7 +321,7 @@ def membrane_sectors(
         ring = membrane_ring(lab, membrane_width_px)[core]
         lab = lab[core]
         if f is not None:
-            ring &= ~np.asarray(f, dtype=bool)[core]
+            ring &= ~np.asarray(f, dtype=bool)
         pos = np.searchsorted(cell_ids, lab[ring])
         known = (pos < n) & (cell_ids[np.minimum(pos, n - 1)] == lab[ring])
         ys, xs = np.nonzero(ring)
@@ -301,7 +332,7 @@ def membrane_sectors(
         sector = np.minimum((angle * sectors / (2 * np.pi)).astype(np.int64), sectors - 1)
         # Sums over this block's cells only, so that a result's size does not grow with the slide.
         index, inv = np.unique(pos * sectors + sector, return_inverse=True)
-        v = np.asarray(v, dtype=np.float64)[core][ring][known]
+        v = np.asarray(v, dtype=np.float64)[ring][known]
         return index, np.bincount(inv, weights=v, minlength=len(index)), np.bincount(inv, minlength=len(index))
 
     sums = np.zeros(n * sectors)
