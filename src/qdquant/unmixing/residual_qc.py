@@ -63,6 +63,20 @@ def noise_model(cube, residual, *, n_bins: int = 32) -> tuple[float, float]:
     return max(float(a), 0.0), max(float(b), 1e-12)
 
 
+#: Pixels per slice of a block in the flag tests: their temporaries (a few per band or probe)
+#: then stay in the CPU's cache instead of costing a whole block's memory each.
+PIXEL_SLICE = 1 << 15
+
+
+def _by_pixels(func, flat, *per_pixel):
+    """``func(flat[:, s], *(p[s] for p in per_pixel))`` over slices ``s`` of the pixel axis, joined."""
+    n = flat.shape[1]
+    if n <= PIXEL_SLICE:
+        return func(flat, *per_pixel)
+    return np.concatenate([func(flat[:, i : i + PIXEL_SLICE], *(p[i : i + PIXEL_SLICE] for p in per_pixel))
+                           for i in range(0, n, PIXEL_SLICE)])
+
+
 def flag_poor_fit(cube, residual, noise: tuple[float, float], *, factor: float = 5.0):
     """Pixels whose residual is far above the noise expected from their counts.
 
@@ -88,9 +102,13 @@ def flag_poor_fit(cube, residual, noise: tuple[float, float], *, factor: float =
     """
     a, b = noise
 
+    def part(flat, r):
+        return r**2 > factor**2 * (a * flat.mean(axis=0) + b)
+
     def block(c, r):
-        mean = np.asarray(c, dtype=np.float32).mean(axis=0)
-        return np.asarray(r, dtype=np.float32) ** 2 > factor**2 * (a * mean + b)
+        c = np.asarray(c, dtype=np.float32)
+        r = np.asarray(r, dtype=np.float32).reshape(-1)
+        return _by_pixels(part, c.reshape(c.shape[0], -1), r).reshape(c.shape[1:])
 
     if isinstance(cube, da.Array) or isinstance(residual, da.Array):
         cube = da.asarray(cube)
@@ -183,13 +201,15 @@ def flag_broadband(cube, probes, noise: tuple[float, float], *, n_endmembers: in
     squared = probes**2
     scale = c / max(c - n_endmembers, 1)
 
-    def block(y):
-        flat = np.asarray(y, dtype=np.float32).reshape(c, -1)
-        if probes.shape[1] == 0:
-            return np.zeros(y.shape[1:], bool)
+    def part(flat):
         t = probes.T @ flat
         var = scale * (a * (squared.T @ np.maximum(flat, 0)) + b)  # unit-norm probes: sum p^2 = 1
-        return ((t > 0) & (t * t > factor**2 * var)).any(axis=0).reshape(y.shape[1:])
+        return ((t > 0) & (t * t > factor**2 * var)).any(axis=0)
+
+    def block(y):
+        if probes.shape[1] == 0:
+            return np.zeros(y.shape[1:], bool)
+        return _by_pixels(part, np.asarray(y, dtype=np.float32).reshape(c, -1)).reshape(y.shape[1:])
 
     if isinstance(cube, da.Array):
         return da.map_blocks(block, cube.rechunk({0: -1}), drop_axis=0, dtype=bool)
