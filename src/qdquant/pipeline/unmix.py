@@ -138,13 +138,25 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
     )
 
 
+#: Smallest file tile (pixels, Y and X) the per-pixel passes after the fit work on directly.
+MIN_PASS_TILE = 256
+
+
 def _fitted_signal(cube: io.Cube, shading, offset: np.ndarray) -> da.Array:
-    """The (C, Y, X) signal the fit explains: the cube, shading divided out, dark offset subtracted."""
+    """The (C, Y, X) signal the fit explains: the cube, shading divided out, dark offset subtracted.
+
+    For the passes that follow the fit (residual flags, QC), which work
+    pixel by pixel: chunked as the file's tiles when they are not small
+    (all bands together), so no chunk of ``chunk_size``² is assembled from
+    tiles for them, nor held as float32.
+    """
     data = cube.data
+    if cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
+        data = cube.tiles.rechunk({0: -1})
     if shading is not None:
         from qdquant import illumination
 
-        data = illumination.correct_shading(cube.data, *shading)
+        data = illumination.correct_shading(data, *shading)
     return data - offset.astype(np.float32)[:, None, None]
 
 
