@@ -79,6 +79,17 @@ def test_chunked_equals_whole_and_dask():
     pd.testing.assert_frame_equal(whole, blocks, rtol=1e-9)
 
 
+def test_ids_spread_far_apart_measure_as_close_ones():
+    """Ids beyond any lookup table's reach (labels made elsewhere) are measured like small ones."""
+    cells, nuclei, abundances = random_tissue(5)
+    far = np.where(cells > 0, cells.astype(np.int64) * 10**9 + 7, 0)
+    names = ["A", "B", "C"]
+    got = measure_cells(far, np.where(nuclei > 0, far, 0), abundances, names, 2, block_size=40)
+    ref = measure_cells(cells, nuclei, abundances, names, 2, block_size=40)
+    assert list(got["CellID"]) == [i * 10**9 + 7 for i in ref["CellID"]]
+    pd.testing.assert_frame_equal(got.drop(columns="CellID"), ref.drop(columns="CellID"))
+
+
 def test_flagged_pixels_are_left_out_and_counted():
     cells, nuclei, abundances = random_tissue(4)
     flagged = np.zeros(cells.shape, bool)
