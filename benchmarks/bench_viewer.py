@@ -74,6 +74,7 @@ camera.center = (levels[0][0] * ps / 2, levels[0][1] * ps / 2)
 widget.set_thresholds(t_faint=widget.session.settings.t_faint * 0.8)
 viewer.screenshot(canvas_only=True, flash=False)
 t_rescore = time.perf_counter()
+rss_rescore = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if screenshot:
     from qtpy.QtWidgets import QApplication
     from skimage.io import imsave
@@ -82,7 +83,9 @@ if screenshot:
     camera.zoom = camera.zoom * (2.5 if levels[0][0] < 2048 else 16)
     widget.set_thresholds(t_faint=widget.session.run_settings.t_faint)
     # the cell nearest the centre of the view
-    cells = widget.session.cells
+    import pandas as pd
+    cells = pd.read_csv(widget.session.results.table("cells.csv"), usecols=["CellID", "Y_centroid", "X_centroid"],
+                        index_col="CellID")
     centre = [c / ps for c in camera.center[-2:]]
     nearest = ((cells["Y_centroid"] - centre[0]) ** 2 + (cells["X_centroid"] - centre[1]) ** 2).idxmin()
     widget.select_cell(int(nearest))
@@ -95,7 +98,7 @@ print("RESULT", json.dumps({
     "zoom_s": t_zoom - t_first,
     "pan_s": t_pan - t_pan0, "rescore_s": t_rescore - t_pan,
     "peak_rss_first_frame_mib": rss_first, "peak_rss_viewing_mib": rss_viewing,
-    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_rescore_mib": rss_rescore, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
 viewer.close()
 """
@@ -129,7 +132,10 @@ def main() -> None:
     print(f"  peak RSS at the first frame       {r['peak_rss_first_frame_mib']:6.0f} MiB")
     print(f"  peak RSS after zoom and pan       {r['peak_rss_viewing_mib']:6.0f} MiB   target < 1 GiB: "
           f"{'met' if r['peak_rss_viewing_mib'] < gib else 'NOT met'} (ratio {r['peak_rss_viewing_mib'] / gib:.2f})")
-    print(f"  peak RSS after re-scoring         {r['peak_rss_mib']:6.0f} MiB   (every cell's sector sums in memory)")
+    print(f"  peak RSS after re-scoring         {r['peak_rss_rescore_mib']:6.0f} MiB   target < 1 GiB: "
+          f"{'met' if r['peak_rss_rescore_mib'] < gib else 'NOT met'} (every cell's sector sums in memory)")
+    if args.screenshot:
+        print(f"  peak RSS after the screenshot     {r['peak_rss_mib']:6.0f} MiB   (a click: the cell's row and ring)")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ NAPARI_MISSING = 'napari is not installed: pip install "qdquant[napari]"'
 
 #: napari keeps chunks it has read in a cache (a quarter of the machine's memory by default). A
 #: full-resolution screenful of the visible layers (1400 x 900 window) is about 90 MB of 512² parts
-#: of stored chunks (1 MB each) plus the contours' neighbouring parts: this keeps about two, so
-#: that panning on reads only what comes into view and panning back reads nothing.
-DASK_CACHE_MB = 256
+#: of stored chunks (1 MB each) plus the contours' neighbouring parts: this keeps about one, so that
+#: a pan reads only what comes into view, and a whole slide's view with its tables stays under 1 GiB.
+DASK_CACHE_MB = 128
 
 
 def _cached_unit_registry() -> None:

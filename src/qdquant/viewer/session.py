@@ -43,9 +43,9 @@ class Her2Session:
         return read_scoring_table(self.results, self.run_settings.sectors)
 
     @cached_property
-    def cells(self):
-        """``cells.csv`` indexed by ``CellID`` (read at the first click)."""
-        return io.read_csv(self.results.table("cells.csv"), "cells", dtype={"her2_class": str}).set_index("CellID")
+    def cell_rows(self) -> "CsvRows":
+        """Where each cell's line of ``cells.csv`` starts (found at the first click)."""
+        return CsvRows(self.results.table("cells.csv"))
 
     @cached_property
     def cell_levels(self):
@@ -105,7 +105,7 @@ class Her2Session:
 
     def cell_row(self, cell_id: int) -> dict:
         """The cell's row of ``cells.csv``, with its class under the current thresholds."""
-        row = {"CellID": cell_id, **self.cells.loc[cell_id].to_dict()}
+        row = self.cell_rows.row(cell_id)
         if self.codes is not None:
             from qdquant.scoring import HER2_CLASSES
 
@@ -120,7 +120,7 @@ class Her2Session:
         """
         from qdquant.segmentation import membrane_ring
 
-        row = self.cells.loc[cell_id]
+        row = self.cell_rows.row(cell_id)
         half = int(math.ceil(1.5 * math.sqrt(float(row["Area"])) + self.membrane_width_px + 2))
         level0 = self.cell_levels[0]
         cy, cx = int(round(float(row["Y_centroid"]))), int(round(float(row["X_centroid"])))
@@ -129,3 +129,43 @@ class Her2Session:
         crop = np.asarray(level0[y0:y1, x0:x1])
         ring = membrane_ring(crop, self.membrane_width_px) & (crop == cell_id)
         return ring.astype(np.uint8), (y0, x0)
+
+
+class CsvRows:
+    """One row of a large CSV by ``CellID``, read from its line: the table is never held.
+
+    The first use reads the ``CellID`` column and where each line starts
+    (a pass over the file in 16 MiB pieces); a row is then a seek and the
+    parse of one line, its values exactly as the file writes them.
+    """
+
+    PIECE = 16 << 20
+
+    def __init__(self, path):
+        self.path = path
+        self.ids = io.read_csv(path, "cells", usecols=["CellID"])["CellID"].to_numpy(np.int64)
+        starts = []
+        with open(path, "rb") as f:
+            self.header = f.readline().decode()
+            position = f.tell()
+            while piece := f.read(self.PIECE):
+                ends = np.flatnonzero(np.frombuffer(piece, np.uint8) == ord("\n"))
+                starts.append(position + ends + 1)
+                position += len(piece)
+        self.starts = np.concatenate([[len(self.header.encode())], *starts])[: len(self.ids)]
+
+    def row(self, cell_id: int) -> dict:
+        """The cell's row as a dict (``CellID`` first); KeyError when the file has no such cell."""
+        import io as _io
+
+        import pandas as pd
+
+        hits = np.flatnonzero(self.ids == cell_id)
+        if not hits.size:
+            raise KeyError(cell_id)
+        with open(self.path, "rb") as f:
+            f.seek(int(self.starts[hits[0]]))
+            line = f.readline().decode()
+        table = pd.read_csv(_io.StringIO(self.header + line), dtype={"her2_class": str})
+        return table.iloc[0].to_dict()
+
