@@ -15,11 +15,14 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import RUN_SAMPLE, SNAKEMAKE, assert_same_outputs, simulated_slides, workflow_project
+from qdquant import provenance
 
 SAMPLE = RUN_SAMPLE
 
@@ -102,10 +105,16 @@ def test_killed_runs_resume_to_identical_outputs(reference_run, slides, tmp_path
     assert not (out / "unmixed.ome.zarr" / "labels" / "cells").exists()
     kill_when(work, started_for(work / "logs" / "report" / f"{SAMPLE}.log", 2.0), "during the report")
     assert not (out / "report.html").exists()
+    resumed = datetime.now(timezone.utc).replace(microsecond=0)
     run_to_end(work, "--rerun-incomplete")
     compared = assert_same_outputs(reference_run, work / "results")
     leftovers = [p for p in (work / "results").rglob("*") if ".tmp-" in p.name or p.name.startswith(".qdquant-")]
     assert not leftovers, leftovers
+    # the record's start is the resumed run's, not the first run's (whose unmix outputs are still there)
+    folder = work / "results" / "provenance"
+    run = yaml.safe_load((folder / "params.yml").read_text())["run"]
+    assert resumed <= datetime.fromisoformat(run["started"]) <= datetime.fromisoformat(run["finished"]), run
+    assert not (folder / provenance.RUN_START_FILE).exists()  # the note goes when the run ends
     print(f"resumed run equals the uninterrupted one: {len(compared)} CSVs and Zarr arrays identical")
 
 
