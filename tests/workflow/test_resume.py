@@ -6,7 +6,9 @@ A run whose Snakemake and jobs are killed with SIGKILL while unmixing, while
 segmenting and while reporting, and restarted each time (``--unlock``, then
 ``--rerun-incomplete``), ends with outputs identical to an uninterrupted run's:
 every CSV byte for byte and every array of the OME-Zarr store; and so does a run
-on one core with another chunk size.
+on one core with another chunk size (which holds the 512² slide in one chunk too:
+tests/integration/test_chunking.py cuts a slide into several). The resumed run's
+provenance record gives the resumed run's start.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def test_killed_runs_resume_to_identical_outputs(reference_run, slides, tmp_path
 
 
 def test_one_core_and_another_chunk_size_give_identical_outputs(reference_run, slides, tmp_path):
-    """--cores 1 and chunk_size 1024 (both chunkings hold the 512² slide in one chunk)."""
+    """--cores 1 and chunk_size 1024 (both chunkings hold the 512² slide in one chunk: another
+    chunking is tests/integration/test_chunking.py's)."""
     work = workflow_project(tmp_path / "other", slides, chunk_size=1024)
     proc = subprocess.run(snakemake_args(work, "--cores", "1"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
