@@ -64,6 +64,10 @@ MAX_DETECTION_BLOCKS = 40_000
 #: (On a 4096² slide of 192-px FOVs half its pixels gave the shading as well as all of them,
 #: a quarter less well, an eighth none.)
 MAX_SHADING_PIXELS = 1 << 28
+#: Edge of the regions a dask slide's block brightness is computed in (and, past
+#: MAX_SHADING_PIXELS, sampled on), pixels: the default chunk edge, so that a slide chunked
+#: by default is read chunk by chunk.
+GRID_PX = 2048
 
 
 @dataclass(frozen=True)
@@ -370,16 +374,19 @@ def nuclear_brightness(
     offset : (C,) array
         Dark offset per band, counts.
     bin_px : int
-        Block edge, pixels. Pixels beyond the last whole block of a chunk
-        are left out.
+        Block edge, pixels. Blocks lie on the slide's own grid (from pixel
+        0): a dask cube is read in regions of :data:`GRID_PX` rounded to a
+        multiple of ``bin_px``, whatever its chunks, so only the slide's
+        last, partial row and column of blocks are left out.
     min_share : float
         Share of a pixel's signal the nuclear stain must have.
     min_pixels : int
         Nuclear pixels a block needs.
     max_pixels : int or None
-        A dask cube of more pixels is read on evenly spaced chunks of about
-        this many pixels in all (as BaSiC fits a subset of a mosaic's
-        fields); the blocks of the others are NaN. None: every chunk.
+        A dask cube of more pixels is read on evenly spaced regions (of
+        that grid) of about this many pixels in all (as BaSiC fits a subset
+        of a mosaic's fields); the blocks of the others are NaN. None:
+        every region.
     engine : {"auto", "numpy", "numba"}
         The per-pixel pass: one compiled read of the cube ("numba"), or
         numpy; "auto" (default): numba when it imports.
@@ -388,7 +395,7 @@ def nuclear_brightness(
     -------
     (Y // bin_px, X // bin_px) float64 array
         Block brightness, abundance units; NaN where a block has too few
-        nuclear pixels (or a chunk edge cuts it).
+        nuclear pixels.
     """
     from qdquant.unmixing.fit import resolve_engine
 
@@ -415,7 +422,9 @@ def nuclear_brightness(
         return out
 
     if isinstance(cube, da.Array):
-        c = cube.rechunk({0: -1})
+        # a fixed grid, not the cube's chunks: the same blocks and regions whatever chunk_size is
+        grid = bin_px * max(1, round(GRID_PX / bin_px))
+        c = cube.rechunk({0: -1, 1: grid, 2: grid})
         chunks = tuple(tuple(-(-n // bin_px) for n in axis) for axis in c.chunks[1:])
         lazy = c.map_blocks(block, chunks=chunks, drop_axis=0, dtype=np.float64)
         nby, nbx = lazy.numblocks

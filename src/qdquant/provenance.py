@@ -9,6 +9,8 @@ exactly what produced them.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -21,6 +23,10 @@ import pandas as pd
 #: first and last PARTIAL_BYTES, which any rescan, re-export or truncation changes, in a second.
 WHOLE_HASH_BYTES = 256 * 2**20
 PARTIAL_BYTES = 32 * 2**20
+#: The run's start (``{results}/provenance/.run-started.json``): written when a workflow run
+#: starts (Snakemake's onstart, workflow/Snakefile), read into the record by the cohort step,
+#: removed when the run ends.
+RUN_START_FILE = ".run-started.json"
 PACKAGES = ("qdquant", "numpy", "scipy", "scikit-image", "tifffile", "imagecodecs", "dask", "zarr", "ome-zarr",
             "pandas", "numba", "snakemake")
 
@@ -57,7 +63,40 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def run_record(cfg, outputs) -> dict:
+def record_run_start(folder: str | os.PathLike) -> Path:
+    """Note in ``folder`` (``{results}/provenance``) that a run starts now; returns the file.
+
+    The workflow calls this as it starts (a run killed and resumed: as it
+    resumes), so that the record says when the run that wrote it began,
+    whichever steps it ran. Written whole by a rename.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_START_FILE
+    tmp = folder / f".{RUN_START_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"started": _now()}))
+    os.replace(tmp, path)
+    return path
+
+
+def clear_run_start(folder: str | os.PathLike) -> None:
+    """Remove the note of :func:`record_run_start` (the run has ended)."""
+    (Path(folder) / RUN_START_FILE).unlink(missing_ok=True)
+
+
+def run_start(folder: str | os.PathLike) -> str | None:
+    """When the run under way started (ISO 8601, UTC), from the note in ``folder``; None without one."""
+    try:
+        return json.loads((Path(folder) / RUN_START_FILE).read_text())["started"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_record(cfg, outputs, *, started: str | None = None) -> dict:
     """The provenance of a finished run, as plain data for YAML.
 
     Parameters
@@ -66,6 +105,8 @@ def run_record(cfg, outputs) -> dict:
     outputs : callable
         ``outputs(cfg, sample_id)`` -> dict of the sample's output paths
         (:func:`qdquant.pipeline.outputs`).
+    started : str, optional
+        When the run started (:func:`run_start`); None when unknown.
     """
     samples = {}
     for sample in cfg.samples:
@@ -90,8 +131,8 @@ def run_record(cfg, outputs) -> dict:
                                 if k.startswith("her2_t_") or k in ("her2_thresholds_source", "tumour_threshold")},
         }
     return {
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run": run_facts(cfg, outputs),
+        "written": _now(),
+        "run": run_facts(started),
         "config": _plain(cfg.raw),
         "inputs": {"config": [checksum(p) for p in _config_files(cfg)],
                    "samples": checksum(cfg.raw["samples"]), "spectra": checksum(cfg.raw["spectra"]),
@@ -101,32 +142,25 @@ def run_record(cfg, outputs) -> dict:
     }
 
 
-def run_facts(cfg, outputs) -> dict:
+def run_facts(started: str | None = None) -> dict:
     """qdquant's version and git revision, the host, and when the run started and ended.
 
-    ``started`` is when the earliest of the samples' outputs still present was
-    written (each step's outputs are renamed into place when complete, so this
-    is the end of the first step that ran), ``finished`` now (the cohort step
-    writes the record last). ``git_revision`` is the commit of the qdquant
-    source that ran, with ``+dirty`` for uncommitted changes, or None for an
+    ``started`` is given (the workflow's note, :func:`run_start`: the start
+    of the Snakemake run that wrote the record, the resumed one after a
+    kill), None when the steps ran without the workflow; ``finished`` is now
+    (the cohort step writes the record last). ``host`` is the machine that
+    writes the record. ``git_revision`` is the commit of the qdquant source
+    that ran, with ``+dirty`` for uncommitted changes, or None for an
     installed package.
     """
     import qdquant
 
-    times = []
-    for sample in cfg.samples:
-        for path in outputs(cfg, sample.sample_id).values():
-            try:
-                times.append(Path(path).stat().st_mtime)
-            except OSError:
-                pass
-    started = datetime.fromtimestamp(min(times), timezone.utc).isoformat(timespec="seconds") if times else None
     return {
         "qdquant_version": qdquant.__version__,
         "git_revision": git_revision(Path(qdquant.__file__).parent),
         "host": platform.node(),
         "started": started,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": _now(),
     }
 
 

@@ -43,13 +43,14 @@ def test_estimated_from_a_messy_slide(shaded_slide):
     assert _max_error(shading, slide.shading) < 0.1
 
 
-def test_a_large_slide_is_estimated_on_evenly_spaced_chunks(shaded_slide):
-    """With max_pixels below the slide's, the estimate reads half of its 16 chunks (the
+def test_a_large_slide_is_estimated_on_evenly_spaced_regions(shaded_slide, monkeypatch):
+    """With max_pixels below the slide's, the estimate reads half of its 16 regions (the
     others' blocks NaN, the read ones' as in a full read) and still finds the shading."""
     _, slide, _ = shaded_slide
     a = slide.library.drop(columns="wavelength_nm").to_numpy()
     nuclear = list(slide.library.columns[1:]).index("DAPI")
-    cube = da.from_array(slide.cube, chunks=(31, 512, 512))
+    monkeypatch.setattr(illumination, "GRID_PX", 512)  # a 2048² slide as a whole slide of 2048² regions
+    cube = da.from_array(slide.cube, chunks=(31, 700, 300))  # regions, not chunks
     shading, part, offset = illumination.estimate_slide_shading(cube, a, nuclear, max_pixels=8 * 512 * 512)
     full = illumination.nuclear_brightness(cube, np.linalg.pinv(a)[nuclear], a[:, nuclear], offset, max_pixels=None)
     per_chunk = 512 // illumination.BIN_PX

@@ -6,7 +6,9 @@ A run whose Snakemake and jobs are killed with SIGKILL while unmixing, while
 segmenting and while reporting, and restarted each time (``--unlock``, then
 ``--rerun-incomplete``), ends with outputs identical to an uninterrupted run's:
 every CSV byte for byte and every array of the OME-Zarr store; and so does a run
-on one core with another chunk size.
+on one core with another chunk size (which holds the 512² slide in one chunk too:
+tests/integration/test_chunking.py cuts a slide into several). The resumed run's
+provenance record gives the resumed run's start.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import RUN_SAMPLE, SNAKEMAKE, assert_same_outputs, simulated_slides, workflow_project
+from qdquant import provenance
 
 SAMPLE = RUN_SAMPLE
 
@@ -102,15 +107,22 @@ def test_killed_runs_resume_to_identical_outputs(reference_run, slides, tmp_path
     assert not (out / "unmixed.ome.zarr" / "labels" / "cells").exists()
     kill_when(work, started_for(work / "logs" / "report" / f"{SAMPLE}.log", 2.0), "during the report")
     assert not (out / "report.html").exists()
+    resumed = datetime.now(timezone.utc).replace(microsecond=0)
     run_to_end(work, "--rerun-incomplete")
     compared = assert_same_outputs(reference_run, work / "results")
     leftovers = [p for p in (work / "results").rglob("*") if ".tmp-" in p.name or p.name.startswith(".qdquant-")]
     assert not leftovers, leftovers
+    # the record's start is the resumed run's, not the first run's (whose unmix outputs are still there)
+    folder = work / "results" / "provenance"
+    run = yaml.safe_load((folder / "params.yml").read_text())["run"]
+    assert resumed <= datetime.fromisoformat(run["started"]) <= datetime.fromisoformat(run["finished"]), run
+    assert not (folder / provenance.RUN_START_FILE).exists()  # the note goes when the run ends
     print(f"resumed run equals the uninterrupted one: {len(compared)} CSVs and Zarr arrays identical")
 
 
 def test_one_core_and_another_chunk_size_give_identical_outputs(reference_run, slides, tmp_path):
-    """--cores 1 and chunk_size 1024 (both chunkings hold the 512² slide in one chunk)."""
+    """--cores 1 and chunk_size 1024 (both chunkings hold the 512² slide in one chunk: another
+    chunking is tests/integration/test_chunking.py's)."""
     work = workflow_project(tmp_path / "other", slides, chunk_size=1024)
     proc = subprocess.run(snakemake_args(work, "--cores", "1"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from qdquant import resources
+from qdquant import provenance, resources
 from qdquant.config import SCHEMA_PATH, check_results_writable, load_config
 from qdquant.errors import InputError
 

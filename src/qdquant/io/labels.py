@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -30,11 +31,12 @@ def write_labels(
     do, are segmented once) and staged at full resolution in a temporary
     directory (``$TMPDIR``), from which the pyramid is then built: the peak
     memory is that of the larger of the two passes, not of both at once.
-    Each is built beside the store (``.{store}.labels-tmp-*``) and moved into
-    ``labels/`` when complete, so readers never see a partial label image
-    and nothing temporary is ever inside the store; leftovers of a killed
-    step are removed first. Every level
-    carries the image's physical scale (µm) and axis units.
+    They are built beside the store (``.{store}.labels-tmp-*``) and moved
+    into ``labels/`` together when all are complete (:func:`_commit`), so
+    readers never see a partial label image, nor one of the images written
+    together (nuclei and cells) without the other; nothing temporary is
+    ever inside the store; leftovers of a killed step are removed first.
+    Every level carries the image's physical scale (µm) and axis units.
 
     The ``labels`` group's own metadata (``labels/.zgroup``, and ``labels/.zattrs``
     listing every label image in it) is written too; with
@@ -92,22 +94,53 @@ def write_labels(
                 dataset["coordinateTransformations"] = transform
             group.attrs["multiscales"] = multiscales
             write_label_metadata(building_root, name, fmt=FormatV04())
-        for name in labels:
-            final = zarr_path / "labels" / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(building / name, final)
+        _commit(zarr_path / "labels", building, list(labels), group_metadata=group_metadata)
     finally:
         staging.cleanup()
-        shutil.rmtree(building, ignore_errors=True)
-        folder = zarr_path / "labels"
-        if group_metadata and (folder / ".zgroup").is_file():
-            group = zarr.open_group(str(folder), mode="r+")
-            known = [n for n in group.attrs.get("labels", []) if n not in labels]
-            known += sorted(p.name for p in folder.iterdir()  # written without the group's metadata
-                            if (p / ".zattrs").is_file() and p.name not in known and p.name not in labels)
-            known += [n for n in labels if (folder / n).exists()]
-            group.attrs["labels"] = known
+        shutil.rmtree(building, ignore_errors=True)  # with the images the new ones replaced
+
+
+def _commit(folder: Path, building: Path, names: list[str], *, group_metadata: bool) -> None:
+    """Move the label images ``names`` from ``building`` into ``folder`` (``labels/``) together.
+
+    The labels group lists its images (``labels/.zattrs``, which OME-Zarr
+    readers and :func:`read_labels` go by): ``names`` leave the list before
+    the first of them is replaced and come back after the last, each list
+    written whole by a rename, so a reader finds all of them new or, while
+    they move (or after a step killed then), none of them -- never new
+    nuclei beside old cells. Each image moves by two renames (the old one
+    into ``building``, which is removed after, then the new one in).
+    """
+    listed = _listed(folder)
+    if group_metadata and listed is not None:
+        _write_listed(folder, [n for n in listed if n not in names])
+    for name in names:
+        final = folder / name
+        if final.exists():
+            os.replace(final, building / f".old-{name}")
+        os.replace(building / name, final)
+    if group_metadata and (folder / ".zgroup").is_file():
+        known = [n for n in listed or [] if n not in names]
+        known += sorted(p.name for p in folder.iterdir()  # written without the group's metadata
+                        if (p / ".zattrs").is_file() and p.name not in known and p.name not in names)
+        _write_listed(folder, known + names)
+
+
+def _listed(folder: Path) -> list[str] | None:
+    """The label images the labels group ``folder`` lists (None when it lists none: no metadata yet)."""
+    try:
+        return json.loads((folder / ".zattrs").read_text()).get("labels")
+    except FileNotFoundError:
+        return None
+
+
+def _write_listed(folder: Path, names: list[str]) -> None:
+    """Set the labels group's list of images, in one rename (a reader sees the old list or the new)."""
+    path = folder / ".zattrs"
+    attrs = json.loads(path.read_text()) if path.is_file() else {}
+    tmp = folder / f".zattrs.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({**attrs, "labels": names}, indent=4))
+    os.replace(tmp, path)
 
 
 def read_labels(zarr_path: str | os.PathLike, name: str, chunk_size: int | None = None) -> da.Array:
@@ -116,6 +149,10 @@ def read_labels(zarr_path: str | os.PathLike, name: str, chunk_size: int | None 
     path = Path(zarr_path) / "labels" / name
     if not path.is_dir():
         raise InputError(f"{path}: label image not found (run the segment step first)")
+    listed = _listed(path.parent)
+    if listed is not None and name not in listed:  # see _commit
+        raise InputError(f"{path}: label image being replaced, or its step was stopped while replacing it "
+                         "(run the segment step again)")
     group = zarr.open_group(str(path.absolute()), mode="r")  # absolute: read by workers elsewhere
     array = group[_first_dataset(group)]
     return da.from_zarr(array, chunks=_dask_chunks(array, chunk_size))

@@ -42,6 +42,6 @@ def write_provenance(cfg: Config) -> None:
 
     from qdquant import provenance
 
-    record = provenance.run_record(cfg, outputs)
+    record = provenance.run_record(cfg, outputs, started=provenance.run_start(provenance_path(cfg).parent))
     with io.atomic_path(provenance_path(cfg)) as tmp:
         tmp.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -9,18 +9,33 @@ import numpy as np
 from qdquant import io, unmixing
 
 
+#: Edge of the cells of the fixed grid whose centres the sample windows lie in, pixels. The grid
+#: is the slide's, not its chunks', so the same pixels are sampled whatever ``chunk_size`` is
+#: (2048, the default chunk edge: at that chunking each window lies inside one chunk).
+SAMPLE_GRID_PX = 2048
+
+
+def sample_grid(shape, edge: int = SAMPLE_GRID_PX) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (Y, X) cell edges of a grid of ``edge``-pixel cells over a slide of ``shape`` (..., Y, X),
+    as dask's chunk tuples (the last cell of a row or column shorter)."""
+    return tuple(tuple([edge] * (int(n) // edge) + ([int(n) % edge] if int(n) % edge else []))
+                 for n in shape[-2:])
+
+
 def pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384,
-                  max_pixels: int | None = None, grid=None) -> list[np.ndarray]:
-    """The same windows of a few evenly spaced chunks of lazy (..., Y, X) arrays, side by side along X.
+                  max_pixels: int | None = None, grid_px: int = SAMPLE_GRID_PX) -> list[np.ndarray]:
+    """The same windows of a few evenly spaced cells of a fixed grid over lazy (..., Y, X) arrays,
+    side by side along X.
 
     Enough pixels to fit a handful of parameters on (``n_blocks`` windows of
-    at most ``window``² pixels, centred in their chunks), read without
-    touching the rest of the slide. Chunks are those of ``grid`` (dask's
-    (Y, X) chunk tuples; default the first array's). With ``max_pixels``,
-    each window is strided (the same stride along Y and X) to keep at most
-    about that many pixels in all.
+    at most ``window``² pixels, centred in their cells of the
+    :func:`sample_grid` of ``grid_px``), read without touching the rest of
+    the slide. The grid depends on the slide's shape only, not on how the
+    arrays are chunked, so every chunking samples the same pixels. With
+    ``max_pixels``, each window is strided (the same stride along Y and X)
+    to keep at most about that many pixels in all.
     """
-    ys, xs = grid if grid is not None else arrays[0].chunks[-2:]
+    ys, xs = sample_grid(arrays[0].shape, grid_px)
     y_edges, x_edges = np.cumsum((0,) + ys), np.cumsum((0,) + xs)
     picks = np.unique(np.linspace(0, len(ys) * len(xs) - 1, min(n_blocks, len(ys) * len(xs))).round().astype(int))
     height = min(min(ys[p // len(xs)] for p in picks), window)
@@ -39,16 +54,15 @@ def pixel_sample(*arrays: da.Array, n_blocks: int = 4, window: int = 384,
 
 
 def cube_sample(cube: io.Cube, shading=None, **kwargs) -> np.ndarray:
-    """:func:`pixel_sample` of a cube on its chunks' grid, read from its tiles, the shading divided out.
+    """:func:`pixel_sample` of a cube, read from its tiles, the shading divided out.
 
     ``shading``: ``(Shading, offset)`` or None.
     """
-    grid = cube.data.chunks[-2:]
     source = cube.tiles if cube.tiles is not None else cube.data
     if shading is None:
-        return pixel_sample(source, grid=grid, **kwargs)[0]
+        return pixel_sample(source, **kwargs)[0]
     from qdquant import illumination
 
-    gain = illumination.inverse_field(shading[0], grid)
-    raw, window_gain = pixel_sample(source, gain[None], grid=grid, **kwargs)
+    gain = illumination.inverse_field(shading[0], sample_grid(source.shape, kwargs.get("grid_px", SAMPLE_GRID_PX)))
+    raw, window_gain = pixel_sample(source, gain[None], **kwargs)
     return unmixing.apply_gain(raw, window_gain[0], shading[1])

@@ -180,7 +180,7 @@ def _write_unmixed(cfg: Config, store: Path, abundances, residual, library, pixe
 def _noise_model(cube: io.Cube, shading, offset: np.ndarray, residual: da.Array):
     """The photon + read noise model, fitted on a few windows of the signal and the stored residual."""
     return unmixing.noise_model(cube_sample(cube, shading) - offset[:, None, None],
-                                pixel_sample(residual, grid=cube.data.chunks[-2:])[0])
+                                pixel_sample(residual)[0])
 
 
 def _flag_unexplained(cfg: Config, signal: da.Array, residual: da.Array, library, noise,

@@ -19,58 +19,76 @@ from qdquant.segmentation.image_stats import _image_stats_lazy
 from qdquant.segmentation.nuclei import _nuclei_tile
 
 
-def _tile_task(nuc_tile, mem_tile, nstats, mstats, *, scratch, index, r, ps, dist_px, origin, core,
-               id_base, id_stride):
+def _tile_task(nuc_tile, mem_tile, nstats, mstats, *, scratch, index, r, ps, dist_px, origin, core, width):
     """Segment one padded tile; store the objects whose nucleus centroid is in ``core``.
 
-    The owned objects (ids ``id_base + 1 ..``, int32, at the padded tile's
-    full extent) are written to ``scratch[index]`` -- nuclei in plane 0,
-    cells in plane 1 -- so that dask holds only the returned ``index``
-    between this task and the blocks that read the tile back.
+    The owned objects, numbered ``1 ..`` in this tile (int32, at the padded
+    tile's full extent), are written to ``scratch[index]`` -- nuclei in
+    plane 0, cells in plane 1 -- so that dask holds only the returned keys
+    between this task and the blocks that read the tile back. Returns each
+    owned object's key (int64): the slide-wide raster index ``y * width + x``
+    of its nucleus's first pixel in raster order, which orders the objects
+    the same way whatever the tiling (:func:`_canonical_ids`).
     """
     py0, px0 = origin
     (cy0, cy1), (cx0, cx1) = core
     nuc = _nuclei_tile(_as_float(nuc_tile), nstats, r, py0, px0)
     cells = _cells_tile(nuc, mem_tile, mstats, ps, dist_px, py0, px0)
     n = int(nuc.max())
-    if n >= id_stride:  # cannot happen: objects are disjoint and >= the minimum area
-        raise RuntimeError(f"tile at {origin} has {n} nuclei, more than its id range {id_stride}")
-    if n:
-        yy, xx = np.nonzero(nuc)
-        lab = nuc[yy, xx]
-        area = np.bincount(lab, minlength=n + 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cy = np.floor(np.bincount(lab, yy, n + 1) / area) + py0
-            cx = np.floor(np.bincount(lab, xx, n + 1) / area) + px0
-        own = (area > 0) & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
-        own[0] = False
-        lut = np.zeros(n + 1, dtype=np.int32)
-        ids = np.flatnonzero(own)
-        lut[ids] = id_base + np.arange(1, len(ids) + 1, dtype=np.int64)
-        h, w = nuc.shape
-        scratch[index + (slice(None), slice(0, h), slice(0, w))] = np.stack([lut[nuc], lut[cells]])
-    return index
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    yy, xx = np.nonzero(nuc)  # raster order
+    lab = nuc[yy, xx]
+    area = np.bincount(lab, minlength=n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.floor(np.bincount(lab, yy, n + 1) / area) + py0
+        cx = np.floor(np.bincount(lab, xx, n + 1) / area) + px0
+    own = (area > 0) & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
+    own[0] = False
+    ids = np.flatnonzero(own)
+    present, first = np.unique(lab, return_index=True)  # each label's first pixel in raster order
+    key = np.zeros(n + 1, dtype=np.int64)
+    key[present] = (yy[first].astype(np.int64) + py0) * width + xx[first] + px0
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    h, w = nuc.shape
+    scratch[index + (slice(None), slice(0, h), slice(0, w))] = np.stack([lut[nuc], lut[cells]])
+    return key[ids]
 
 
-def _assemble_task(core, scratch, tiles, *written):
+def _canonical_ids(*keys):
+    """Slide-wide ids from every tile's object keys (see :func:`_tile_task`): ``1 ..`` in key order.
+
+    Returns one lookup table per tile, from its own numbers (``0`` the
+    background) to the slide's ids.
+    """
+    counts = np.cumsum([len(k) for k in keys])[:-1]
+    order = np.argsort(np.concatenate(keys), kind="stable")
+    ids = np.empty(len(order), dtype=np.int32)
+    ids[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return tuple(np.concatenate([[0], part]).astype(np.int32) for part in np.split(ids, counts))
+
+
+def _assemble_task(core, scratch, tiles, *luts):
     """Compose one output block from the owned objects of the tiles around it.
 
     ``tiles`` lists ``(index, origin, shape)`` of the block's own tile first,
     then its neighbours in raster order; each is read back from ``scratch``
-    (only the part over the block; ``written`` are the tile tasks' results,
-    there to order this task after them). A pixel claimed by several tiles
-    goes to the first (the own tile, then raster order), cell and nucleus
-    together, so a nucleus pixel always lies in the cell of its id.
+    (only the part over the block) and its numbers turned into the slide's
+    ids by its lookup table in ``luts`` (:func:`_canonical_ids`). A pixel
+    claimed by several tiles goes to the first (the own tile, then raster
+    order), cell and nucleus together, so a nucleus pixel always lies in the
+    cell of its id.
     """
     (y0, y1), (x0, x1) = core
     nuc_out = np.zeros((y1 - y0, x1 - x0), dtype=np.int32)
     cell_out = np.zeros_like(nuc_out)
-    for index, (oy, ox), (h, w) in tiles:
+    for (index, (oy, ox), (h, w)), lut in zip(tiles, luts):
         ty0, tx0 = max(y0, oy), max(x0, ox)
         ty1, tx1 = min(y1, oy + h), min(x1, ox + w)
         if ty0 >= ty1 or tx0 >= tx1:
             continue
-        nuc, cells = scratch[index + (slice(None), slice(ty0 - oy, ty1 - oy), slice(tx0 - ox, tx1 - ox))]
+        nuc, cells = lut[scratch[index + (slice(None), slice(ty0 - oy, ty1 - oy), slice(tx0 - ox, tx1 - ox))]]
         dst = (slice(ty0 - y0, ty1 - y0), slice(tx0 - x0, tx1 - x0))
         free = (cell_out[dst] == 0) & (cells > 0)
         cell_out[dst] = np.where(free, cells, cell_out[dst])
@@ -102,7 +120,10 @@ def segment_chunked(
     neighbours in raster order. Global statistics (background surface, Otsu
     level, noise) come from one lazy pass of block reductions that do not
     depend on the tiling, so with enough overlap the result matches the
-    unchunked one object for object.
+    unchunked one object for object, ids included; except where a cell
+    grows farther than the overlap, and where the cells' watershed meets a
+    tie, which skimage breaks in an order that depends on the tile
+    (``docs/cluster.md``, "Determinism").
 
     Parameters
     ----------
@@ -137,9 +158,8 @@ def segment_chunked(
     -------
     nuclei, cells : (M, N) dask arrays of int32, chunks (chunk_size, chunk_size)
         Lazy label images; a cell and its nucleus share the id. Ids are
-        unique over the slide but not consecutive: tile ``k`` (raster order)
-        uses ``k * stride + 1 ..``, with ``stride`` the largest number of
-        nuclei a padded tile can hold at the minimum nucleus area.
+        ``1 ..`` in the raster order of each nucleus's first pixel (its top
+        row's leftmost pixel), so they do not depend on the tiling.
 
     Raises
     ------
@@ -149,7 +169,9 @@ def segment_chunked(
 
     Notes
     -----
-    Memory does not grow with the slide: a tile task holds its padded tile
+    Memory does not grow with the slide, but for 8 bytes per object (the
+    keys that number the objects once every tile is segmented): a tile
+    task holds its padded tile
     (``(chunk_size + 2 * overlap_px)**2`` pixels) as float32 and about a
     dozen same-sized work arrays (~60 bytes per pixel, ~300 MB at the
     defaults) and writes its labels to ``scratch``; a block task reads back
@@ -189,10 +211,10 @@ def segment_chunked(
     if membrane is not None:
         mstats = _image_stats_lazy(membrane, _membrane_radius(ps), max(_MEMBRANE_SMOOTH_UM / ps, 0.5), None)
 
-    ty, tx, stride, scratch = _tile_grid(shape, chunk_size, overlap_px, r, scratch)
+    ty, tx, scratch = _tile_grid(shape, chunk_size, overlap_px, r, scratch)
     tiles = _tile_tasks(
-        nuclear, membrane, nstats, mstats, scratch, ty=ty, tx=tx, overlap_px=overlap_px, stride=stride,
-        r=r, ps=ps, dist_px=dist_px,
+        nuclear, membrane, nstats, mstats, scratch, ty=ty, tx=tx, overlap_px=overlap_px, r=r, ps=ps,
+        dist_px=dist_px,
     )
     return _assembled(tiles, scratch, ty, tx)
 
@@ -217,35 +239,34 @@ def _tiling(chunk_size, overlap_px, d_um: float, e_um: float, ps: float) -> tupl
 
 
 def _tile_grid(shape, chunk_size: int, overlap_px: int, r: float, scratch):
-    """Tile rows and columns, the id stride of a tile and the scratch array of :func:`segment_chunked`.
+    """Tile rows and columns and the scratch array of :func:`segment_chunked`.
 
-    ``ty`` and ``tx`` list each tile's ``(start, stop)``; ``stride`` is the
-    largest number of nuclei a padded tile can hold at the minimum nucleus
-    area; ``scratch`` holds two int32 planes (nuclei, cells) per padded tile.
+    ``ty`` and ``tx`` list each tile's ``(start, stop)``; ``scratch`` holds
+    two int32 planes (nuclei, cells) per padded tile.
     """
     m, n = shape
     ty = [(y, min(y + chunk_size, m)) for y in range(0, m, chunk_size)]
     tx = [(x, min(x + chunk_size, n)) for x in range(0, n, chunk_size)]
     pad = (min(chunk_size + 2 * overlap_px, m), min(chunk_size + 2 * overlap_px, n))
-    padded_area = pad[0] * pad[1]
-    stride = int(padded_area // max(_MIN_AREA_Q * math.pi * r * r, 1.0)) + 1
-    if len(ty) * len(tx) * stride >= 2**31 - 1:
+    most = int(m * n // max(_MIN_AREA_Q * math.pi * r * r, 1.0))  # disjoint nuclei of the minimum area
+    if most >= 2**31 - 1:
         raise InputError(
-            f"slide of shape {shape} needs more than int32 ids with {len(ty) * len(tx)} tiles "
-            f"of up to {stride} nuclei; use a larger nucleus_diameter_um or pixel_size_um"
+            f"slide of shape {shape} may hold up to {most} nuclei, more than int32 ids; "
+            "use a larger nucleus_diameter_um or pixel_size_um"
         )
     scratch = zarr.open_array(
         zarr.storage.MemoryStore() if scratch is None else scratch, mode="w",
         shape=(len(ty), len(tx), 2, *pad), chunks=(1, 1, 2, *pad), dtype=np.int32, fill_value=0,
     )
-    return ty, tx, stride, scratch
+    return ty, tx, scratch
 
 
-def _tile_tasks(nuclear, membrane, nstats, mstats, scratch, *, ty, tx, overlap_px, stride, r, ps, dist_px):
+def _tile_tasks(nuclear, membrane, nstats, mstats, scratch, *, ty, tx, overlap_px, r, ps, dist_px):
     """One delayed :func:`_tile_task` per tile of the grid ``ty`` x ``tx`` (lists of ``(start, stop)``).
 
-    Returns ``{(i, j): ((index, origin, shape), written)}``: where tile
-    ``(i, j)`` lies in ``scratch`` and in the slide, and its delayed result.
+    Returns ``{(i, j): ((index, origin, shape), keys)}``: where tile
+    ``(i, j)`` lies in ``scratch`` and in the slide, and its delayed result
+    (its objects' keys).
     """
     import dask
 
@@ -258,12 +279,11 @@ def _tile_tasks(nuclear, membrane, nstats, mstats, scratch, *, ty, tx, overlap_p
             px0, px1 = max(0, x0 - overlap_px), min(n, x1 + overlap_px)
             nt = nuclear[py0:py1, px0:px1]
             mt = membrane[py0:py1, px0:px1] if membrane is not None else None
-            k = i * len(tx) + j
-            written = task(
+            keys = task(
                 nt, mt, nstats, mstats, scratch=scratch, index=(i, j), r=r, ps=ps, dist_px=dist_px,
-                origin=(py0, px0), core=((y0, y1), (x0, x1)), id_base=k * stride, id_stride=stride,
+                origin=(py0, px0), core=((y0, y1), (x0, x1)), width=n,
             )
-            tiles[i, j] = ((i, j), (py0, px0), (py1 - py0, px1 - px0)), written
+            tiles[i, j] = ((i, j), (py0, px0), (py1 - py0, px1 - px0)), keys
     return tiles
 
 
@@ -271,11 +291,16 @@ def _assembled(tiles, scratch, ty, tx):
     """The slide's (nuclei, cells) dask arrays, each block composed by :func:`_assemble_task`.
 
     A block reads its own tile first, then its eight neighbours in raster
-    order (see :func:`_tile_tasks` for ``tiles``).
+    order (see :func:`_tile_tasks` for ``tiles``), each with its lookup
+    table to the slide's ids (one task, :func:`_canonical_ids`, that waits
+    for every tile's keys).
     """
     import dask
     import dask.array as da
 
+    names = list(tiles)
+    luts = dask.delayed(_canonical_ids, pure=True, nout=len(names))(*[tiles[key][1] for key in names])
+    lut = dict(zip(names, luts))
     assemble = dask.delayed(_assemble_task, pure=True, nout=2)
     nuc_rows, cell_rows = [], []
     for i, (y0, y1) in enumerate(ty):
@@ -286,7 +311,7 @@ def _assembled(tiles, scratch, ty, tx):
                 if (di or dj) and (i + di, j + dj) in tiles
             ]
             nb, cb = assemble(
-                ((y0, y1), (x0, x1)), scratch, [tiles[key][0] for key in order], *[tiles[key][1] for key in order]
+                ((y0, y1), (x0, x1)), scratch, [tiles[key][0] for key in order], *[lut[key] for key in order]
             )
             nuc_row.append(da.from_delayed(nb, shape=(y1 - y0, x1 - x0), dtype=np.int32))
             cell_row.append(da.from_delayed(cb, shape=(y1 - y0, x1 - x0), dtype=np.int32))

@@ -123,6 +123,33 @@ def test_fused_kernels_equal_the_numpy_path():
                                rtol=1e-5)
 
 
+def test_block_brightness_does_not_depend_on_the_chunks():
+    """The blocks lie on the slide's 16-px grid whatever the chunks (edges that cut blocks, or
+    not), so every chunking gives numpy's brightness exactly, and the same evenly spaced regions
+    when only some are read."""
+    slide = simulate.simulate_slide(her2_score="2+", shape=(384, 320), seed=12, crowded=True, photons_per_count=2.0)
+    a = slide.library.drop(columns="wavelength_nm").to_numpy()
+    nuclear = list(slide.library.columns[1:]).index("DAPI")
+    weights, offset = np.linalg.pinv(a)[nuclear], np.full(a.shape[0], 100.0)
+
+    def brightness(cube, **kw):
+        return illumination.nuclear_brightness(cube, weights, a[:, nuclear], offset, engine="numpy", **kw)
+
+    plain = brightness(slide.cube)
+    assert np.isfinite(plain).sum() > 50
+    for chunks in ((-1, 200, 150), (-1, 100, 37), (-1, 384, 320)):
+        np.testing.assert_array_equal(brightness(da.from_array(slide.cube, chunks=chunks)), plain)
+    grid = illumination.GRID_PX
+    try:  # regions of 96 px: 4 x 4 of them, of which about 5 are read
+        illumination.GRID_PX = 96
+        parts = [brightness(da.from_array(slide.cube, chunks=chunks), max_pixels=40_000)
+                 for chunks in ((-1, 200, 150), (-1, 100, 37))]
+    finally:
+        illumination.GRID_PX = grid
+    np.testing.assert_array_equal(parts[0], parts[1])
+    assert 0 < np.isfinite(parts[0]).sum() < np.isfinite(plain).sum()
+
+
 def test_unmix_with_a_gain_fits_the_corrected_cube():
     """unmix(cube, gain=1/profile) is the fit of the cube correct_shading gives, numpy and
     dask alike (the shipped panel's 9 endmembers: the 16-lane kernel applies the gain)."""

@@ -201,6 +201,50 @@ def test_leftovers_of_a_killed_step_are_removed_and_nothing_temporary_enters_the
     assert zarr.open_group(str(path / "labels"), mode="r").attrs["labels"] == ["nuclei"]
 
 
+def test_nuclei_and_cells_appear_together_even_when_their_writer_is_killed(tmp_path):
+    """A step SIGKILLed between moving its new nuclei into labels/ and its new cells leaves
+    neither readable (not new nuclei beside old cells); the next write gives both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "s" / "unmixed.ome.zarr"
+    io.write_ome_zarr(path, np.zeros((1, 64, 64), np.float32), ["DAPI"], pixel_size_um=0.5, chunk_size=32)
+    io.write_labels(path, {"nuclei": np.ones((64, 64), np.int32), "cells": np.ones((64, 64), np.int32)},
+                    chunk_size=32)
+    killed = f"""
+import os, signal
+from pathlib import Path
+import numpy as np
+from qdquant import io
+
+rename = os.replace
+def replace(src, dst):
+    rename(src, dst)
+    if Path(dst).name == "nuclei":  # the new nuclei are in, the new cells not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+new = np.full((64, 64), 2, np.int32)
+io.write_labels({str(path)!r}, {{"nuclei": new, "cells": new}}, chunk_size=32)
+"""
+    src = str(Path(io.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.run([sys.executable, "-c", killed], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (path / "labels" / "nuclei").is_dir() and (path / "labels" / "cells").is_dir()  # new and old on disk
+    for name in ("nuclei", "cells"):
+        with pytest.raises(InputError, match="being replaced.*run the segment step again"):
+            io.read_labels(path, name)
+    third = np.full((64, 64), 3, np.int32)
+    io.write_labels(path, {"nuclei": third, "cells": third}, chunk_size=32)
+    for name in ("nuclei", "cells"):
+        np.testing.assert_array_equal(io.read_labels(path, name).compute(), third)
+    assert zarr.open_group(str(path / "labels"), mode="r").attrs["labels"] == ["nuclei", "cells"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["unmixed.ome.zarr"]  # the killed build removed
+
+
 def test_channels_are_coloured_by_their_emission_peak(tmp_path):
     from qdquant.colours import channel_colours, emission_colour
 

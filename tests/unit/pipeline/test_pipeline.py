@@ -92,11 +92,25 @@ def test_pixel_sample_strides_its_windows_to_at_most_max_pixels():
 
     rng = np.random.default_rng(3)
     image = da.from_array(rng.random((2, 2048, 2048)).astype(np.float32), chunks=(2, 1024, 1024))
-    full, = pipeline._pixel_sample(image)
+    full, = pipeline._pixel_sample(image, grid_px=1024)
     assert full.shape == (2, 384, 4 * 384)
-    strided, = pipeline._pixel_sample(image, max_pixels=100_000)
+    strided, = pipeline._pixel_sample(image, max_pixels=100_000, grid_px=1024)
     assert strided.shape[1] * strided.shape[2] <= 100_000
     np.testing.assert_array_equal(strided, full[:, ::3, ::3])  # windows 384 wide: stride 3 keeps each's columns
+
+
+def test_pixel_sample_windows_lie_on_the_slide_not_on_its_chunks():
+    """The same pixels whatever the chunking: windows centred in the cells of a fixed grid."""
+    import dask.array as da
+
+    image = np.arange(2 * 700 * 500, dtype=np.float32).reshape(2, 700, 500)
+    samples = [pipeline.pixel_sample(da.from_array(image, chunks=chunks), grid_px=256, max_pixels=50_000)[0]
+               for chunks in ((2, 700, 500), (2, 100, 64), (1, 256, 300))]
+    for sample in samples[1:]:
+        np.testing.assert_array_equal(sample, samples[0])
+    assert pipeline.sampling.sample_grid(image.shape, 256) == ((256, 256, 188), (256, 244))
+    # 3 x 2 cells, 4 evenly spaced: 0, 2, 3, 5; the first window is centred in cell (0, 0)
+    assert samples[0][0, 0, 0] == image[0, (256 - 188) // 2, 0]
 
 
 def test_cube_sample_reads_the_same_windows_from_the_tiles(tmp_path):

@@ -76,7 +76,24 @@ def test_chunked_equals_whole_and_dask():
         da.from_array(cells, chunks=31), da.from_array(nuclei, chunks=31),
         da.from_array(abundances, chunks=(3, 31, 31)), names, 2, block_size=29,
     )
-    pd.testing.assert_frame_equal(whole, blocks, rtol=1e-9)
+    pd.testing.assert_frame_equal(whole, blocks, check_exact=True)  # to the last bit, whatever the blocks
+
+
+def test_sums_do_not_depend_on_the_blocks():
+    """Means and HER2 sector sums of cells cut by block edges are the same to the last bit for every
+    block size (values of many magnitudes, whose float sums would round differently)."""
+    cells, nuclei, abundances = random_tissue(4, shape=(120, 140), n=30)
+    rng = np.random.default_rng(4)
+    abundances = (abundances * 10.0 ** rng.uniform(-3, 4, abundances.shape)).astype(np.float32)
+    tables, sectors = [], []
+    for block in (7, 33, 1000):
+        tables.append(measure_cells(cells, nuclei, abundances, ["A", "B", "C"], 2, block_size=block))
+        ids, centroids = tables[-1]["CellID"].to_numpy(), tables[-1][["Y_centroid", "X_centroid"]].to_numpy()
+        sectors.append(membrane_sectors(cells, abundances[0], ids, centroids, 2, sectors=12, block_size=block))
+    for table, (sums, npx) in zip(tables[1:], sectors[1:]):
+        pd.testing.assert_frame_equal(tables[0], table, check_exact=True)
+        assert np.array_equal(sums, sectors[0][0]) and np.array_equal(npx, sectors[0][1])
+    np.testing.assert_allclose(tables[0]["A"], reference(cells, nuclei, abundances, ["A", "B", "C"], 2)["A"], rtol=1e-6)
 
 
 def test_ids_spread_far_apart_measure_as_close_ones():

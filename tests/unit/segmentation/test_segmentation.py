@@ -29,6 +29,7 @@ from qdquant.segmentation import (
     segment_chunked,
     segment_nuclei,
 )
+from qdquant.segmentation.chunked import _canonical_ids
 
 
 
@@ -406,6 +407,28 @@ def test_chunked_segmentation_equals_unchunked():
     # every cell keeps its nucleus and its id
     assert np.all((chunked_nuclei == 0) | (chunked_cells == chunked_nuclei))
     assert set(np.unique(chunked_nuclei)) == set(np.unique(chunked_cells))
+
+
+def test_chunked_ids_follow_the_nuclei_raster_order_whatever_the_tiling():
+    """Ids 1..N in the raster order of each nucleus's first pixel: the same labels, ids included,
+    in one tile, in 128-px tiles and in ragged 100-px ones (nuclei grown without a membrane stain)."""
+    import dask
+
+    image, _ = synthetic_tissue((400, 360), diameter_px=16, seed=7)
+    results = [dask.compute(*segment_chunked(image, pixel_size_um=0.5, nucleus_diameter_um=8, chunk_size=chunk))
+               for chunk in (1024, 128, 100)]
+    nuclei, cells = results[0]
+    for other in results[1:]:
+        assert np.array_equal(other[0], nuclei) and np.array_equal(other[1], cells)
+    ids, first = np.unique(nuclei.ravel(), return_index=True)
+    assert ids[-1] > 300 and np.array_equal(ids, np.arange(ids[-1] + 1))
+    assert np.all(np.diff(first[1:]) > 0)
+
+
+def test_canonical_ids_number_every_tile_s_objects_in_key_order():
+    luts = _canonical_ids(np.array([50, 7]), np.zeros(0, np.int64), np.array([3, 90]))
+    assert [lut.tolist() for lut in luts] == [[0, 3, 2], [0], [0, 1, 4]]
+    assert all(lut.dtype == np.int32 for lut in luts)
 
 
 def test_chunked_handles_ragged_edges_and_numpy_input():
