@@ -182,4 +182,5 @@ def test_pipeline_agrees_with_the_reference_on_a_simulated_slide():
     inten, comp, cls = her2_cell_scores(sums, npx, **RULE)
     np.testing.assert_array_equal(cls, truth["her2_class"].to_numpy())
     np.testing.assert_array_equal(comp, truth["her2_completeness"].to_numpy())
-    np.testing.assert_allclose(inten, truth["her2_membrane_intensity"].to_numpy(), rtol=1e-12)
+    # the pipeline sums in fixed point (each value to 2**-20, quantification.FIXED_POINT): ~1e-11 relative
+    np.testing.assert_allclose(inten, truth["her2_membrane_intensity"].to_numpy(), rtol=1e-9)
