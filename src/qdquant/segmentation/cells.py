@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import segmentation
 
 from qdquant.errors import InputError
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _membrane_radius
+from qdquant.segmentation._flood import flood
 from qdquant.segmentation._tuning import (
     CELL_EXPANSION_UM, _BARE_LEVEL, _BARE_RIM_UM, _MEMBRANE_SMOOTH_UM, _MEMBRANE_WEIGHT,
 )
-from qdquant.segmentation.image_stats import _image_stats, _upsample
+from qdquant.segmentation.image_stats import _image_stats, _subtract_background
+
+
+def _sq_threshold(d: float) -> int:
+    """Largest integer k with ``sqrt(k) <= d`` (float64), -1 if none: for integer squared distances."""
+    if d < 0:
+        return -1
+    k = int(math.floor(d * d))
+    while k >= 0 and math.sqrt(k) > d:
+        k -= 1
+    while math.sqrt(k + 1) <= d:
+        k += 1
+    return k
+
+
+def _nearest_nucleus(nuclei: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Squared distance to the nearest nucleus pixel (int32, at most ``cap``) and that pixel's label.
+
+    One feature transform (:func:`scipy.ndimage.distance_transform_edt`)
+    serves both, where the distance and :func:`skimage.segmentation.expand_labels`
+    each ran one.
+    """
+    iy, ix = ndi.distance_transform_edt(nuclei == 0, return_distances=False, return_indices=True)
+    ny, nx = nuclei.shape
+    dy = iy - np.arange(ny, dtype=iy.dtype)[:, None]
+    dx = ix - np.arange(nx, dtype=ix.dtype)[None, :]
+    near = nuclei[iy, ix]
+    del iy, ix
+    dy *= dy
+    dx *= dx
+    dy += dx
+    np.minimum(dy, cap, out=dy)
+    return dy, near
 
 
 def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray:
@@ -21,24 +56,28 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
         return nuclei.copy()
     if membrane is None or mstats is None or mstats.empty:
         return segmentation.expand_labels(nuclei, distance=dist_px).astype(np.int32)
-    dist = ndi.distance_transform_edt(nuclei == 0).astype(np.float32)
+    # Squared distances are integers: compare them with integer thresholds
+    # (the same pixels as comparing their square roots with the distances).
+    # Beyond dist_px + 2 only "far" matters: a pixel there borders no pixel
+    # the watershed floods, so its landscape value is never read.
+    reach = _sq_threshold(dist_px)
+    d2, near = _nearest_nucleus(nuclei, int(math.ceil((dist_px + 2) ** 2)))
+    dist = np.sqrt(d2.astype(np.float32))
     sigma = max(_MEMBRANE_SMOOTH_UM / ps, 0.5)
-    ny, nx = nuclei.shape
-    mem = ndi.gaussian_filter(_as_float(membrane), sigma, mode="nearest")
-    mem -= _upsample(mstats.coarse, mstats.step, np.arange(y0, y0 + ny), np.arange(x0, x0 + nx))
+    mem = _subtract_background(ndi.gaussian_filter(_as_float(membrane), sigma, mode="nearest"), mstats, y0, x0)
     # Membrane in units of its Otsu level, saturating: a ridge is a ridge
     # however bright, and noise below the background does not count.
     m = np.clip(mem / np.float32(mstats.level), 0, None)
     m = m / (1 + m)
     land = _MEMBRANE_WEIGHT * m + dist / np.float32(dist_px)
-    del mem
+    del mem, dist
     # The background floods too, from every pixel farther than dist_px from
     # all nuclei: a cell reaches the expansion limit where nothing stops it,
     # but the pocket beyond its own membrane (lower than the ridge) goes to
     # the background instead of the cell.
     bg = int(nuclei.max()) + 1
-    markers = np.where(dist > dist_px, bg, nuclei)
-    lab = segmentation.watershed(land, markers)
+    markers = np.where(d2 > reach, bg, nuclei)
+    lab = flood(land, markers)
     lab[lab == bg] = 0
     # Cells without membrane stain around their nucleus (stroma, immune cells:
     # the stain marks epithelium) keep only a thin rim of cytoplasm instead of
@@ -49,9 +88,10 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     bare = score < _BARE_LEVEL
     bare[0] = False
     if bare.any():
-        rim = segmentation.expand_labels(nuclei, distance=_BARE_RIM_UM / ps)
+        # the rim: nuclei expanded by _BARE_RIM_UM (as skimage's expand_labels)
+        rim = np.where(d2 <= _sq_threshold(_BARE_RIM_UM / ps), near, 0)
         lab[bare[lab] & (rim != lab)] = 0
-    return lab.astype(np.int32)
+    return lab
 
 
 def segment_cells(

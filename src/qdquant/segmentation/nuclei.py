@@ -7,14 +7,15 @@ import warnings
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import segmentation
 
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _diameter, _radius_px
+from qdquant.segmentation._distance import squared_distance
+from qdquant.segmentation._flood import flood
 from qdquant.segmentation._tuning import (
     _ALPHA, _COMPACTNESS, _LOG_Q, _MASK_MIN, _MAX_AREA_Q, _MERGE_AREA, _MERGE_DIP, _MERGE_R, _MIN_AREA_Q,
     _NMS_Q, _NOISE_K_MASK, _NOISE_K_SEED, _SEED_H, _SEED_MIN, _SMOOTH_Q, NUCLEUS_DIAMETER_UM,
 )
-from qdquant.segmentation.image_stats import _image_stats, _Stats, _upsample
+from qdquant.segmentation.image_stats import _image_stats, _Stats, _subtract_background
 
 
 def _largest_piece(lab: np.ndarray) -> np.ndarray:
@@ -170,15 +171,11 @@ def _seed_points(fg: np.ndarray, level: float, r: float) -> np.ndarray:
 
 def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int = 0) -> np.ndarray:
     """Segment nuclei in one (possibly padded) tile at global offset (y0, x0)."""
-    ny, nx = tile.shape
     out = np.zeros(tile.shape, dtype=np.int32)
     if stats.empty or tile.size == 0:
         return out
     sigma = max(_SMOOTH_Q * r, 0.7)
-    smooth = ndi.gaussian_filter(tile, sigma, mode="nearest")
-    bg = _upsample(stats.coarse, stats.step, np.arange(y0, y0 + ny), np.arange(x0, x0 + nx))
-    fg = smooth - bg
-    del smooth, bg
+    fg = _subtract_background(ndi.gaussian_filter(tile, sigma, mode="nearest"), stats, y0, x0)
     level = np.float32(stats.level)
     t_seed = max(_SEED_MIN * stats.level, _NOISE_K_SEED * stats.noise)
     t_mask = max(_MASK_MIN * stats.level, _NOISE_K_MASK * stats.noise)
@@ -195,8 +192,8 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
     land = -np.log(np.maximum(fg, np.float32(0.05) * level))
     # Distance-to-seed term: keeps a bright nucleus from flooding a dim
     # neighbour (like a compact watershed, at a fraction of its cost).
-    land += (_COMPACTNESS / r) * ndi.distance_transform_edt(markers == 0).astype(np.float32)
-    lab = segmentation.watershed(land, markers, mask=mask)
+    land += (_COMPACTNESS / r) * np.sqrt(squared_distance(markers > 0)).astype(np.float32)
+    lab = flood(land, markers, mask)
     del land
     inside = lab > 0
     peak = np.full(n + 1, -np.inf, dtype=np.float32)

@@ -1,0 +1,190 @@
+"""Seeded watershed (priority flood) on a 2-D float32 landscape, compiled with numba.
+
+The flood of :func:`skimage.segmentation.watershed` with ``connectivity=1``
+and no compactness: a queued pixel's value is its own or, if higher, that of
+the pixel that queued it (the flood level never falls); pixels leave the
+queue lowest value first, ties to the one queued first; a pixel takes the
+label of the neighbour that queued it (neighbours in the order up, left,
+right, down), seeds enter the queue at their own value. One difference:
+seeds of equal value leave the queue in raster order, where skimage's heap
+leaves them in an order of its own (on a 2192² tile of cells, 20-120 of 2.7
+million pixels differ).
+
+Pixels of different 4-connected regions of the pixels to flood never meet,
+so each region is flooded on its own, with a heap of its own front: the
+heap stays small and the pixels it visits stay in the cache, several times
+faster than one heap over the whole image.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_BLOCKED, _FREE, _SEED, _QUEUED, _SEEN = 0, 1, 2, 3, 4
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _grow(a, size):
+    """``a`` with room for ``size + 1`` items (doubled when full)."""
+    if size < a.shape[0]:
+        return a
+    b = np.empty(2 * a.shape[0], a.dtype)
+    b[:size] = a[:size]
+    return b
+
+
+# A 4-ary heap: half the levels of a binary one, and the four children of a
+# node share a cache line.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sift_up(keys, idx, pos):
+    key, p = keys[pos], idx[pos]
+    while pos > 0:
+        parent = (pos - 1) >> 2
+        if keys[parent] <= key:
+            break
+        keys[pos] = keys[parent]
+        idx[pos] = idx[parent]
+        pos = parent
+    keys[pos] = key
+    idx[pos] = p
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sift_down(keys, idx, size):
+    key, p = keys[0], idx[0]
+    pos = 0
+    while True:
+        first = 4 * pos + 1
+        if first >= size:
+            break
+        child = first
+        kc = keys[first]
+        for c in range(first + 1, min(first + 4, size)):
+            if keys[c] < kc:
+                kc = keys[c]
+                child = c
+        if kc >= key:
+            break
+        keys[pos] = kc
+        idx[pos] = idx[child]
+        pos = child
+    keys[pos] = key
+    idx[pos] = p
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood_kernel(order, labels, state, width):
+    """Flood ``labels`` over the ``_FREE`` pixels of ``state``, one region at a time.
+
+    1-D arrays of the image padded by one ``_BLOCKED`` pixel on every side,
+    rows of ``width``. ``order``: uint32 order-preserving bits of each
+    pixel's value; ``state``: ``_BLOCKED``, ``_FREE`` or ``_SEED`` (where
+    ``labels`` holds the seed's id); overwritten.
+    """
+    n = labels.shape[0]
+    offs = (-width, -1, 1, width)
+    shift = np.uint64(32)
+    region = np.empty(1024, np.int32)
+    seeds = np.empty(1024, np.int32)
+    keys = np.empty(1024, np.uint64)
+    idx = np.empty(1024, np.int32)
+    for start in range(n):
+        if state[start] != _FREE:
+            continue
+        # The region of `start` (marked _QUEUED) and the seeds next to it.
+        n_region, n_seeds = 1, 0
+        region[0] = start
+        state[start] = _QUEUED
+        i = 0
+        while i < n_region:
+            p = region[i]
+            i += 1
+            for k in range(4):
+                q = p + offs[k]
+                s = state[q]
+                if s == _FREE:
+                    region = _grow(region, n_region)
+                    region[n_region] = q
+                    n_region += 1
+                    state[q] = _QUEUED
+                elif s == _SEED:
+                    seeds = _grow(seeds, n_seeds)
+                    seeds[n_seeds] = q
+                    n_seeds += 1
+                    state[q] = _SEEN
+        seeds[:n_seeds].sort()
+        # Flood it: keys are (value bits << 32) | entry count, all distinct.
+        size = 0
+        age = np.uint64(0)
+        for j in range(n_seeds):
+            p = seeds[j]
+            state[p] = _SEED  # a seed may border other regions too
+            keys = _grow(keys, size)
+            idx = _grow(idx, size)
+            keys[size] = (np.uint64(order[p]) << shift) | age
+            idx[size] = p
+            _sift_up(keys, idx, size)
+            size += 1
+            age += np.uint64(1)
+        while size > 0:
+            p = idx[0]
+            level = keys[0] >> shift
+            size -= 1
+            keys[0] = keys[size]
+            idx[0] = idx[size]
+            _sift_down(keys, idx, size)
+            lab = labels[p]
+            for k in range(4):
+                q = p + offs[k]
+                if state[q] != _QUEUED:
+                    continue
+                state[q] = _BLOCKED
+                labels[q] = lab
+                keys = _grow(keys, size)
+                idx = _grow(idx, size)
+                keys[size] = (max(np.uint64(order[q]), level) << shift) | age
+                idx[size] = q
+                _sift_up(keys, idx, size)
+                size += 1
+                age += np.uint64(1)
+
+
+def flood(land: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Seeded watershed of ``land`` from ``markers``, inside ``mask`` (4-connected).
+
+    Parameters
+    ----------
+    land : (M, N) ndarray of float
+        Landscape, any units; finite (cast to float32).
+    markers : (M, N) ndarray of int
+        Seeds, 0 = to flood; ids in [1, 2**31 - 1].
+    mask : (M, N) ndarray of bool, optional
+        Pixels that may be flooded (default: all); seeds outside it are dropped.
+
+    Returns
+    -------
+    labels : (M, N) ndarray of int32
+        Every pixel of ``mask`` connected to a seed takes a seed's id; the
+        rest is 0.
+    """
+    markers = np.asarray(markers)
+    m, n = markers.shape
+    if (m + 2) * (n + 2) >= 2**31:
+        raise ValueError(f"flood: image of shape {markers.shape} is over 2**31 pixels")
+    labels = np.zeros((m + 2, n + 2), np.int32)
+    labels[1:-1, 1:-1] = markers
+    state = np.zeros((m + 2, n + 2), np.uint8)
+    inner = state[1:-1, 1:-1]
+    inner[...] = np.where(labels[1:-1, 1:-1] != 0, _SEED, _FREE)
+    if mask is not None:
+        outside = ~np.asarray(mask, dtype=bool)
+        inner[outside] = _BLOCKED
+        labels[1:-1, 1:-1][outside] = 0
+    # float32 bits -> unsigned integers in the same order: flip every bit of a
+    # negative value, the sign bit of the others (+ 0 turns -0.0 into 0.0).
+    bits = np.zeros((m + 2, n + 2), np.uint32)
+    b = (np.asarray(land, dtype=np.float32) + np.float32(0)).view(np.uint32)
+    bits[1:-1, 1:-1] = np.where(b >> 31, ~b, b | np.uint32(1 << 31))
+    _flood_kernel(bits.ravel(), labels.ravel(), state.ravel(), n + 2)
+    return labels[1:-1, 1:-1].copy()
