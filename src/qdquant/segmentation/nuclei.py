@@ -9,8 +9,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _diameter, _radius_px
+from qdquant.segmentation._components import fill_holes, pieces
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
+from qdquant.segmentation._log import scale_space_maxima, scaled_log
 from qdquant.segmentation._tuning import (
     _ALPHA, _COMPACTNESS, _LOG_Q, _MASK_MIN, _MAX_AREA_Q, _MERGE_AREA, _MERGE_DIP, _MERGE_R, _MIN_AREA_Q,
     _NMS_Q, _NOISE_K_MASK, _NOISE_K_SEED, _SEED_H, _SEED_MIN, _SMOOTH_Q, NUCLEUS_DIAMETER_UM,
@@ -19,49 +21,20 @@ from qdquant.segmentation.image_stats import _image_stats, _Stats, _subtract_bac
 
 
 def _largest_piece(lab: np.ndarray) -> np.ndarray:
-    """Keep, for every label, only its largest 4-connected piece."""
-    from skimage.measure import label as cc_label
-
-    pieces = cc_label(lab, background=0, connectivity=1)
-    npc = int(pieces.max())
+    """Keep, for every label, only its largest 4-connected piece (the first in raster order of equal ones)."""
+    pcs, npc = pieces(lab)
     if npc == 0:
         return lab
-    area = np.bincount(pieces.ravel(), minlength=npc + 1)
+    area = np.bincount(pcs.ravel(), minlength=npc + 1)
     owner = np.zeros(npc + 1, dtype=lab.dtype)
-    owner[pieces.ravel()] = lab.ravel()
+    owner[pcs.ravel()] = lab.ravel()
     ids = np.arange(1, npc + 1)
     order = np.lexsort((-area[1:], owner[1:]))  # by owner, largest first
     first = np.ones(len(order), dtype=bool)
     first[1:] = owner[1:][order][1:] != owner[1:][order][:-1]
     keep = np.zeros(npc + 1, dtype=bool)
     keep[ids[order][first]] = True
-    return np.where(keep[pieces], lab, 0)
-
-
-def _fill_holes(lab: np.ndarray) -> np.ndarray:
-    """Fill the background holes that touch a single label with that label."""
-    filled = ndi.binary_fill_holes(lab > 0)
-    holes = filled & (lab == 0)
-    if not holes.any():
-        return lab
-    hc, nh = ndi.label(holes)
-    pairs = []
-    for axis in (0, 1):
-        for shift in (1, -1):
-            a = hc
-            b = np.roll(lab, shift, axis=axis)
-            valid = np.ones(lab.shape, dtype=bool)
-            idx = [slice(None)] * 2
-            idx[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
-            valid[tuple(idx)] = False
-            sel = valid & (a > 0) & (b > 0)
-            pairs.append(np.stack([a[sel], b[sel]], axis=1))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
-    n_nb = np.bincount(pairs[:, 0], minlength=nh + 1)
-    fill = np.zeros(nh + 1, dtype=lab.dtype)
-    single = n_nb[pairs[:, 0]] == 1
-    fill[pairs[single, 0]] = pairs[single, 1]
-    return np.where(hc > 0, fill[hc], lab).astype(lab.dtype)
+    return np.where(keep[pcs], lab, 0)
 
 
 def _moments(lab: np.ndarray, n: int) -> np.ndarray:
@@ -150,23 +123,10 @@ def _seed_points(fg: np.ndarray, level: float, r: float) -> np.ndarray:
     """Scale-space maxima of the scale-normalised LoG (bool image)."""
     x = fg / np.float32(level)
     m = max(1, int(round(_NMS_Q * r)))
-    resp, peak_nb = [], []
-    for q in _LOG_Q:
-        s = q * r
-        lg = ndi.gaussian_laplace(x, s, mode="nearest")
-        lg *= np.float32(-(s * s))
-        resp.append(lg)
-        peak_nb.append(ndi.maximum_filter(lg, size=2 * m + 1, mode="nearest"))
-    peaks = np.zeros(fg.shape, dtype=bool)
-    k_last = len(resp) - 1
-    for k, lg in enumerate(resp):
-        nb = peak_nb[k]
-        if k > 0:
-            nb = np.maximum(nb, peak_nb[k - 1])
-        if k < k_last:
-            nb = np.maximum(nb, peak_nb[k + 1])
-        peaks |= (lg >= nb) & (lg > _SEED_H)
-    return peaks
+    resp = np.empty((len(_LOG_Q), *fg.shape), np.float32)
+    for k, q in enumerate(_LOG_Q):
+        scaled_log(x, q * r, out=resp[k])
+    return scale_space_maxima(resp, m, _SEED_H)
 
 
 def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int = 0) -> np.ndarray:
@@ -201,7 +161,7 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
     peak[0] = np.inf
     lab = np.where(fg > _ALPHA * peak[lab], lab, 0).astype(np.int32)
     lab = _largest_piece(lab)
-    lab = _fill_holes(lab)
+    lab = fill_holes(lab)
     area = math.pi * r * r
     if _MERGE_AREA > 0:
         lab = _merge_fragments(lab, fg, _MERGE_AREA * area, _MERGE_R, _MERGE_DIP)

@@ -10,10 +10,13 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
+from skimage.measure import label as cc_label
 from skimage.segmentation import watershed
 
+from qdquant.segmentation._components import fill_holes, pieces
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
+from qdquant.segmentation._log import scale_space_maxima, scaled_log
 from qdquant.segmentation.cells import _sq_threshold
 from qdquant.segmentation.image_stats import _Stats, _subtract_background, _upsample
 
@@ -83,3 +86,67 @@ def test_subtract_background_equals_upsample():
     expected = image - _upsample(coarse, 16, ys, xs)
     got = _subtract_background(image.copy(), stats, 11, 5)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_scaled_log_equals_scipy_bit_for_bit():
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        m, n = rng.integers(1, 70, 2)
+        x = (rng.random((m, n)) * rng.choice([1.0, 100.0, 1e4])).astype(np.float32)
+        sigma = float(rng.choice([0.7, 1.3, 3.2, 4.0, 4.8]))
+        expected = ndi.gaussian_laplace(x, sigma, mode="nearest")
+        expected *= np.float32(-(sigma * sigma))
+        np.testing.assert_array_equal(scaled_log(x, sigma), expected)
+
+
+def test_scale_space_maxima_equals_maximum_filters():
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        m, n = rng.integers(1, 60, 2)
+        resp = ndi.gaussian_filter(rng.random((3, m, n)), (0, 2, 2)).astype(np.float32)
+        resp = np.round(resp * 50) / 50  # ties
+        half, floor = int(rng.integers(1, 4)), 0.45
+        nb = [ndi.maximum_filter(lg, size=2 * half + 1, mode="nearest") for lg in resp]
+        expected = np.zeros((m, n), bool)
+        for k, lg in enumerate(resp):
+            top = np.maximum.reduce(nb[max(k - 1, 0) : k + 2])
+            expected |= (lg >= top) & (lg > np.float32(floor))
+        np.testing.assert_array_equal(scale_space_maxima(resp, half, floor), expected)
+
+
+def _random_labels(rng, m, n):
+    """Blobs of a few labels with gaps, holes and split pieces."""
+    lab = rng.integers(0, 5, (m, n)) * (rng.random((m, n)) < 0.75)
+    return ndi.median_filter(lab, size=3).astype(np.int32)
+
+
+def test_pieces_equal_skimage_label():
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        lab = _random_labels(rng, *rng.integers(1, 50, 2))
+        got, n = pieces(lab)
+        expected = cc_label(lab, background=0, connectivity=1)
+        np.testing.assert_array_equal(got, expected)
+        assert n == expected.max()
+
+
+def _fill_holes_reference(lab):
+    """Holes as binary_fill_holes finds them, filled where one label borders them."""
+    holes = ndi.binary_fill_holes(lab > 0) & (lab == 0)
+    hc, nh = ndi.label(holes)
+    out = lab.copy()
+    for h in range(1, nh + 1):
+        border = ndi.binary_dilation(hc == h) & (hc != h)  # 4-neighbours (cross)
+        found = np.unique(lab[border & (lab > 0)])
+        if len(found) == 1:
+            out[hc == h] = found[0]
+    return out
+
+
+def test_fill_holes_equals_reference():
+    rng = np.random.default_rng(8)
+    for _ in range(100):
+        lab = _random_labels(rng, *rng.integers(1, 40, 2))
+        before = lab.copy()
+        np.testing.assert_array_equal(fill_holes(lab), _fill_holes_reference(lab))
+        np.testing.assert_array_equal(lab, before)
