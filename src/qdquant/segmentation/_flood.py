@@ -74,17 +74,45 @@ def _sift_down(keys, idx, size):
 
 
 @numba.njit(cache=True, nogil=True)
+def _padded(bits, markers, mask, use_mask):
+    """The padded arrays :func:`_flood_kernel` works on, built in one pass.
+
+    ``order``: float32 bits made unsigned integers in the same order (every
+    bit of a negative value flipped, the sign bit of the others; -0.0 as
+    0.0, which compares equal to it); ``labels``: the seeds inside the mask;
+    ``state``: ``_SEED``, ``_FREE`` or ``_BLOCKED`` (outside the mask, and
+    the one-pixel border).
+    """
+    m, n = markers.shape
+    order = np.zeros((m + 2, n + 2), np.uint32)
+    labels = np.zeros((m + 2, n + 2), np.int32)
+    state = np.zeros((m + 2, n + 2), np.uint8)
+    for i in range(m):
+        for j in range(n):
+            b = bits[i, j]
+            if b == np.uint32(0x80000000):
+                b = np.uint32(0)
+            order[i + 1, j + 1] = ~b if b >> np.uint32(31) else b | np.uint32(0x80000000)
+            if use_mask and not mask[i, j]:
+                continue
+            v = markers[i, j]
+            labels[i + 1, j + 1] = v
+            state[i + 1, j + 1] = _SEED if v != 0 else _FREE
+    return order, labels, state
+
+
+@numba.njit(cache=True, nogil=True)
 def _flood_kernel(order, labels, state, width):
     """Flood ``labels`` over the ``_FREE`` pixels of ``state``, one region at a time.
 
-    1-D arrays of the image padded by one ``_BLOCKED`` pixel on every side,
-    rows of ``width``. ``order``: uint32 order-preserving bits of each
-    pixel's value; ``state``: ``_BLOCKED``, ``_FREE`` or ``_SEED`` (where
-    ``labels`` holds the seed's id); overwritten.
+    1-D views of :func:`_padded`'s arrays, rows of ``width``; ``labels`` and
+    ``state`` are overwritten. A region's seeds wait in a sorted list of
+    their own, so the heap holds only the flood front.
     """
     n = labels.shape[0]
     offs = (-width, -1, 1, width)
     shift = np.uint64(32)
+    low = np.uint64(0xFFFFFFFF)
     region = np.empty(1024, np.int32)
     seeds = np.empty(1024, np.int32)
     keys = np.empty(1024, np.uint64)
@@ -113,27 +141,32 @@ def _flood_kernel(order, labels, state, width):
                     seeds[n_seeds] = q
                     n_seeds += 1
                     state[q] = _SEEN
+        # Keys are (value bits << 32) | entry count, all distinct: seeds
+        # enter in raster order, then the pixels they reach.
         seeds[:n_seeds].sort()
-        # Flood it: keys are (value bits << 32) | entry count, all distinct.
-        size = 0
-        age = np.uint64(0)
+        seed_keys = np.empty(n_seeds, np.uint64)
         for j in range(n_seeds):
-            p = seeds[j]
-            state[p] = _SEED  # a seed may border other regions too
-            keys = _grow(keys, size)
-            idx = _grow(idx, size)
-            keys[size] = (np.uint64(order[p]) << shift) | age
-            idx[size] = p
-            _sift_up(keys, idx, size)
-            size += 1
-            age += np.uint64(1)
-        while size > 0:
-            p = idx[0]
-            level = keys[0] >> shift
-            size -= 1
-            keys[0] = keys[size]
-            idx[0] = idx[size]
-            _sift_down(keys, idx, size)
+            state[seeds[j]] = _SEED  # a seed may border other regions too
+            seed_keys[j] = (np.uint64(order[seeds[j]]) << shift) | np.uint64(j)
+        seed_keys.sort()
+        next_seed = 0
+        size = 0
+        age = np.uint64(n_seeds)
+        while True:
+            if next_seed < n_seeds and (size == 0 or seed_keys[next_seed] < keys[0]):
+                key = seed_keys[next_seed]
+                p = seeds[np.int64(key & low)]
+                next_seed += 1
+            elif size > 0:
+                key = keys[0]
+                p = idx[0]
+                size -= 1
+                keys[0] = keys[size]
+                idx[0] = idx[size]
+                _sift_down(keys, idx, size)
+            else:
+                break
+            level = key >> shift
             lab = labels[p]
             for k in range(4):
                 q = p + offs[k]
@@ -168,23 +201,13 @@ def flood(land: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = None)
         Every pixel of ``mask`` connected to a seed takes a seed's id; the
         rest is 0.
     """
-    markers = np.asarray(markers)
+    markers = np.ascontiguousarray(markers, dtype=np.int32)
     m, n = markers.shape
     if (m + 2) * (n + 2) >= 2**31:
         raise ValueError(f"flood: image of shape {markers.shape} is over 2**31 pixels")
-    labels = np.zeros((m + 2, n + 2), np.int32)
-    labels[1:-1, 1:-1] = markers
-    state = np.zeros((m + 2, n + 2), np.uint8)
-    inner = state[1:-1, 1:-1]
-    inner[...] = np.where(labels[1:-1, 1:-1] != 0, _SEED, _FREE)
-    if mask is not None:
-        outside = ~np.asarray(mask, dtype=bool)
-        inner[outside] = _BLOCKED
-        labels[1:-1, 1:-1][outside] = 0
-    # float32 bits -> unsigned integers in the same order: flip every bit of a
-    # negative value, the sign bit of the others (+ 0 turns -0.0 into 0.0).
-    bits = np.zeros((m + 2, n + 2), np.uint32)
-    b = (np.asarray(land, dtype=np.float32) + np.float32(0)).view(np.uint32)
-    bits[1:-1, 1:-1] = np.where(b >> 31, ~b, b | np.uint32(1 << 31))
-    _flood_kernel(bits.ravel(), labels.ravel(), state.ravel(), n + 2)
+    bits = np.ascontiguousarray(land, dtype=np.float32).view(np.uint32)
+    use_mask = mask is not None
+    mask = np.ascontiguousarray(mask, dtype=bool) if use_mask else np.ones((1, 1), bool)
+    order, labels, state = _padded(bits, markers, mask, use_mask)
+    _flood_kernel(order.ravel(), labels.ravel(), state.ravel(), n + 2)
     return labels[1:-1, 1:-1].copy()
