@@ -24,16 +24,6 @@ import numpy as np
 _BLOCKED, _FREE, _SEED, _QUEUED, _SEEN = 0, 1, 2, 3, 4
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _grow(a, size):
-    """``a`` with room for ``size + 1`` items (doubled when full)."""
-    if size < a.shape[0]:
-        return a
-    b = np.empty(2 * a.shape[0], a.dtype)
-    b[:size] = a[:size]
-    return b
-
-
 # A 4-ary heap: half the levels of a binary one, and the four children of a
 # node share a cache line.
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -102,85 +92,110 @@ def _padded(bits, markers, mask, use_mask):
 
 
 @numba.njit(cache=True, nogil=True)
+def _collect(state, offs, start, region, seeds):
+    """The region of ``start`` (marked ``_QUEUED``) into ``region``, the seeds next to it into ``seeds``.
+
+    Returns their numbers. (Each step of the flood is a function of its own
+    whose arrays are arguments: numba keeps an array that a loop may
+    reassign in memory, several times slower to index.)
+    """
+    n_region, n_seeds = 1, 0
+    region[0] = start
+    state[start] = _QUEUED
+    i = 0
+    while i < n_region:
+        p = region[i]
+        i += 1
+        for k in range(4):
+            q = p + offs[k]
+            s = state[q]
+            if s == _FREE:
+                region[n_region] = q
+                n_region += 1
+                state[q] = _QUEUED
+            elif s == _SEED:
+                seeds[n_seeds] = q
+                n_seeds += 1
+                state[q] = _SEEN
+    for j in range(n_seeds):
+        state[seeds[j]] = _SEED  # a seed may border other regions too
+    return n_region, n_seeds
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood_region(order, labels, state, offs, seed_keys, keys, idx):
+    """Flood one collected region from its seeds (``seed_keys``, sorted).
+
+    Keys are ``(value bits << 32) | tie``, all distinct: a seed's tie is its
+    pixel index (< 2**31), a flooded pixel's 2**31 + its entry count, so that
+    seeds leave in raster order among equal values and before the pixels
+    they reach.
+    """
+    shift = np.uint64(32)
+    low = np.uint64(0xFFFFFFFF)
+    n_seeds = seed_keys.shape[0]
+    next_seed = 0
+    size = 0
+    age = np.uint64(1 << 31)
+    while True:
+        if next_seed < n_seeds and (size == 0 or seed_keys[next_seed] < keys[0]):
+            key = seed_keys[next_seed]
+            p = np.int64(key & low)
+            next_seed += 1
+        elif size > 0:
+            key = keys[0]
+            p = np.int64(idx[0])
+            size -= 1
+            keys[0] = keys[size]
+            idx[0] = idx[size]
+            _sift_down(keys, idx, size)
+        else:
+            break
+        level = key >> shift
+        lab = labels[p]
+        for k in range(4):
+            q = p + offs[k]
+            if state[q] != _QUEUED:
+                continue
+            state[q] = _BLOCKED
+            labels[q] = lab
+            keys[size] = (max(np.uint64(order[q]), level) << shift) | age
+            idx[size] = q
+            _sift_up(keys, idx, size)
+            size += 1
+            age += np.uint64(1)
+
+
+@numba.njit(cache=True, nogil=True)
 def _flood_kernel(order, labels, state, width):
     """Flood ``labels`` over the ``_FREE`` pixels of ``state``, one region at a time.
 
     1-D views of :func:`_padded`'s arrays, rows of ``width``; ``labels`` and
     ``state`` are overwritten. A region's seeds wait in a sorted list of
-    their own, so the heap holds only the flood front.
+    their own, so the heap holds only the flood front (at most the region).
     """
     n = labels.shape[0]
-    offs = (-width, -1, 1, width)
-    shift = np.uint64(32)
-    low = np.uint64(0xFFFFFFFF)
-    region = np.empty(1024, np.int32)
-    seeds = np.empty(1024, np.int32)
+    offs = np.array([-width, -1, 1, width], np.int64)
+    n_free = n_seed = 0
+    for p in range(n):
+        n_free += state[p] == _FREE
+        n_seed += state[p] == _SEED
+    region = np.empty(max(n_free, 1), np.int32)
+    seeds = np.empty(max(n_seed, 1), np.int32)
+    seed_keys = np.empty(max(n_seed, 1), np.uint64)
     keys = np.empty(1024, np.uint64)
     idx = np.empty(1024, np.int32)
     for start in range(n):
         if state[start] != _FREE:
             continue
-        # The region of `start` (marked _QUEUED) and the seeds next to it.
-        n_region, n_seeds = 1, 0
-        region[0] = start
-        state[start] = _QUEUED
-        i = 0
-        while i < n_region:
-            p = region[i]
-            i += 1
-            for k in range(4):
-                q = p + offs[k]
-                s = state[q]
-                if s == _FREE:
-                    region = _grow(region, n_region)
-                    region[n_region] = q
-                    n_region += 1
-                    state[q] = _QUEUED
-                elif s == _SEED:
-                    seeds = _grow(seeds, n_seeds)
-                    seeds[n_seeds] = q
-                    n_seeds += 1
-                    state[q] = _SEEN
-        # Keys are (value bits << 32) | entry count, all distinct: seeds
-        # enter in raster order, then the pixels they reach.
-        seeds[:n_seeds].sort()
-        seed_keys = np.empty(n_seeds, np.uint64)
+        n_region, n_seeds = _collect(state, offs, start, region, seeds)
+        if keys.shape[0] < n_region:
+            keys = np.empty(2 * n_region, np.uint64)
+            idx = np.empty(2 * n_region, np.int32)
         for j in range(n_seeds):
-            state[seeds[j]] = _SEED  # a seed may border other regions too
-            seed_keys[j] = (np.uint64(order[seeds[j]]) << shift) | np.uint64(j)
-        seed_keys.sort()
-        next_seed = 0
-        size = 0
-        age = np.uint64(n_seeds)
-        while True:
-            if next_seed < n_seeds and (size == 0 or seed_keys[next_seed] < keys[0]):
-                key = seed_keys[next_seed]
-                p = seeds[np.int64(key & low)]
-                next_seed += 1
-            elif size > 0:
-                key = keys[0]
-                p = idx[0]
-                size -= 1
-                keys[0] = keys[size]
-                idx[0] = idx[size]
-                _sift_down(keys, idx, size)
-            else:
-                break
-            level = key >> shift
-            lab = labels[p]
-            for k in range(4):
-                q = p + offs[k]
-                if state[q] != _QUEUED:
-                    continue
-                state[q] = _BLOCKED
-                labels[q] = lab
-                keys = _grow(keys, size)
-                idx = _grow(idx, size)
-                keys[size] = (max(np.uint64(order[q]), level) << shift) | age
-                idx[size] = q
-                _sift_up(keys, idx, size)
-                size += 1
-                age += np.uint64(1)
+            seed_keys[j] = (np.uint64(order[seeds[j]]) << np.uint64(32)) | np.uint64(seeds[j])
+        seed_keys[:n_seeds].sort()
+        _flood_region(order, labels, state, offs, seed_keys[:n_seeds], keys, idx)
 
 
 def flood(land: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

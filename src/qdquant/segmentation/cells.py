@@ -10,6 +10,7 @@ from skimage import segmentation
 
 from qdquant.errors import InputError
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _membrane_radius
+from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
 from qdquant.segmentation._tuning import (
     CELL_EXPANSION_UM, _BARE_LEVEL, _BARE_RIM_UM, _MEMBRANE_SMOOTH_UM, _MEMBRANE_WEIGHT,
@@ -29,24 +30,31 @@ def _sq_threshold(d: float) -> int:
     return k
 
 
-def _nearest_nucleus(nuclei: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Squared distance to the nearest nucleus pixel (int32, at most ``cap``) and that pixel's label.
+def _rim_owner(lab: np.ndarray, nuclei: np.ndarray, d2: np.ndarray, sel: np.ndarray, rim2: int) -> np.ndarray:
+    """Whether each selected pixel lies in its own nucleus's part of the nuclei expanded by ``sqrt(rim2)``.
 
-    One feature transform (:func:`scipy.ndimage.distance_transform_edt`)
-    serves both, where the distance and :func:`skimage.segmentation.expand_labels`
-    each ran one.
+    The same as ``expand_labels(nuclei, sqrt(rim2)) == lab`` on ``sel``
+    (False elsewhere), without a second distance transform: ``d2`` is the
+    squared distance to the nearest nucleus pixel, and of several at that
+    distance the one scipy's feature transform picks, the leftmost and then
+    the topmost, gives the label.
     """
-    iy, ix = ndi.distance_transform_edt(nuclei == 0, return_distances=False, return_indices=True)
-    ny, nx = nuclei.shape
-    dy = iy - np.arange(ny, dtype=iy.dtype)[:, None]
-    dx = ix - np.arange(nx, dtype=ix.dtype)[None, :]
-    near = nuclei[iy, ix]
-    del iy, ix
-    dy *= dy
-    dx *= dx
-    dy += dx
-    np.minimum(dy, cap, out=dy)
-    return dy, near
+    ys, xs = np.nonzero(sel & (d2 <= rim2))
+    own, dist2 = lab[ys, xs], d2[ys, xs]
+    near = np.where(dist2 == 0, nuclei[ys, xs], 0)
+    m, n = nuclei.shape
+    reach = math.isqrt(rim2)
+    for dx in range(-reach, reach + 1):  # leftmost first, then topmost
+        for dy in range(-reach, reach + 1):
+            r2 = dy * dy + dx * dx
+            if r2 == 0 or r2 > rim2:
+                continue
+            y, x = ys + dy, xs + dx
+            todo = (near == 0) & (dist2 == r2) & (y >= 0) & (y < m) & (x >= 0) & (x < n)
+            near[todo] = nuclei[y[todo], x[todo]]
+    out = np.zeros(lab.shape, bool)
+    out[ys, xs] = near == own
+    return out
 
 
 def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray:
@@ -61,7 +69,8 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     # Beyond dist_px + 2 only "far" matters: a pixel there borders no pixel
     # the watershed floods, so its landscape value is never read.
     reach = _sq_threshold(dist_px)
-    d2, near = _nearest_nucleus(nuclei, int(math.ceil((dist_px + 2) ** 2)))
+    d2 = squared_distance(nuclei > 0)
+    np.minimum(d2, int(math.ceil((dist_px + 2) ** 2)), out=d2)
     dist = np.sqrt(d2.astype(np.float32))
     sigma = max(_MEMBRANE_SMOOTH_UM / ps, 0.5)
     mem = _subtract_background(ndi.gaussian_filter(_as_float(membrane), sigma, mode="nearest"), mstats, y0, x0)
@@ -89,8 +98,8 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     bare[0] = False
     if bare.any():
         # the rim: nuclei expanded by _BARE_RIM_UM (as skimage's expand_labels)
-        rim = np.where(d2 <= _sq_threshold(_BARE_RIM_UM / ps), near, 0)
-        lab[bare[lab] & (rim != lab)] = 0
+        sel = bare[lab]
+        lab[sel & ~_rim_owner(lab, nuclei, d2, sel, _sq_threshold(_BARE_RIM_UM / ps))] = 0
     return lab
 
 

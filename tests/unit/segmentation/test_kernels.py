@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
-from skimage.segmentation import watershed
+from skimage.segmentation import expand_labels, watershed
 
 from qdquant.segmentation._components import fill_holes, pieces
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
 from qdquant.segmentation._log import scale_space_maxima, scaled_log
-from qdquant.segmentation.cells import _sq_threshold
+from qdquant.segmentation.cells import _rim_owner, _sq_threshold
 from qdquant.segmentation.image_stats import _Stats, _subtract_background, _upsample
 
 
@@ -150,3 +150,21 @@ def test_fill_holes_equals_reference():
         before = lab.copy()
         np.testing.assert_array_equal(fill_holes(lab), _fill_holes_reference(lab))
         np.testing.assert_array_equal(lab, before)
+
+
+@pytest.mark.parametrize("rim", [1.0, 2.0, 2.5, 3.0])
+def test_rim_owner_equals_expand_labels(rim):
+    """Ties between nuclei at the same distance go where scipy's feature transform sends them."""
+    rng = np.random.default_rng(9)
+    for _ in range(40):
+        m, n = rng.integers(5, 60, 2)
+        blobs = (rng.random((m, n)) < 0.04) | (ndi.uniform_filter(rng.random((m, n)), 5) > 0.6)
+        nuclei = ndi.label(blobs)[0].astype(np.int32)
+        if not nuclei.any():
+            continue
+        cells = expand_labels(nuclei, 4)  # any cells around the nuclei
+        sel = rng.random((m, n)) < 0.7
+        d2 = squared_distance(nuclei > 0)
+        expected = sel & (expand_labels(nuclei, rim) == cells) & (cells > 0)
+        got = _rim_owner(cells, nuclei, d2, sel & (cells > 0), _sq_threshold(rim))
+        np.testing.assert_array_equal(got, expected)
