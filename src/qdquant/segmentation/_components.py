@@ -14,9 +14,9 @@ import numpy as np
 def _walk(lab, start, seen, stack):
     """Mark the 4-connected piece of ``lab[start]``'s value around ``start`` in ``seen``.
 
-    Returns the piece's pixels (flat indices, the first ``size`` of
-    ``stack``, which grows as needed), its size and whether it touches the
-    image edge.
+    Returns the piece's size (its pixels, flat indices, are the first
+    ``size`` of ``stack``, which holds the whole image) and whether it
+    touches the image edge.
     """
     m, n = lab.shape
     flat = lab.reshape(lab.size)
@@ -50,29 +50,30 @@ def _walk(lab, start, seen, stack):
             if seen[q] or flat[q] != value:
                 continue
             seen[q] = True
-            if size == stack.shape[0]:
-                grown = np.empty(2 * size, stack.dtype)
-                grown[:size] = stack
-                stack = grown
             stack[size] = q
             size += 1
-    return stack, size, edge
+    return size, edge
 
 
 @numba.njit(cache=True, nogil=True)
-def _pieces_kernel(lab, pieces):
+def _pieces_kernel(lab, pieces, stack):
     flat, out = lab.reshape(lab.size), pieces.reshape(pieces.size)
     seen = np.zeros(flat.shape[0], np.bool_)
-    stack = np.empty(1024, np.int64)
     n_pieces = 0
     for start in range(flat.shape[0]):
         if flat[start] == 0 or seen[start]:
             continue
-        stack, size, _ = _walk(lab, start, seen, stack)
+        size, _ = _walk(lab, start, seen, stack)
         n_pieces += 1
         for i in range(size):
             out[stack[i]] = n_pieces
     return n_pieces
+
+
+def _stack(size: int) -> np.ndarray:
+    """Work array of flat pixel indices for :func:`_walk` (a whole image's worth: never grown,
+    as numba indexes an array that a loop may reassign several times slower)."""
+    return np.empty(size, np.int32 if size < 2**31 else np.int64)
 
 
 def pieces(lab: np.ndarray) -> tuple[np.ndarray, int]:
@@ -88,20 +89,19 @@ def pieces(lab: np.ndarray) -> tuple[np.ndarray, int]:
     """
     lab = np.ascontiguousarray(lab)
     out = np.zeros(lab.shape, np.int32)
-    n = _pieces_kernel(lab, out)
+    n = _pieces_kernel(lab, out, _stack(lab.size))
     return out, int(n)
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_holes_kernel(lab):
+def _fill_holes_kernel(lab, stack):
     m, n = lab.shape
     flat = lab.reshape(lab.size)
     seen = np.zeros(flat.shape[0], np.bool_)
-    stack = np.empty(1024, np.int64)
     for start in range(flat.shape[0]):
         if flat[start] != 0 or seen[start]:
             continue
-        stack, size, edge = _walk(lab, start, seen, stack)
+        size, edge = _walk(lab, start, seen, stack)
         if edge:
             continue
         # the labels next to the hole: fill it if there is exactly one
@@ -135,5 +135,5 @@ def fill_holes(lab: np.ndarray) -> np.ndarray:
     (M, N) ndarray, ``lab``'s dtype
     """
     out = np.array(lab, order="C")
-    _fill_holes_kernel(out)
+    _fill_holes_kernel(out, _stack(out.size))
     return out

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage as ndi
 from skimage import segmentation
 
 from qdquant.errors import InputError
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _membrane_radius
 from qdquant.segmentation._distance import squared_distance
+from qdquant.segmentation._filters import gaussian
 from qdquant.segmentation._flood import flood
 from qdquant.segmentation._tuning import (
     CELL_EXPANSION_UM, _BARE_LEVEL, _BARE_RIM_UM, _MEMBRANE_SMOOTH_UM, _MEMBRANE_WEIGHT,
@@ -73,7 +73,7 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     np.minimum(d2, int(math.ceil((dist_px + 2) ** 2)), out=d2)
     dist = np.sqrt(d2.astype(np.float32))
     sigma = max(_MEMBRANE_SMOOTH_UM / ps, 0.5)
-    mem = _subtract_background(ndi.gaussian_filter(_as_float(membrane), sigma, mode="nearest"), mstats, y0, x0)
+    mem = _subtract_background(gaussian(_as_float(membrane), sigma), mstats, y0, x0)
     # Membrane in units of its Otsu level, saturating: a ridge is a ridge
     # however bright, and noise below the background does not count.
     m = np.clip(mem / np.float32(mstats.level), 0, None)

@@ -12,7 +12,7 @@ from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, 
 from qdquant.segmentation._components import fill_holes, pieces
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
-from qdquant.segmentation._log import scale_space_maxima, scaled_log
+from qdquant.segmentation._filters import gaussian, scale_space_maxima, scaled_log
 from qdquant.segmentation._tuning import (
     _ALPHA, _COMPACTNESS, _LOG_Q, _MASK_MIN, _MAX_AREA_Q, _MERGE_AREA, _MERGE_DIP, _MERGE_R, _MIN_AREA_Q,
     _NMS_Q, _NOISE_K_MASK, _NOISE_K_SEED, _SEED_H, _SEED_MIN, _SMOOTH_Q, NUCLEUS_DIAMETER_UM,
@@ -135,7 +135,7 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
     if stats.empty or tile.size == 0:
         return out
     sigma = max(_SMOOTH_Q * r, 0.7)
-    fg = _subtract_background(ndi.gaussian_filter(tile, sigma, mode="nearest"), stats, y0, x0)
+    fg = _subtract_background(gaussian(tile, sigma), stats, y0, x0)
     level = np.float32(stats.level)
     t_seed = max(_SEED_MIN * stats.level, _NOISE_K_SEED * stats.noise)
     t_mask = max(_MASK_MIN * stats.level, _NOISE_K_MASK * stats.noise)

@@ -16,7 +16,7 @@ from skimage.segmentation import expand_labels, watershed
 from qdquant.segmentation._components import fill_holes, pieces
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
-from qdquant.segmentation._log import scale_space_maxima, scaled_log
+from qdquant.segmentation._filters import gaussian, scale_space_maxima, scaled_log
 from qdquant.segmentation.cells import _rim_owner, _sq_threshold
 from qdquant.segmentation.image_stats import _Stats, _subtract_background, _upsample
 
@@ -86,6 +86,15 @@ def test_subtract_background_equals_upsample():
     expected = image - _upsample(coarse, 16, ys, xs)
     got = _subtract_background(image.copy(), stats, 11, 5)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_gaussian_equals_scipy_bit_for_bit():
+    rng = np.random.default_rng(10)
+    for _ in range(60):
+        m, n = rng.integers(1, 70, 2)
+        x = (rng.random((m, n)) * rng.choice([1.0, 100.0, 1e4])).astype(np.float32)
+        sigma = float(rng.choice([0.5, 0.7, 1.3333, 1.5, 3.2]))
+        np.testing.assert_array_equal(gaussian(x, sigma), ndi.gaussian_filter(x, sigma, mode="nearest"))
 
 
 def test_scaled_log_equals_scipy_bit_for_bit():
