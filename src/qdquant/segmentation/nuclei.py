@@ -102,20 +102,12 @@ def _merge_fragments(lab: np.ndarray, fg: np.ndarray, max_area: float, min_fit: 
 
 
 def _size_filter(lab: np.ndarray, min_area: float, max_area: float) -> np.ndarray:
+    """Objects of ``min_area`` to ``max_area`` pixels kept, renumbered 1..n in the order of their ids (int32)."""
     area = np.bincount(lab.ravel())
-    bad = (area < min_area) | (area > max_area)
-    bad[0] = False
-    if bad.any():
-        lab = np.where(bad[lab], 0, lab)
-    return lab
-
-
-def _relabel(lab: np.ndarray) -> np.ndarray:
-    """Consecutive ids 1..n, in the order of the old ids."""
-    present = np.bincount(lab.ravel()) > 0
-    present[0] = False
-    lut = np.cumsum(present, dtype=np.int32)
-    lut[~present] = 0
+    keep = (area >= min_area) & (area <= max_area) & (area > 0)
+    keep[0] = False
+    lut = np.cumsum(keep, dtype=np.int32)
+    lut[~keep] = 0
     return lut[lab]
 
 
@@ -165,8 +157,7 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
     area = math.pi * r * r
     if _MERGE_AREA > 0:
         lab = _merge_fragments(lab, fg, _MERGE_AREA * area, _MERGE_R, _MERGE_DIP)
-    lab = _size_filter(lab, _MIN_AREA_Q * area, _MAX_AREA_Q * area)
-    return _relabel(lab)
+    return _size_filter(lab, _MIN_AREA_Q * area, _MAX_AREA_Q * area)
 
 
 def segment_nuclei(
