@@ -137,3 +137,73 @@ def fill_holes(lab: np.ndarray) -> np.ndarray:
     out = np.array(lab, order="C")
     _fill_holes_kernel(out, _stack(out.size))
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_sums_kernel(lab, values, out):
+    m, n = lab.shape
+    for i in range(m):
+        y = np.float64(i)
+        for j in range(n):
+            v = lab[i, j]
+            if v == 0:
+                continue
+            x = np.float64(j)
+            out[0, v] += 1.0
+            out[1, v] += y
+            out[2, v] += x
+            out[3, v] += y * y
+            out[4, v] += x * x
+            out[5, v] += y * x
+            out[6, v] += np.float64(values[i, j])
+
+
+def label_sums(lab: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """(7, n + 1) float64 per-label sums: count, y, x, yy, xx, xy (pixel centres, pixels) and ``values``.
+
+    Accumulated in raster order, as ``np.bincount`` over ``np.nonzero(lab)``
+    does (the same sums to the last bit), in one pass over the image.
+    """
+    out = np.zeros((7, n + 1))
+    _label_sums_kernel(np.ascontiguousarray(lab), np.ascontiguousarray(values), out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _contacts_kernel(lab, values, lo, hi, mean, fill):
+    m, n = lab.shape
+    half = np.float32(0.5)
+    k = 0
+    for axis in range(2):  # horizontal neighbours, then vertical ones, each in raster order
+        for i in range(m - axis):
+            for j in range(n - 1 + axis):
+                a = lab[i, j]
+                b = lab[i + axis, j + 1 - axis]
+                if a == 0 or b == 0 or a == b:
+                    continue
+                if fill:
+                    lo[k] = min(a, b)
+                    hi[k] = max(a, b)
+                    mean[k] = half * (values[i, j] + values[i + axis, j + 1 - axis])
+                k += 1
+    return k
+
+
+def contacts(lab: np.ndarray, values: np.ndarray):
+    """Every pair of 4-neighbours with different non-zero labels: the labels (low, high) and the mean of ``values``.
+
+    Horizontal pairs first, then vertical ones, each in raster order
+    (float32 means, as numpy computes ``0.5 * (a + b)`` of float32 values).
+
+    Returns
+    -------
+    lo, hi : ndarrays of ``lab``'s dtype
+    mean : ndarray of float32
+    """
+    lab = np.ascontiguousarray(lab)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    empty = np.empty(0, lab.dtype)
+    k = _contacts_kernel(lab, values, empty, empty, np.empty(0, np.float32), False)
+    lo, hi, mean = np.empty(k, lab.dtype), np.empty(k, lab.dtype), np.empty(k, np.float32)
+    _contacts_kernel(lab, values, lo, hi, mean, True)
+    return lo, hi, mean

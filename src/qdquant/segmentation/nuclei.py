@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _diameter, _radius_px
-from qdquant.segmentation._components import fill_holes, pieces
+from qdquant.segmentation._components import contacts, fill_holes, label_sums, pieces
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
 from qdquant.segmentation._filters import gaussian, scale_space_maxima, scaled_log
@@ -37,15 +37,6 @@ def _largest_piece(lab: np.ndarray) -> np.ndarray:
     return np.where(keep[pcs], lab, 0)
 
 
-def _moments(lab: np.ndarray, n: int) -> np.ndarray:
-    """(6, n + 1) per-label sums: count, y, x, yy, xx, xy (pixel centres)."""
-    yy, xx = np.nonzero(lab)
-    lv = lab[yy, xx]
-    yy = yy.astype(np.float64)
-    xx = xx.astype(np.float64)
-    return np.stack([np.bincount(lv, w, n + 1) for w in (None, yy, xx, yy * yy, xx * xx, yy * xx)])
-
-
 def _ellipse_fit(mom: np.ndarray) -> np.ndarray:
     """Area over the area of the ellipse of the same second moments (1 for an ellipse)."""
     c, sy, sx, syy, sxx, sxy = mom
@@ -68,22 +59,16 @@ def _merge_fragments(lab: np.ndarray, fg: np.ndarray, max_area: float, min_fit: 
     n = int(lab.max())
     if n < 2:
         return lab
-    pairs, vals = [], []
-    for a, b, fa, fb in ((lab[:, :-1], lab[:, 1:], fg[:, :-1], fg[:, 1:]), (lab[:-1], lab[1:], fg[:-1], fg[1:])):
-        sel = (a > 0) & (b > 0) & (a != b)
-        pairs.append(np.stack([np.minimum(a[sel], b[sel]), np.maximum(a[sel], b[sel])], 1))
-        vals.append(0.5 * (fa[sel] + fb[sel]))
-    pairs = np.concatenate(pairs)
-    if len(pairs) == 0:
+    lo, hi, vals = contacts(lab, fg)
+    if len(lo) == 0:
         return lab
-    vals = np.concatenate(vals).astype(np.float64)
-    key = pairs[:, 0].astype(np.int64) * (n + 1) + pairs[:, 1]
+    key = lo.astype(np.int64) * (n + 1) + hi
     key, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
-    contact = np.bincount(inv, vals) / cnt  # mean intensity along the contact
+    contact = np.bincount(inv, vals.astype(np.float64)) / cnt  # mean intensity along the contact
     pa, pb = np.divmod(key, n + 1)
-    mom = _moments(lab, n)
-    inside = lab > 0
-    mean = np.bincount(lab[inside], fg[inside].astype(np.float64), n + 1) / np.maximum(mom[0], 1)
+    sums = label_sums(lab, fg, n)  # count, y, x, yy, xx, xy, intensity
+    mom = sums[:6]
+    mean = sums[6] / np.maximum(mom[0], 1)
     union = mom[:, pa] + mom[:, pb]
     fit = _ellipse_fit(union)
     ok = (union[0] <= max_area) & (fit >= min_fit) & (contact >= min_dip * np.minimum(mean[pa], mean[pb]))

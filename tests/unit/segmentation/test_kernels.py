@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
 from skimage.segmentation import expand_labels, watershed
 
-from qdquant.segmentation._components import fill_holes, pieces
+from qdquant.segmentation._components import contacts, fill_holes, label_sums, pieces
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._flood import flood
 from qdquant.segmentation._filters import gaussian, scale_space_maxima, scaled_log
@@ -177,3 +177,26 @@ def test_rim_owner_equals_expand_labels(rim):
         expected = sel & (expand_labels(nuclei, rim) == cells) & (cells > 0)
         got = _rim_owner(cells, nuclei, d2, sel & (cells > 0), _sq_threshold(rim))
         np.testing.assert_array_equal(got, expected)
+
+
+def test_label_sums_and_contacts_equal_numpy():
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        m, n = rng.integers(1, 50, 2)
+        lab = _random_labels(rng, m, n)
+        values = rng.normal(50, 20, (m, n)).astype(np.float32)
+        k = int(lab.max())
+        yy, xx = np.nonzero(lab)
+        lv, yf, xf = lab[yy, xx], yy.astype(float), xx.astype(float)
+        weights = (None, yf, xf, yf * yf, xf * xf, yf * xf, values[yy, xx].astype(float))
+        expected = np.stack([np.bincount(lv, w, k + 1) for w in weights])
+        np.testing.assert_array_equal(label_sums(lab, values, k), expected)
+        lo, hi, mean = [], [], []
+        for a, b, fa, fb in ((lab[:, :-1], lab[:, 1:], values[:, :-1], values[:, 1:]),
+                             (lab[:-1], lab[1:], values[:-1], values[1:])):
+            sel = (a > 0) & (b > 0) & (a != b)
+            lo.append(np.minimum(a[sel], b[sel]))
+            hi.append(np.maximum(a[sel], b[sel]))
+            mean.append(0.5 * (fa[sel] + fb[sel]))
+        for got, want in zip(contacts(lab, values), (lo, hi, mean)):
+            np.testing.assert_array_equal(got, np.concatenate(want))
