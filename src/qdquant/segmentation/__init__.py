@@ -19,6 +19,11 @@ Classical image analysis only (no trained model), one step per module:
   per-cell nucleus, membrane and cytoplasm masks of the user contract.
 * :mod:`.image_stats` -- the whole-image statistics the steps share;
   :mod:`._checks` (input checks, lengths) and :mod:`._tuning` (constants).
+* The compiled (numba) kernels the steps run on each tile, each the same as
+  the library function it replaces: :mod:`._flood` (seeded watershed),
+  :mod:`._distance` (exact distance transform), :mod:`._filters`
+  (Gaussian, LoG, scale-space maxima), :mod:`._components` (pieces, holes,
+  per-label sums and contacts).
 
 Physical parameters are in micrometres; the pixel size converts them.
 Everything that depends on the whole image (background surface, Otsu level,

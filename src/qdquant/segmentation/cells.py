@@ -2,16 +2,59 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy import ndimage as ndi
 from skimage import segmentation
 
 from qdquant.errors import InputError
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _membrane_radius
+from qdquant.segmentation._distance import squared_distance
+from qdquant.segmentation._filters import gaussian
+from qdquant.segmentation._flood import flood
 from qdquant.segmentation._tuning import (
     CELL_EXPANSION_UM, _BARE_LEVEL, _BARE_RIM_UM, _MEMBRANE_SMOOTH_UM, _MEMBRANE_WEIGHT,
 )
-from qdquant.segmentation.image_stats import _image_stats, _upsample
+from qdquant.segmentation.image_stats import _image_stats, _subtract_background
+
+
+def _sq_threshold(d: float) -> int:
+    """Largest integer k with ``sqrt(k) <= d`` (float64), -1 if none: for integer squared distances."""
+    if d < 0:
+        return -1
+    k = int(math.floor(d * d))
+    while k >= 0 and math.sqrt(k) > d:
+        k -= 1
+    while math.sqrt(k + 1) <= d:
+        k += 1
+    return k
+
+
+def _rim_owner(lab: np.ndarray, nuclei: np.ndarray, d2: np.ndarray, sel: np.ndarray, rim2: int) -> np.ndarray:
+    """Whether each selected pixel lies in its own nucleus's part of the nuclei expanded by ``sqrt(rim2)``.
+
+    The same as ``expand_labels(nuclei, sqrt(rim2)) == lab`` on ``sel``
+    (False elsewhere), without a second distance transform: ``d2`` is the
+    squared distance to the nearest nucleus pixel, and of several at that
+    distance the one scipy's feature transform picks, the leftmost and then
+    the topmost, gives the label.
+    """
+    ys, xs = np.nonzero(sel & (d2 <= rim2))
+    own, dist2 = lab[ys, xs], d2[ys, xs]
+    near = np.where(dist2 == 0, nuclei[ys, xs], 0)
+    m, n = nuclei.shape
+    reach = math.isqrt(rim2)
+    for dx in range(-reach, reach + 1):  # leftmost first, then topmost
+        for dy in range(-reach, reach + 1):
+            r2 = dy * dy + dx * dx
+            if r2 == 0 or r2 > rim2:
+                continue
+            y, x = ys + dy, xs + dx
+            todo = (near == 0) & (dist2 == r2) & (y >= 0) & (y < m) & (x >= 0) & (x < n)
+            near[todo] = nuclei[y[todo], x[todo]]
+    out = np.zeros(lab.shape, bool)
+    out[ys, xs] = near == own
+    return out
 
 
 def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray:
@@ -21,24 +64,29 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
         return nuclei.copy()
     if membrane is None or mstats is None or mstats.empty:
         return segmentation.expand_labels(nuclei, distance=dist_px).astype(np.int32)
-    dist = ndi.distance_transform_edt(nuclei == 0).astype(np.float32)
+    # Squared distances are integers: compare them with integer thresholds
+    # (the same pixels as comparing their square roots with the distances).
+    # Beyond dist_px + 2 only "far" matters: a pixel there borders no pixel
+    # the watershed floods, so its landscape value is never read.
+    reach = _sq_threshold(dist_px)
+    d2 = squared_distance(nuclei > 0)
+    np.minimum(d2, int(math.ceil((dist_px + 2) ** 2)), out=d2)
+    dist = np.sqrt(d2.astype(np.float32))
     sigma = max(_MEMBRANE_SMOOTH_UM / ps, 0.5)
-    ny, nx = nuclei.shape
-    mem = ndi.gaussian_filter(_as_float(membrane), sigma, mode="nearest")
-    mem -= _upsample(mstats.coarse, mstats.step, np.arange(y0, y0 + ny), np.arange(x0, x0 + nx))
+    mem = _subtract_background(gaussian(_as_float(membrane), sigma), mstats, y0, x0)
     # Membrane in units of its Otsu level, saturating: a ridge is a ridge
     # however bright, and noise below the background does not count.
     m = np.clip(mem / np.float32(mstats.level), 0, None)
     m = m / (1 + m)
     land = _MEMBRANE_WEIGHT * m + dist / np.float32(dist_px)
-    del mem
+    del mem, dist
     # The background floods too, from every pixel farther than dist_px from
     # all nuclei: a cell reaches the expansion limit where nothing stops it,
     # but the pocket beyond its own membrane (lower than the ridge) goes to
     # the background instead of the cell.
     bg = int(nuclei.max()) + 1
-    markers = np.where(dist > dist_px, bg, nuclei)
-    lab = segmentation.watershed(land, markers)
+    markers = np.where(d2 > reach, bg, nuclei)
+    lab = flood(land, markers)
     lab[lab == bg] = 0
     # Cells without membrane stain around their nucleus (stroma, immune cells:
     # the stain marks epithelium) keep only a thin rim of cytoplasm instead of
@@ -49,9 +97,10 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     bare = score < _BARE_LEVEL
     bare[0] = False
     if bare.any():
-        rim = segmentation.expand_labels(nuclei, distance=_BARE_RIM_UM / ps)
-        lab[bare[lab] & (rim != lab)] = 0
-    return lab.astype(np.int32)
+        # the rim: nuclei expanded by _BARE_RIM_UM (as skimage's expand_labels)
+        sel = bare[lab]
+        lab[sel & ~_rim_owner(lab, nuclei, d2, sel, _sq_threshold(_BARE_RIM_UM / ps))] = 0
+    return lab
 
 
 def segment_cells(

@@ -12,6 +12,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters
@@ -90,8 +91,8 @@ def _extend_linear(grid, k):
     return grid
 
 
-def _upsample(coarse, step, ys, xs):
-    """Bilinear value of the block grid at global pixel rows ``ys`` x cols ``xs``."""
+def _bilinear(coarse, step, ys, xs):
+    """Block rows interpolated at ``ys`` (float64), and the columns and weights to interpolate them at ``xs``."""
 
     def weights(coord, n):
         # Linear inside the grid, linear extrapolation over the half block
@@ -105,7 +106,34 @@ def _upsample(coarse, step, ys, xs):
     y0, y1, wy = weights(ys, coarse.shape[0])
     x0, x1, wx = weights(xs, coarse.shape[1])
     rows = coarse[y0] * (1 - wy)[:, None] + coarse[y1] * wy[:, None]
+    return rows, x0, x1, wx
+
+
+def _upsample(coarse, step, ys, xs):
+    """Bilinear value of the block grid at global pixel rows ``ys`` x cols ``xs`` (float32)."""
+    rows, x0, x1, wx = _bilinear(coarse, step, ys, xs)
     return (rows[:, x0] * (1 - wx) + rows[:, x1] * wx).astype(np.float32)
+
+
+# No fastmath: the same float64 products and sum as numpy's (no fused multiply-add).
+@numba.njit(cache=True, nogil=True)
+def _subtract_kernel(image, rows, x0, x1, wx, omwx):
+    for i in range(image.shape[0]):
+        r = rows[i]
+        for j in range(image.shape[1]):
+            image[i, j] -= np.float32(r[x0[j]] * omwx[j] + r[x1[j]] * wx[j])
+
+
+def _subtract_background(image: np.ndarray, stats: _Stats, y0: int, x0: int) -> np.ndarray:
+    """``image - _upsample(...)`` in place, for a float32 tile at global offset (y0, x0).
+
+    The same float64 sums rounded to float32 as :func:`_upsample`, in one
+    pass and without its (rows, cols) float64 temporaries.
+    """
+    ny, nx = image.shape
+    rows, c0, c1, wx = _bilinear(stats.coarse, stats.step, np.arange(y0, y0 + ny), np.arange(x0, x0 + nx))
+    _subtract_kernel(image, rows, c0, c1, wx, 1 - wx)
+    return image
 
 
 def _stats_parts(image, radius_px: float):

@@ -7,69 +7,34 @@ import warnings
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import segmentation
 
 from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, _diameter, _radius_px
+from qdquant.segmentation._components import contacts, fill_holes, label_sums, pieces
+from qdquant.segmentation._distance import squared_distance
+from qdquant.segmentation._flood import flood
+from qdquant.segmentation._filters import gaussian, scale_space_maxima, scaled_log
 from qdquant.segmentation._tuning import (
     _ALPHA, _COMPACTNESS, _LOG_Q, _MASK_MIN, _MAX_AREA_Q, _MERGE_AREA, _MERGE_DIP, _MERGE_R, _MIN_AREA_Q,
     _NMS_Q, _NOISE_K_MASK, _NOISE_K_SEED, _SEED_H, _SEED_MIN, _SMOOTH_Q, NUCLEUS_DIAMETER_UM,
 )
-from qdquant.segmentation.image_stats import _image_stats, _Stats, _upsample
+from qdquant.segmentation.image_stats import _image_stats, _Stats, _subtract_background
 
 
 def _largest_piece(lab: np.ndarray) -> np.ndarray:
-    """Keep, for every label, only its largest 4-connected piece."""
-    from skimage.measure import label as cc_label
-
-    pieces = cc_label(lab, background=0, connectivity=1)
-    npc = int(pieces.max())
+    """Keep, for every label, only its largest 4-connected piece (the first in raster order of equal ones)."""
+    pcs, npc = pieces(lab)
     if npc == 0:
         return lab
-    area = np.bincount(pieces.ravel(), minlength=npc + 1)
+    area = np.bincount(pcs.ravel(), minlength=npc + 1)
     owner = np.zeros(npc + 1, dtype=lab.dtype)
-    owner[pieces.ravel()] = lab.ravel()
+    owner[pcs.ravel()] = lab.ravel()
     ids = np.arange(1, npc + 1)
     order = np.lexsort((-area[1:], owner[1:]))  # by owner, largest first
     first = np.ones(len(order), dtype=bool)
     first[1:] = owner[1:][order][1:] != owner[1:][order][:-1]
     keep = np.zeros(npc + 1, dtype=bool)
     keep[ids[order][first]] = True
-    return np.where(keep[pieces], lab, 0)
-
-
-def _fill_holes(lab: np.ndarray) -> np.ndarray:
-    """Fill the background holes that touch a single label with that label."""
-    filled = ndi.binary_fill_holes(lab > 0)
-    holes = filled & (lab == 0)
-    if not holes.any():
-        return lab
-    hc, nh = ndi.label(holes)
-    pairs = []
-    for axis in (0, 1):
-        for shift in (1, -1):
-            a = hc
-            b = np.roll(lab, shift, axis=axis)
-            valid = np.ones(lab.shape, dtype=bool)
-            idx = [slice(None)] * 2
-            idx[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
-            valid[tuple(idx)] = False
-            sel = valid & (a > 0) & (b > 0)
-            pairs.append(np.stack([a[sel], b[sel]], axis=1))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
-    n_nb = np.bincount(pairs[:, 0], minlength=nh + 1)
-    fill = np.zeros(nh + 1, dtype=lab.dtype)
-    single = n_nb[pairs[:, 0]] == 1
-    fill[pairs[single, 0]] = pairs[single, 1]
-    return np.where(hc > 0, fill[hc], lab).astype(lab.dtype)
-
-
-def _moments(lab: np.ndarray, n: int) -> np.ndarray:
-    """(6, n + 1) per-label sums: count, y, x, yy, xx, xy (pixel centres)."""
-    yy, xx = np.nonzero(lab)
-    lv = lab[yy, xx]
-    yy = yy.astype(np.float64)
-    xx = xx.astype(np.float64)
-    return np.stack([np.bincount(lv, w, n + 1) for w in (None, yy, xx, yy * yy, xx * xx, yy * xx)])
+    return np.where(keep[pcs], lab, 0)
 
 
 def _ellipse_fit(mom: np.ndarray) -> np.ndarray:
@@ -94,22 +59,16 @@ def _merge_fragments(lab: np.ndarray, fg: np.ndarray, max_area: float, min_fit: 
     n = int(lab.max())
     if n < 2:
         return lab
-    pairs, vals = [], []
-    for a, b, fa, fb in ((lab[:, :-1], lab[:, 1:], fg[:, :-1], fg[:, 1:]), (lab[:-1], lab[1:], fg[:-1], fg[1:])):
-        sel = (a > 0) & (b > 0) & (a != b)
-        pairs.append(np.stack([np.minimum(a[sel], b[sel]), np.maximum(a[sel], b[sel])], 1))
-        vals.append(0.5 * (fa[sel] + fb[sel]))
-    pairs = np.concatenate(pairs)
-    if len(pairs) == 0:
+    lo, hi, vals = contacts(lab, fg)
+    if len(lo) == 0:
         return lab
-    vals = np.concatenate(vals).astype(np.float64)
-    key = pairs[:, 0].astype(np.int64) * (n + 1) + pairs[:, 1]
+    key = lo.astype(np.int64) * (n + 1) + hi
     key, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
-    contact = np.bincount(inv, vals) / cnt  # mean intensity along the contact
+    contact = np.bincount(inv, vals.astype(np.float64)) / cnt  # mean intensity along the contact
     pa, pb = np.divmod(key, n + 1)
-    mom = _moments(lab, n)
-    inside = lab > 0
-    mean = np.bincount(lab[inside], fg[inside].astype(np.float64), n + 1) / np.maximum(mom[0], 1)
+    sums = label_sums(lab, fg, n)  # count, y, x, yy, xx, xy, intensity
+    mom = sums[:6]
+    mean = sums[6] / np.maximum(mom[0], 1)
     union = mom[:, pa] + mom[:, pb]
     fit = _ellipse_fit(union)
     ok = (union[0] <= max_area) & (fit >= min_fit) & (contact >= min_dip * np.minimum(mean[pa], mean[pb]))
@@ -128,57 +87,44 @@ def _merge_fragments(lab: np.ndarray, fg: np.ndarray, max_area: float, min_fit: 
 
 
 def _size_filter(lab: np.ndarray, min_area: float, max_area: float) -> np.ndarray:
+    """Objects of ``min_area`` to ``max_area`` pixels kept, renumbered 1..n in the order of their ids (int32)."""
     area = np.bincount(lab.ravel())
-    bad = (area < min_area) | (area > max_area)
-    bad[0] = False
-    if bad.any():
-        lab = np.where(bad[lab], 0, lab)
-    return lab
-
-
-def _relabel(lab: np.ndarray) -> np.ndarray:
-    """Consecutive ids 1..n, in the order of the old ids."""
-    present = np.bincount(lab.ravel()) > 0
-    present[0] = False
-    lut = np.cumsum(present, dtype=np.int32)
-    lut[~present] = 0
+    keep = (area >= min_area) & (area <= max_area) & (area > 0)
+    keep[0] = False
+    lut = np.cumsum(keep, dtype=np.int32)
+    lut[~keep] = 0
     return lut[lab]
+
+
+def _distance32(d2: np.ndarray) -> np.ndarray:
+    """``sqrt(d2)`` as float32, equal to float32 of the float64 root.
+
+    Below 2**24 the square is exact in float32 and the float32 root is the
+    rounded float64 root (double rounding is harmless for square roots), so
+    the float64 pass is only needed for images whose diagonal reaches 4096.
+    """
+    if (d2.shape[0] - 1) ** 2 + (d2.shape[1] - 1) ** 2 < 2**24:
+        return np.sqrt(d2.astype(np.float32))
+    return np.sqrt(d2).astype(np.float32)
 
 
 def _seed_points(fg: np.ndarray, level: float, r: float) -> np.ndarray:
     """Scale-space maxima of the scale-normalised LoG (bool image)."""
     x = fg / np.float32(level)
     m = max(1, int(round(_NMS_Q * r)))
-    resp, peak_nb = [], []
-    for q in _LOG_Q:
-        s = q * r
-        lg = ndi.gaussian_laplace(x, s, mode="nearest")
-        lg *= np.float32(-(s * s))
-        resp.append(lg)
-        peak_nb.append(ndi.maximum_filter(lg, size=2 * m + 1, mode="nearest"))
-    peaks = np.zeros(fg.shape, dtype=bool)
-    k_last = len(resp) - 1
-    for k, lg in enumerate(resp):
-        nb = peak_nb[k]
-        if k > 0:
-            nb = np.maximum(nb, peak_nb[k - 1])
-        if k < k_last:
-            nb = np.maximum(nb, peak_nb[k + 1])
-        peaks |= (lg >= nb) & (lg > _SEED_H)
-    return peaks
+    resp = np.empty((len(_LOG_Q), *fg.shape), np.float32)
+    for k, q in enumerate(_LOG_Q):
+        scaled_log(x, q * r, out=resp[k])
+    return scale_space_maxima(resp, m, _SEED_H)
 
 
 def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int = 0) -> np.ndarray:
     """Segment nuclei in one (possibly padded) tile at global offset (y0, x0)."""
-    ny, nx = tile.shape
     out = np.zeros(tile.shape, dtype=np.int32)
     if stats.empty or tile.size == 0:
         return out
     sigma = max(_SMOOTH_Q * r, 0.7)
-    smooth = ndi.gaussian_filter(tile, sigma, mode="nearest")
-    bg = _upsample(stats.coarse, stats.step, np.arange(y0, y0 + ny), np.arange(x0, x0 + nx))
-    fg = smooth - bg
-    del smooth, bg
+    fg = _subtract_background(gaussian(tile, sigma), stats, y0, x0)
     level = np.float32(stats.level)
     t_seed = max(_SEED_MIN * stats.level, _NOISE_K_SEED * stats.noise)
     t_mask = max(_MASK_MIN * stats.level, _NOISE_K_MASK * stats.noise)
@@ -195,8 +141,8 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
     land = -np.log(np.maximum(fg, np.float32(0.05) * level))
     # Distance-to-seed term: keeps a bright nucleus from flooding a dim
     # neighbour (like a compact watershed, at a fraction of its cost).
-    land += (_COMPACTNESS / r) * ndi.distance_transform_edt(markers == 0).astype(np.float32)
-    lab = segmentation.watershed(land, markers, mask=mask)
+    land += (_COMPACTNESS / r) * _distance32(squared_distance(markers > 0))
+    lab = flood(land, markers, mask)
     del land
     inside = lab > 0
     peak = np.full(n + 1, -np.inf, dtype=np.float32)
@@ -204,12 +150,11 @@ def _nuclei_tile(tile: np.ndarray, stats: _Stats, r: float, y0: int = 0, x0: int
     peak[0] = np.inf
     lab = np.where(fg > _ALPHA * peak[lab], lab, 0).astype(np.int32)
     lab = _largest_piece(lab)
-    lab = _fill_holes(lab)
+    lab = fill_holes(lab)
     area = math.pi * r * r
     if _MERGE_AREA > 0:
         lab = _merge_fragments(lab, fg, _MERGE_AREA * area, _MERGE_R, _MERGE_DIP)
-    lab = _size_filter(lab, _MIN_AREA_Q * area, _MAX_AREA_Q * area)
-    return _relabel(lab)
+    return _size_filter(lab, _MIN_AREA_Q * area, _MAX_AREA_Q * area)
 
 
 def segment_nuclei(
