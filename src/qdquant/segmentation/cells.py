@@ -12,6 +12,7 @@ from qdquant.segmentation._checks import _as_float, _check_image, _check_scale, 
 from qdquant.segmentation._distance import squared_distance
 from qdquant.segmentation._filters import gaussian
 from qdquant.segmentation._flood import flood
+from qdquant.segmentation._reach import beyond_own_nucleus
 from qdquant.segmentation._tuning import (
     CELL_EXPANSION_UM, _BARE_LEVEL, _BARE_RIM_UM, _MEMBRANE_SMOOTH_UM, _MEMBRANE_WEIGHT,
 )
@@ -88,6 +89,9 @@ def _cells_tile(nuclei, membrane, mstats, ps, dist_px, y0=0, x0=0) -> np.ndarray
     markers = np.where(d2 > reach, bg, nuclei)
     lab = flood(land, markers)
     lab[lab == bg] = 0
+    # The flood keeps every pixel within reach of *some* nucleus; a cell that
+    # floods around its walled-in neighbours would reach far beyond its own.
+    lab[beyond_own_nucleus(lab, nuclei, reach)] = 0
     # Cells without membrane stain around their nucleus (stroma, immune cells:
     # the stain marks epithelium) keep only a thin rim of cytoplasm instead of
     # growing to the expansion limit.
@@ -123,7 +127,7 @@ def segment_cells(
     instead of a ``D``-wide halo. Without a membrane image, nuclei are
     expanded by ``D``
     (:func:`skimage.segmentation.expand_labels`). Either way a cell never
-    takes a pixel farther than ``D`` from every nucleus, never takes another
+    takes a pixel farther than ``D`` from its own nucleus, never takes another
     cell's pixels, keeps its whole nucleus, is connected where its nucleus
     is, and shares its nucleus's id.
 
