@@ -168,7 +168,7 @@ def read_scoring_table(results: SampleResults, sectors: int) -> ScoringTable:
     cell_id = scored["CellID"].to_numpy(np.int64)
     # pixel counts fit int32 (a sector holds far fewer than 2**31 pixels): the same values, half the memory
     sums, npx = np.empty((len(cell_id), sectors)), np.empty((len(cell_id), sectors), np.int32)
-    start = 0
+    start = stop = 0
     for part in io.read_csv(measurements, "measurements", usecols=["CellID", *sum_cols, *npx_cols],
                             dtype={**dict.fromkeys(sum_cols, np.float64), **dict.fromkeys(npx_cols, np.int64)},
                             chunksize=READ_ROWS):
@@ -205,3 +205,44 @@ def rescore(table: ScoringTable, settings: Her2Settings) -> tuple[np.ndarray, di
     summary = scoring.her2_sample_score(klass[table.population], ultralow_min_pct=settings.ultralow_min_pct)
     codes = pd.Categorical(klass, categories=scoring.HER2_CLASSES).codes
     return codes.astype(np.uint8), summary
+
+
+class CsvRows:
+    """One row of a large CSV by ``CellID``, read from its line: the table is never held.
+
+    The first use reads the ``CellID`` column and where each line starts
+    (a pass over the file in 16 MiB pieces); a row is then a seek and the
+    parse of one line, its values exactly as the file writes them.
+    """
+
+    PIECE = 16 << 20
+
+    def __init__(self, path):
+        self.path = path
+        from qdquant import io
+
+        self.ids = io.read_csv(path, "cells", usecols=["CellID"])["CellID"].to_numpy(np.int64)
+        starts = []
+        with open(path, "rb") as f:
+            self.header = f.readline().decode()
+            position = f.tell()
+            while piece := f.read(self.PIECE):
+                ends = np.flatnonzero(np.frombuffer(piece, np.uint8) == ord("\n"))
+                starts.append(position + ends + 1)
+                position += len(piece)
+        self.starts = np.concatenate([[len(self.header.encode())], *starts])[: len(self.ids)]
+
+    def row(self, cell_id: int) -> dict:
+        """The cell's row as a dict (``CellID`` first); KeyError when the file has no such cell."""
+        import io as _io
+
+        import pandas as pd
+
+        hits = np.flatnonzero(self.ids == cell_id)
+        if not hits.size:
+            raise KeyError(cell_id)
+        with open(self.path, "rb") as f:
+            f.seek(int(self.starts[hits[0]]))
+            line = f.readline().decode()
+        table = pd.read_csv(_io.StringIO(self.header + line), dtype={"her2_class": str})
+        return table.iloc[0].to_dict()

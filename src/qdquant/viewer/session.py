@@ -14,7 +14,14 @@ import numpy as np
 
 from qdquant import io
 from qdquant.viewer.layers import class_levels, class_lut, label_levels
-from qdquant.viewer.results import Her2Settings, SampleResults, her2_settings, read_scoring_table, rescore
+from qdquant.viewer.results import (
+    CsvRows,
+    Her2Settings,
+    SampleResults,
+    her2_settings,
+    read_scoring_table,
+    rescore,
+)
 
 __all__ = ["Her2Session"]
 
@@ -43,7 +50,7 @@ class Her2Session:
         return read_scoring_table(self.results, self.run_settings.sectors)
 
     @cached_property
-    def cell_rows(self) -> "CsvRows":
+    def cell_rows(self) -> CsvRows:
         """Where each cell's line of ``cells.csv`` starts (found at the first click)."""
         return CsvRows(self.results.table("cells.csv"))
 
@@ -129,43 +136,4 @@ class Her2Session:
         crop = np.asarray(level0[y0:y1, x0:x1])
         ring = membrane_ring(crop, self.membrane_width_px) & (crop == cell_id)
         return ring.astype(np.uint8), (y0, x0)
-
-
-class CsvRows:
-    """One row of a large CSV by ``CellID``, read from its line: the table is never held.
-
-    The first use reads the ``CellID`` column and where each line starts
-    (a pass over the file in 16 MiB pieces); a row is then a seek and the
-    parse of one line, its values exactly as the file writes them.
-    """
-
-    PIECE = 16 << 20
-
-    def __init__(self, path):
-        self.path = path
-        self.ids = io.read_csv(path, "cells", usecols=["CellID"])["CellID"].to_numpy(np.int64)
-        starts = []
-        with open(path, "rb") as f:
-            self.header = f.readline().decode()
-            position = f.tell()
-            while piece := f.read(self.PIECE):
-                ends = np.flatnonzero(np.frombuffer(piece, np.uint8) == ord("\n"))
-                starts.append(position + ends + 1)
-                position += len(piece)
-        self.starts = np.concatenate([[len(self.header.encode())], *starts])[: len(self.ids)]
-
-    def row(self, cell_id: int) -> dict:
-        """The cell's row as a dict (``CellID`` first); KeyError when the file has no such cell."""
-        import io as _io
-
-        import pandas as pd
-
-        hits = np.flatnonzero(self.ids == cell_id)
-        if not hits.size:
-            raise KeyError(cell_id)
-        with open(self.path, "rb") as f:
-            f.seek(int(self.starts[hits[0]]))
-            line = f.readline().decode()
-        table = pd.read_csv(_io.StringIO(self.header + line), dtype={"her2_class": str})
-        return table.iloc[0].to_dict()
 
