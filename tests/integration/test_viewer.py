@@ -137,8 +137,8 @@ def test_moving_a_threshold_reclassifies_as_a_pipeline_run_does(sample_results, 
     assert "t_faint" in widget.message.text() and widget.session.settings.t_faint == 35.0
 
 
-def test_clicking_a_cell_shows_its_row_and_membrane_ring(sample_results, make_napari_viewer):
-    from qdquant.segmentation import membrane_ring
+def open_at_largest_cell(sample_results, make_napari_viewer):
+    """The sample opened as ``qdquant view`` does; its cell labels, cells.csv, largest cell and a pixel of it."""
     from qdquant.viewer.app import open_results
 
     root, _ = sample_results
@@ -147,7 +147,13 @@ def test_clicking_a_cell_shows_its_row_and_membrane_ring(sample_results, make_na
     labels = np.asarray(io.read_labels(folder / "unmixed.ome.zarr", "cells"))
     cells = pd.read_csv(folder / "cells.csv").set_index("CellID")
     cell = int(cells["Area"].idxmax())
-    y, x = np.argwhere(labels == cell)[0]
+    return viewer, widget, labels, cells, cell, np.argwhere(labels == cell)[0]
+
+
+def test_clicking_a_cell_shows_its_row_and_membrane_ring(sample_results, make_napari_viewer):
+    from qdquant.segmentation import membrane_ring
+
+    viewer, widget, labels, cells, cell, (y, x) = open_at_largest_cell(sample_results, make_napari_viewer)
     assert widget.session.cell_at(y + 0.5, x + 0.5) == cell
     widget.select_cell(cell)
     shown = {widget.cell_table.item(i, 0).text(): widget.cell_table.item(i, 1).text()
@@ -229,15 +235,7 @@ def test_a_click_without_the_class_layer_still_shows_the_cell(sample_results, ma
     """The user may delete the overlay (or the contours too): a click maps through what is left."""
     from types import SimpleNamespace
 
-    from qdquant.viewer.app import open_results
-
-    root, _ = sample_results
-    folder = root / "results" / SAMPLE
-    viewer, widget = open_results(folder, viewer=make_napari_viewer())
-    labels = np.asarray(io.read_labels(folder / "unmixed.ome.zarr", "cells"))
-    cells = pd.read_csv(folder / "cells.csv").set_index("CellID")
-    cell = int(cells["Area"].idxmax())
-    y, x = np.argwhere(labels == cell)[0]
+    viewer, widget, labels, cells, cell, (y, x) = open_at_largest_cell(sample_results, make_napari_viewer)
     click = SimpleNamespace(type="mouse_press", position=((y + 0.5) * 0.5, (x + 0.5) * 0.5))  # world: µm
     for gone in ("HER2 class", "cells"):
         viewer.layers.remove(gone)

@@ -394,6 +394,15 @@ def many_pixel_problem(seed, shape=(90, 130), k=6):
     return a, cube.astype(np.float32)
 
 
+def assert_fit_matches_scipy(fit, cube, a, *, offset):
+    """``fit``'s abundances equal scipy's NNLS per pixel and its residual their RMS misfit."""
+    abund, resid = fit(cube, a, offset=offset)
+    assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=offset))
+    model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
+    expected = np.sqrt(((cube.astype(np.float64) - offset - model) ** 2).mean(axis=0))
+    np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
+
+
 @needs_numba
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "x-strided", "uint16"])
 @pytest.mark.parametrize("engine_name", ["numba", "numba-cholesky"])
@@ -408,12 +417,7 @@ def test_numba_many_pixels_match_scipy(engine_name, layout):
         cube = cube[:, 1:, ::2]
     elif layout == "uint16":
         cube = np.clip(cube + 50, 0, None).astype(np.uint16)
-    fit = engine(engine_name)
-    abund, resid = fit(cube, a, offset=1.5)
-    assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=1.5))
-    model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
-    expected = np.sqrt(((cube.astype(np.float64) - 1.5 - model) ** 2).mean(axis=0))
-    np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
+    assert_fit_matches_scipy(engine(engine_name), cube, a, offset=1.5)
 
 
 @with_engines
@@ -439,12 +443,7 @@ def test_seven_to_thirteen_endmembers_match_scipy(engine_name, k, ill):
     x = rng.gamma(2.0, 30.0, (k, 9, 37)) * (rng.random((k, 9, 37)) < 0.5)
     cube = np.einsum("ck,kyx->cyx", a, x) + 2.0
     cube = (cube + rng.normal(0, 1, cube.shape) * np.sqrt(cube)).astype(np.float64 if ill else np.float32)
-    fit = engine(engine_name)
-    abund, resid = fit(cube, a, offset=2.0)
-    assert_close_per_pixel(abund, scipy_unmix(cube, a, offset=2.0))
-    model = np.einsum("ck,kyx->cyx", a, abund.astype(np.float64))
-    expected = np.sqrt(((cube.astype(np.float64) - 2.0 - model) ** 2).mean(axis=0))
-    np.testing.assert_allclose(resid, expected, rtol=1e-5, atol=1e-4)
+    assert_fit_matches_scipy(engine(engine_name), cube, a, offset=2.0)
 
 
 @needs_numba
