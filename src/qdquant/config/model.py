@@ -100,6 +100,9 @@ class Unmixing:
     flag_poor_fit: bool
     #: "slide" (spectra from the slide's stain-free pixels) or "library"
     autofluorescence: str
+    #: Gaussian sigma (um) of the smoothing along membranes before the fit; 0: none
+    #: (see :mod:`qdquant.unmixing.smoothing`)
+    smoothing_um: float = default("unmixing.smoothing_um")
 
 
 @dataclass(frozen=True)

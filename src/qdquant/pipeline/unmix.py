@@ -100,8 +100,8 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         shading = _shading(cfg, library, cube, qc_dir)  # divided out before refinement and the fit
         library = with_slide_autofluorescence(cfg, sample, library, cube, shading, dark.counts, qc_dir)
         library = refined_library(cfg, library, cube, shading, dark.counts, qc_dir)
-        abundances, residual = _fit(cfg, sample_id, cube, library, dark.counts, shading)
-        signal = _fitted_signal(cube, shading, dark.counts)
+        abundances, residual = _fit(cfg, sample_id, cube, library, dark.counts, shading, pixel_size)
+        signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size)
         # The store (abundances, residual, labels/flagged) is built under a temporary name and
         # renamed when complete: a reader never sees a store without its flags.
         with io.atomic_path(out["zarr"]) as store:
@@ -116,11 +116,28 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         _unmixing_qc(cfg, sample_id, signal, library, noise, dark.counts, [w for w in (dark_warning,) if w])
 
 
-def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray, shading):
+def _smoothed(cfg: Config, data: da.Array, pixel_size: float) -> da.Array:
+    """The cube smoothed along its membranes (``unmixing.smoothing_um``), or as it is when that is 0."""
+    if not cfg.unmixing.smoothing_um:
+        return data
+    return unmixing.smooth_along_structures_dask(
+        data, cfg.unmixing.smoothing_um / pixel_size, rho_px=SMOOTHING_RHO_UM / pixel_size,
+        guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size)
+
+
+#: The scales of the direction of :func:`_smoothed`'s smoothing (micrometres): the structure
+#: tensor's integration, and the blur of the summed bands before their gradient. A membrane
+#: between cells is about a micrometre wide; its direction holds over a couple of micrometres.
+SMOOTHING_RHO_UM = 1.0
+SMOOTHING_GUIDE_UM = 0.5
+
+
+def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray, shading, pixel_size: float):
     """The lazy (K, Y, X) abundances and (Y, X) residual of the fit of ``library`` to the cube.
 
-    The dark offset is subtracted and the shading divided out as the fit
-    reads the cube, without a corrected copy of it.
+    The cube is smoothed along its membranes first (``unmixing.smoothing_um``);
+    the dark offset is subtracted and the shading divided out as the fit
+    reads it, without a corrected copy of it.
     """
     gain = {}
     if shading is not None:
@@ -130,7 +147,7 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
     log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
              "x".join(map(str, cube.data.shape[1:])), len(library.names))
     return unmixing.unmix(
-        cube.data,
+        _smoothed(cfg, cube.data, pixel_size),
         library.spectra,
         offset=offset,
         weights="poisson" if cfg.unmixing.poisson_weights else None,
@@ -142,8 +159,9 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
 MIN_PASS_TILE = 256
 
 
-def _fitted_signal(cube: io.Cube, shading, offset: np.ndarray) -> da.Array:
-    """The (C, Y, X) signal the fit explains: the cube, shading divided out, dark offset subtracted.
+def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixel_size: float) -> da.Array:
+    """The (C, Y, X) signal the fit explains: the cube smoothed as for the fit, shading divided out,
+    dark offset subtracted.
 
     For the passes that follow the fit (residual flags, QC), which work
     pixel by pixel: chunked as the file's tiles when they are not small
@@ -153,6 +171,7 @@ def _fitted_signal(cube: io.Cube, shading, offset: np.ndarray) -> da.Array:
     data = cube.data
     if cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
         data = cube.tiles.rechunk({0: -1})
+    data = _smoothed(cfg, data, pixel_size)
     if shading is not None:
         from qdquant import illumination
 
