@@ -4,6 +4,7 @@ errors, and the per-cell table as AnnData (``cells.h5ad``)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,16 +21,82 @@ def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
     write_csv_slices([table], path)
 
 
+#: A text field that :mod:`csv` would quote (``QUOTE_MINIMAL``, as pandas writes): such
+#: tables are left to pandas.
+_QUOTED = re.compile(r'[,"\r\n]')
+
+#: Fields formatted at a time by :func:`_csv_text`: a slice's millions of small strings
+#: (some 60 bytes each) are never all alive at once, only its text.
+_CSV_BLOCK_FIELDS = 200_000
+
+
+def _csv_fields(values: np.ndarray) -> list[str] | None:
+    """One column's fields as ``DataFrame.to_csv`` writes them (``na_rep=""``), or None.
+
+    ``float64`` through Python's ``repr`` (the shortest string that reads
+    back as the same number, the same string as NumPy's ``astype(str)``
+    that pandas uses, in 1.5-2x less time), NaN as an empty field; integers and
+    booleans through ``str``, as :mod:`csv` does; strings as they are.
+    None for any other kind of column, or strings that :mod:`csv` would
+    quote, which pandas then writes.
+    """
+    if values.dtype == np.float64:
+        fields = list(map(repr, values.tolist()))
+        for i in np.flatnonzero(np.isnan(values)).tolist():
+            fields[i] = ""
+        return fields
+    if values.dtype.kind in "iub":
+        return list(map(str, values.tolist()))
+    if values.dtype == object:
+        fields = values.tolist()
+        if all(type(f) is str for f in fields) and not any(map(_QUOTED.search, fields)):
+            return fields
+    return None
+
+
+def _csv_text(table: pd.DataFrame, header: bool) -> str | None:
+    """``table.to_csv(index=False, header=header)``'s text, built column by column; None where
+    :func:`_csv_fields` leaves a column to pandas.
+
+    pandas formats every float with NumPy's slower ``astype(str)`` and hands
+    the rows to :mod:`csv` field by field; here each column is formatted in
+    one call and the rows joined as text, the same bytes in about half the
+    time. A table of fewer than two columns is left to pandas (:mod:`csv`
+    quotes a row that is a single empty field).
+    """
+    names = [str(c) for c in table.columns]
+    if len(names) < 2 or any(type(c) is not str or _QUOTED.search(c) for c in table.columns):
+        return None
+    columns = [table.iloc[:, j] for j in range(len(names))]
+    if not all(isinstance(c.dtype, np.dtype) for c in columns):  # pandas' own dtypes: categorical, string, ...
+        return None
+    parts = [",".join(names) + "\n"] if header else []
+    step = max(1, _CSV_BLOCK_FIELDS // len(names))
+    for start in range(0, len(table), step):
+        fields = [_csv_fields(c.to_numpy()[start:start + step]) for c in columns]
+        if any(f is None for f in fields):
+            return None
+        parts += ["\n".join(map(",".join, zip(*fields))), "\n"]
+    return "".join(parts)
+
+
 def write_csv_slices(tables, path: str | os.PathLike) -> None:
     """Write an iterable of tables (slices of the rows of one table) as one CSV, atomically.
 
     The header comes from the first; only one slice is in memory at a time
     when ``tables`` is a generator. At least one table is needed (a table
-    without rows gives the header alone).
+    without rows gives the header alone). The bytes are pandas'
+    ``to_csv(index=False)``'s; :func:`_csv_text` writes the usual tables
+    faster.
     """
     with atomic_path(path) as tmp:
         for i, table in enumerate(tables):
-            table.to_csv(tmp, mode="a" if i else "w", header=not i, index=False)
+            text = _csv_text(table, header=not i)
+            if text is None:
+                table.to_csv(tmp, mode="a" if i else "w", header=not i, index=False)
+                continue
+            with open(tmp, "a" if i else "w", encoding="utf-8", newline="") as f:
+                f.write(text)
 
 
 def read_csv(path: str | os.PathLike, what: str = "table", **kwargs):
