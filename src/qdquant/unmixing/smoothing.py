@@ -53,13 +53,13 @@ def _directions(total: np.ndarray, rho_px: float, guide_sigma_px: float) -> tupl
 
 def _smooth_padded(cube: np.ndarray, sigma_px: float, rho_px: float, guide_sigma_px: float) -> np.ndarray:
     """The smoothing of a cube already padded by :func:`smoothing_depth` (its edge is not trimmed)."""
-    cube = np.ascontiguousarray(cube, dtype=np.float32)
-    dy, dx = _directions(cube.sum(axis=0, dtype=np.float64), rho_px, guide_sigma_px)
+    cube = np.ascontiguousarray(cube)  # any real dtype: the kernel reads it into float32
+    dy, dx = _directions(cube.sum(axis=0, dtype=np.float32), rho_px, guide_sigma_px)
     half = math.ceil(TRUNCATE * sigma_px)
     steps = np.arange(-half, half + 1, dtype=np.float32)
     weights = np.exp(-0.5 * (steps / np.float32(sigma_px)) ** 2)
     weights = (weights / weights.sum()).astype(np.float32)
-    out = np.empty_like(cube)
+    out = np.empty(cube.shape, np.float32)
     if kernels.AVAILABLE:
         from qdquant.unmixing.kernels.lines import smooth_lines
 
@@ -123,7 +123,7 @@ def smooth_along_structures(cube, sigma_px: float, *, rho_px: float = 2.0, guide
     if cube.ndim != 3:
         raise InputError(f"cube must be (C, Y, X), got shape {cube.shape}")
     depth = smoothing_depth(sigma_px, rho_px, guide_sigma_px)
-    padded = np.pad(cube.astype(np.float32, copy=False), ((0, 0), (depth, depth), (depth, depth)), mode="edge")
+    padded = np.pad(cube, ((0, 0), (depth, depth), (depth, depth)), mode="edge")
     return _smooth_padded(padded, sigma_px, rho_px, guide_sigma_px)[:, depth:-depth, depth:-depth]
 
 
@@ -138,7 +138,7 @@ def smooth_along_structures_dask(cube: da.Array, sigma_px: float, *, rho_px: flo
     depth = smoothing_depth(sigma_px, rho_px, guide_sigma_px)
     cube = cube.rechunk({0: -1})
     return da.map_overlap(
-        _smooth_padded, cube.astype(np.float32), depth={0: 0, 1: depth, 2: depth},
+        _smooth_padded, cube, depth={0: 0, 1: depth, 2: depth},
         boundary={0: "none", 1: "nearest", 2: "nearest"}, dtype=np.float32, trim=True,
         sigma_px=sigma_px, rho_px=rho_px, guide_sigma_px=guide_sigma_px,
     )
