@@ -102,6 +102,9 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         library = refined_library(cfg, library, cube, shading, dark.counts, qc_dir)
         abundances, residual = _fit(cfg, sample_id, cube, library, dark.counts, shading, pixel_size)
         signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size)
+        # the QC's statistics read a strided sample of pixels: of the cube as it is, since
+        # the smoothed cube is only made by whole chunks (its means are the same)
+        raw_signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size, smoothed=False)
         # The store (abundances, residual, labels/flagged) is built under a temporary name and
         # renamed when complete: a reader never sees a store without its flags.
         with io.atomic_path(out["zarr"]) as store:
@@ -113,7 +116,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
             io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size,
                             group_metadata=False)
         io.write_csv(library.to_frame(), out["spectra_used"])
-        _unmixing_qc(cfg, sample_id, signal, library, noise, dark.counts, [w for w in (dark_warning,) if w])
+        _unmixing_qc(cfg, sample_id, raw_signal, library, noise, dark.counts, [w for w in (dark_warning,) if w])
 
 
 def _smoothed(cfg: Config, data: da.Array, pixel_size: float) -> da.Array:
@@ -159,9 +162,10 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
 MIN_PASS_TILE = 256
 
 
-def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixel_size: float) -> da.Array:
-    """The (C, Y, X) signal the fit explains: the cube smoothed as for the fit, shading divided out,
-    dark offset subtracted.
+def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixel_size: float, *,
+                   smoothed: bool = True) -> da.Array:
+    """The (C, Y, X) signal the fit explains: the cube smoothed as for the fit (unless
+    ``smoothed`` is False), shading divided out, dark offset subtracted.
 
     For the passes that follow the fit (residual flags, QC), which work
     pixel by pixel: chunked as the file's tiles when they are not small
@@ -171,7 +175,8 @@ def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixe
     data = cube.data
     if cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
         data = cube.tiles.rechunk({0: -1})
-    data = _smoothed(cfg, data, pixel_size)
+    if smoothed:
+        data = _smoothed(cfg, data, pixel_size)
     if shading is not None:
         from qdquant import illumination
 
