@@ -128,6 +128,21 @@ def _smoothed(cfg: Config, data: da.Array, pixel_size: float) -> da.Array:
         guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size)
 
 
+#: Edge (pixels) of the blocks the smoothing and the fit after it work on: the file's tiles
+#: merged up to about this. Each block reads only a thin strip of its neighbours, and
+#: blocks of ``chunk_size``² (whose neighbours dask would hold whole, 0.26 GB each for 31
+#: bands of 2048²) are never assembled; the writer gathers the fit's outputs instead.
+SMOOTHING_BLOCK_PX = 512
+
+
+def _smoothing_blocks(cube: io.Cube, chunk_size: int) -> da.Array:
+    """The cube in blocks of the file's tiles merged to about :data:`SMOOTHING_BLOCK_PX`, all bands."""
+    source = cube.tiles if cube.tiles is not None else cube.data
+    edge = min(SMOOTHING_BLOCK_PX, chunk_size)
+    merged = [max(1, round(edge / max(source.chunksize[axis], 1))) * source.chunksize[axis] for axis in (1, 2)]
+    return source.rechunk({0: -1, 1: merged[0], 2: merged[1]})
+
+
 #: The scales of the direction of :func:`_smoothed`'s smoothing (micrometres): the structure
 #: tensor's integration, and the blur of the summed bands before their gradient. A membrane
 #: between cells is about a micrometre wide; its direction holds over a couple of micrometres.
@@ -142,15 +157,18 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
     the dark offset is subtracted and the shading divided out as the fit
     reads it, without a corrected copy of it.
     """
+    data = cube.data
+    if cfg.unmixing.smoothing_um:
+        data = _smoothed(cfg, _smoothing_blocks(cube, cfg.chunk_size), pixel_size)
     gain = {}
     if shading is not None:
         from qdquant import illumination
 
-        gain = dict(gain=illumination.inverse_field(shading[0], cube.data.chunks[1:]), gain_offset=shading[1])
+        gain = dict(gain=illumination.inverse_field(shading[0], data.chunks[1:]), gain_offset=shading[1])
     log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
              "x".join(map(str, cube.data.shape[1:])), len(library.names))
     return unmixing.unmix(
-        _smoothed(cfg, cube.data, pixel_size),
+        data,
         library.spectra,
         offset=offset,
         weights="poisson" if cfg.unmixing.poisson_weights else None,
@@ -173,10 +191,10 @@ def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixe
     tiles for them, nor held as float32.
     """
     data = cube.data
-    if cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
+    if smoothed and cfg.unmixing.smoothing_um:
+        data = _smoothed(cfg, _smoothing_blocks(cube, cfg.chunk_size), pixel_size)
+    elif cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
         data = cube.tiles.rechunk({0: -1})
-    if smoothed:
-        data = _smoothed(cfg, data, pixel_size)
     if shading is not None:
         from qdquant import illumination
 
