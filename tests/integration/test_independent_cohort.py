@@ -55,8 +55,9 @@ def test_her2_score_and_nuclei_on_a_slide_made_differently(cohort, name):
 
 
 def test_her2_null_cells_on_the_null_slide_stay_0(cohort):
-    """At most 5 % of the null slide's cells read 1+ (the rule's maximum over 36 noisy sectors
-    keeps a floor of a few per cent at these photon counts: docs/validation.md)."""
+    """At most 1 % of the null slide's cells read 1+ (the issue's target). Here 0 %; 1.6 %
+    without the smoothing along membranes (``unmixing.smoothing_um: 0``), whose noise the
+    rule's maximum over 36 sectors of a few pixels turns into 1+ cells."""
     _, cfg, _ = cohort
     cells = pd.read_csv(pipeline.outputs(cfg, "ind_null_a")["cells"], dtype={"her2_class": str})
-    assert (cells["her2_class"] != "0").mean() <= 0.05
+    assert (cells["her2_class"] != "0").mean() <= 0.01

@@ -119,15 +119,6 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         _unmixing_qc(cfg, sample_id, raw_signal, library, noise, dark.counts, [w for w in (dark_warning,) if w])
 
 
-def _smoothed(cfg: Config, data: da.Array, pixel_size: float) -> da.Array:
-    """The cube smoothed along its membranes (``unmixing.smoothing_um``), or as it is when that is 0."""
-    if not cfg.unmixing.smoothing_um:
-        return data
-    return unmixing.smooth_along_structures_dask(
-        data, cfg.unmixing.smoothing_um / pixel_size, rho_px=SMOOTHING_RHO_UM / pixel_size,
-        guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size)
-
-
 #: Edge (pixels) of the blocks the smoothing and the fit after it work on: the file's tiles
 #: merged up to about this. Each block reads only a thin strip of its neighbours, and
 #: blocks of ``chunk_size``² (whose neighbours dask would hold whole, 0.26 GB each for 31
@@ -135,15 +126,18 @@ def _smoothed(cfg: Config, data: da.Array, pixel_size: float) -> da.Array:
 SMOOTHING_BLOCK_PX = 512
 
 
-def _smoothing_blocks(cube: io.Cube, chunk_size: int) -> da.Array:
-    """The cube in blocks of the file's tiles merged to about :data:`SMOOTHING_BLOCK_PX`, all bands."""
+def _smoothed_cube(cfg: Config, cube: io.Cube, pixel_size: float) -> da.Array:
+    """The cube smoothed along its membranes (``unmixing.smoothing_um`` > 0), lazily, in blocks of
+    the file's tiles merged to about :data:`SMOOTHING_BLOCK_PX`, all bands together."""
     source = cube.tiles if cube.tiles is not None else cube.data
-    edge = min(SMOOTHING_BLOCK_PX, chunk_size)
+    edge = min(SMOOTHING_BLOCK_PX, cfg.chunk_size)
     merged = [max(1, round(edge / max(source.chunksize[axis], 1))) * source.chunksize[axis] for axis in (1, 2)]
-    return source.rechunk({0: -1, 1: merged[0], 2: merged[1]})
+    return unmixing.smooth_along_structures_dask(
+        source.rechunk({0: -1, 1: merged[0], 2: merged[1]}), cfg.unmixing.smoothing_um / pixel_size,
+        rho_px=SMOOTHING_RHO_UM / pixel_size, guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size)
 
 
-#: The scales of the direction of :func:`_smoothed`'s smoothing (micrometres): the structure
+#: The scales of the direction of :func:`_smoothed_cube`'s smoothing (micrometres): the structure
 #: tensor's integration, and the blur of the summed bands before their gradient. A membrane
 #: between cells is about a micrometre wide; its direction holds over a couple of micrometres.
 SMOOTHING_RHO_UM = 1.0
@@ -157,9 +151,7 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
     the dark offset is subtracted and the shading divided out as the fit
     reads it, without a corrected copy of it.
     """
-    data = cube.data
-    if cfg.unmixing.smoothing_um:
-        data = _smoothed(cfg, _smoothing_blocks(cube, cfg.chunk_size), pixel_size)
+    data = _smoothed_cube(cfg, cube, pixel_size) if cfg.unmixing.smoothing_um else cube.data
     gain = {}
     if shading is not None:
         from qdquant import illumination
@@ -186,13 +178,13 @@ def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixe
     ``smoothed`` is False), shading divided out, dark offset subtracted.
 
     For the passes that follow the fit (residual flags, QC), which work
-    pixel by pixel: chunked as the file's tiles when they are not small
-    (all bands together), so no chunk of ``chunk_size``² is assembled from
-    tiles for them, nor held as float32.
+    pixel by pixel: chunked as the file's tiles when they are not small, or
+    as the smoothing's blocks (all bands together), so no chunk of
+    ``chunk_size``² is assembled from tiles for them.
     """
     data = cube.data
     if smoothed and cfg.unmixing.smoothing_um:
-        data = _smoothed(cfg, _smoothing_blocks(cube, cfg.chunk_size), pixel_size)
+        data = _smoothed_cube(cfg, cube, pixel_size)
     elif cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
         data = cube.tiles.rechunk({0: -1})
     if shading is not None:
