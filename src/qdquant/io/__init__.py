@@ -26,6 +26,7 @@ from qdquant.io.ome_zarr import (
     read_multiscale,
     read_ome_zarr,
     read_pixel_size_um,
+    read_window,
     store_chunk,
     write_ome_zarr,
 )
@@ -34,6 +35,7 @@ from qdquant.io.tables import H5adWriter, read_csv, write_csv, write_csv_slices
 __all__ = [
     "BIGTIFF_BYTES", "PYRAMID_COARSEST_PX", "STORE_CHUNK_PX", "Cube", "H5adWriter",
     "atomic_path", "decoded_once", "on_distributed_cluster", "open_cube", "pyramid_factors", "read_csv",
-    "read_cube_header", "read_labels", "read_multiscale", "read_ome_zarr", "read_pixel_size_um", "scratch_dir",
+    "read_cube_header", "read_labels", "read_multiscale", "read_ome_zarr", "read_pixel_size_um", "read_window",
+    "scratch_dir",
     "store_chunk", "write_csv", "write_csv_slices", "write_labels", "write_ome_tiff", "write_ome_zarr",
 ]

@@ -168,6 +168,19 @@ def read_ome_zarr(path: str | os.PathLike, chunk_size: int | None = None) -> tup
     return da.from_zarr(array, chunks=_dask_chunks(array, chunk_size)), names
 
 
+def read_window(path: str | os.PathLike, channel: int, ys: tuple[int, int], xs: tuple[int, int]) -> np.ndarray:
+    """Rows ``ys`` and columns ``xs`` (``(start, stop)``) of one channel of level 0, read straight
+    from the store.
+
+    Only the stored chunks under the window are decoded; a slice of the dask array of
+    :func:`read_ome_zarr` decodes every dask chunk it touches whole (a tile with its overlap
+    touches nine). Picklable as a ``functools.partial`` of the path and channel, for workers
+    elsewhere.
+    """
+    root = zarr.open_group(str(path), mode="r")
+    return root[_first_dataset(root)][channel, ys[0]:ys[1], xs[0]:xs[1]]
+
+
 def read_pixel_size_um(zarr_path: str | os.PathLike) -> float:
     """Pixel size (µm) recorded in the level-0 scale of an OME-Zarr multiscale."""
     root = zarr.open_group(str(zarr_path), mode="r")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pandas as pd
@@ -31,7 +32,8 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
     out = outputs(cfg, sample_id)
     abundances, names = io.read_ome_zarr(out["zarr"], cfg.chunk_size)
     pixel_size = io.read_pixel_size_um(out["zarr"])
-    nuclear = abundances[panel_channel(cfg, names, "nuclear_stain", out["zarr"])]
+    nuclear_idx = panel_channel(cfg, names, "nuclear_stain", out["zarr"])
+    nuclear = abundances[nuclear_idx]
     membrane_idx = panel_channel(cfg, names, "membrane_stain", out["zarr"])
     membrane = None if membrane_idx is None else abundances[membrane_idx]
     diameter = _nucleus_diameter(cfg, sample_id, nuclear, pixel_size)
@@ -47,6 +49,11 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
             cell_expansion_um=expansion,
             chunk_size=cfg.chunk_size,
             scratch=scratch,
+            # Each tile reads its padded window straight from the store: only the stored chunks
+            # under it, not the nine whole dask chunks it touches.
+            read_window=functools.partial(
+                _read_stain, str(out["zarr"].absolute()), {"nuclear": nuclear_idx, "membrane": membrane_idx}
+            ),
         )
         io.write_labels(out["zarr"], {"nuclei": nuclei, "cells": cells}, chunk_size=cfg.chunk_size)
     report.plot_segmentation_qc(
@@ -54,6 +61,12 @@ def segment_sample(cfg: Config, sample_id: str) -> None:
         io.read_labels(out["zarr"], "cells", cfg.chunk_size),
         out["segmentation_qc"],
     )
+
+
+def _read_stain(path: str, channels: dict, which: str, ys, xs):
+    """Window ``ys`` x ``xs`` of the ``"nuclear"`` or ``"membrane"`` stain's channel (``channels``)
+    of the OME-Zarr at ``path`` (the ``read_window`` of :func:`qdquant.segmentation.segment_chunked`)."""
+    return io.read_window(path, channels[which], ys, xs)
 
 
 def _nucleus_diameter(cfg: Config, sample_id: str, nuclear, pixel_size: float) -> float:

@@ -18,20 +18,31 @@ from qdquant.segmentation.cells import _cells_tile
 from qdquant.segmentation.image_stats import _image_stats_lazy
 from qdquant.segmentation.nuclei import _nuclei_tile
 
+#: Least edge of the scratch's chunks (px): smaller chunks would cut a tile into more files
+#: than the reads they save are worth.
+SCRATCH_CHUNK_MIN_PX = 256
 
-def _tile_task(nuc_tile, mem_tile, nstats, mstats, *, scratch, index, r, ps, dist_px, origin, core, width):
+
+def _tile_task(nuc_tile, mem_tile, nstats, mstats, *, read, window, scratch, index, at, r, ps, dist_px, core, width):
     """Segment one padded tile; store the objects whose nucleus centroid is in ``core``.
 
-    The owned objects, numbered ``1 ..`` in this tile (int32, at the padded
-    tile's full extent), are written to ``scratch[index]`` -- nuclei in
-    plane 0, cells in plane 1 -- so that dask holds only the returned keys
+    ``window`` is the padded tile's place in the slide, ``((y0, y1), (x0,
+    x1))``. Its images are ``nuc_tile`` and ``mem_tile``, or, where ``read``
+    is given, ``read("nuclear" | "membrane", *window)`` (see ``read_window``
+    of :func:`segment_chunked`). The owned objects, numbered ``1 ..`` in this tile
+    (int32, at the padded tile's full extent), are written to
+    ``scratch[index]`` from position ``at`` -- nuclei in plane 0, cells in
+    plane 1 -- so that dask holds only the returned keys
     between this task and the blocks that read the tile back. Returns each
     owned object's key (int64): the slide-wide raster index ``y * width + x``
     of its nucleus's first pixel in raster order, which orders the objects
     the same way whatever the tiling (:func:`_canonical_ids`).
     """
-    py0, px0 = origin
+    (py0, _), (px0, _) = window
     (cy0, cy1), (cx0, cx1) = core
+    if read is not None:
+        nuc_tile = read("nuclear", *window)
+        mem_tile = read("membrane", *window) if mstats is not None else None
     nuc = _nuclei_tile(_as_float(nuc_tile), nstats, r, py0, px0)
     cells = _cells_tile(nuc, mem_tile, mstats, ps, dist_px, py0, px0)
     n = int(nuc.max())
@@ -52,7 +63,8 @@ def _tile_task(nuc_tile, mem_tile, nstats, mstats, *, scratch, index, r, ps, dis
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[ids] = np.arange(1, len(ids) + 1)
     h, w = nuc.shape
-    scratch[index + (slice(None), slice(0, h), slice(0, w))] = np.stack([lut[nuc], lut[cells]])
+    sy, sx = at
+    scratch[index + (slice(None), slice(sy, sy + h), slice(sx, sx + w))] = np.stack([lut[nuc], lut[cells]])
     return key[ids]
 
 
@@ -107,6 +119,7 @@ def segment_chunked(
     chunk_size: int = CHUNK_SIZE,
     overlap_px: int | None = None,
     scratch=None,
+    read_window=None,
 ):
     """Segment nuclei and cells of a whole slide tile by tile, lazily.
 
@@ -153,6 +166,16 @@ def segment_chunked(
         absent directory; it must outlive the computation of the results,
         and may be deleted after). Default: in memory, which grows with
         the slide; whole slides should pass a directory on local disk.
+    read_window : callable, optional
+        ``read_window(which, (y0, y1), (x0, x1))``: that window of the
+        ``"nuclear"`` or ``"membrane"`` image as a NumPy array, the same
+        values as slicing ``nuclear`` or ``membrane``; each tile task then
+        reads its padded tile with it (e.g. straight from the Zarr store,
+        :func:`qdquant.io.read_window`, which decodes only the stored
+        chunks under the window; a slice of a dask array holds and decodes
+        the nine whole dask chunks a padded tile touches). It must be
+        picklable for a distributed cluster. Default: slices of the dask
+        arrays.
 
     Returns
     -------
@@ -214,7 +237,7 @@ def segment_chunked(
     ty, tx, scratch = _tile_grid(shape, chunk_size, overlap_px, r, scratch)
     tiles = _tile_tasks(
         nuclear, membrane, nstats, mstats, scratch, ty=ty, tx=tx, overlap_px=overlap_px, r=r, ps=ps,
-        dist_px=dist_px,
+        dist_px=dist_px, read_window=read_window,
     )
     return _assembled(tiles, scratch, ty, tx)
 
@@ -238,16 +261,29 @@ def _tiling(chunk_size, overlap_px, d_um: float, e_um: float, ps: float) -> tupl
     return chunk_size, overlap_px
 
 
+def _scratch_chunk(chunk_size: int, overlap_px: int) -> int:
+    """Edge of the scratch's chunks: the smallest divisor of ``chunk_size`` of at least
+    ``overlap_px`` and :data:`SCRATCH_CHUNK_MIN_PX` (``chunk_size`` where none is smaller)."""
+    least = max(overlap_px, SCRATCH_CHUNK_MIN_PX, 1)
+    return next((d for d in range(least, chunk_size) if chunk_size % d == 0), chunk_size)
+
+
 def _tile_grid(shape, chunk_size: int, overlap_px: int, r: float, scratch):
     """Tile rows and columns and the scratch array of :func:`segment_chunked`.
 
     ``ty`` and ``tx`` list each tile's ``(start, stop)``; ``scratch`` holds
-    two int32 planes (nuclei, cells) per padded tile.
+    two int32 planes (nuclei, cells) per padded tile, the tile's own
+    ``chunk_size``² from position ``(c, c)`` (``c`` its chunk edge,
+    :func:`_scratch_chunk`) and the overlap around it. So the part of a
+    tile over each of the nine blocks it reaches is whole scratch chunks of
+    its own: a block reads back ``c`` rows of a neighbour tile, not the whole
+    padded tile.
     """
     m, n = shape
     ty = [(y, min(y + chunk_size, m)) for y in range(0, m, chunk_size)]
     tx = [(x, min(x + chunk_size, n)) for x in range(0, n, chunk_size)]
-    pad = (min(chunk_size + 2 * overlap_px, m), min(chunk_size + 2 * overlap_px, n))
+    c = _scratch_chunk(chunk_size, overlap_px)
+    pad = (min(chunk_size, m) + 2 * c, min(chunk_size, n) + 2 * c)
     most = int(m * n // max(_MIN_AREA_Q * math.pi * r * r, 1.0))  # disjoint nuclei of the minimum area
     if most >= 2**31 - 1:
         raise InputError(
@@ -256,34 +292,40 @@ def _tile_grid(shape, chunk_size: int, overlap_px: int, r: float, scratch):
         )
     scratch = zarr.open_array(
         zarr.storage.MemoryStore() if scratch is None else scratch, mode="w",
-        shape=(len(ty), len(tx), 2, *pad), chunks=(1, 1, 2, *pad), dtype=np.int32, fill_value=0,
+        shape=(len(ty), len(tx), 2, *pad), chunks=(1, 1, 2, c, c), dtype=np.int32, fill_value=0,
     )
     return ty, tx, scratch
 
 
-def _tile_tasks(nuclear, membrane, nstats, mstats, scratch, *, ty, tx, overlap_px, r, ps, dist_px):
+def _tile_tasks(nuclear, membrane, nstats, mstats, scratch, *, ty, tx, overlap_px, r, ps, dist_px, read_window):
     """One delayed :func:`_tile_task` per tile of the grid ``ty`` x ``tx`` (lists of ``(start, stop)``).
 
-    Returns ``{(i, j): ((index, origin, shape), keys)}``: where tile
-    ``(i, j)`` lies in ``scratch`` and in the slide, and its delayed result
-    (its objects' keys).
+    Returns ``{(i, j): ((index, origin, shape), keys)}``: tile ``(i, j)``'s
+    index in ``scratch``, the slide position of its scratch plane's first
+    pixel and the plane's shape, and its delayed result (its objects'
+    keys). With ``read_window`` the tasks read their own windows
+    (:func:`segment_chunked`) and do not depend on the input arrays' chunks.
     """
     import dask
 
     m, n = nuclear.shape
+    c = scratch.chunks[-1]
     task = dask.delayed(_tile_task, pure=True)
     tiles = {}
     for i, (y0, y1) in enumerate(ty):
         for j, (x0, x1) in enumerate(tx):
             py0, py1 = max(0, y0 - overlap_px), min(m, y1 + overlap_px)
             px0, px1 = max(0, x0 - overlap_px), min(n, x1 + overlap_px)
-            nt = nuclear[py0:py1, px0:px1]
-            mt = membrane[py0:py1, px0:px1] if membrane is not None else None
+            nt = mt = None
+            if read_window is None:
+                nt = nuclear[py0:py1, px0:px1]
+                mt = membrane[py0:py1, px0:px1] if membrane is not None else None
             keys = task(
-                nt, mt, nstats, mstats, scratch=scratch, index=(i, j), r=r, ps=ps, dist_px=dist_px,
-                origin=(py0, px0), core=((y0, y1), (x0, x1)), width=n,
+                nt, mt, nstats, mstats, read=read_window, window=((py0, py1), (px0, px1)), scratch=scratch,
+                index=(i, j), at=(c - (y0 - py0), c - (x0 - px0)), r=r, ps=ps, dist_px=dist_px,
+                core=((y0, y1), (x0, x1)), width=n,
             )
-            tiles[i, j] = ((i, j), (py0, px0), (py1 - py0, px1 - px0)), keys
+            tiles[i, j] = ((i, j), (y0 - c, x0 - c), scratch.shape[-2:]), keys
     return tiles
 
 

@@ -59,17 +59,30 @@ def _low_percentile(a, axis=None):
     u, w = np.meshgrid(np.arange(b) - (b - 1) / 2, np.arange(b) - (b - 1) / 2, indexing="ij")
     u, w = u.ravel(), w.ravel()
     sel = (v <= np.median(v, axis=-1, keepdims=True)).astype(np.float64)
-    cols = (np.ones_like(u), u, w)
+    # The normal equations of the fit, each product once: products by the column of ones are
+    # exact, and lhs is symmetric (ci * cj == cj * ci), so the sums are those of all nine and
+    # of (sel * v) * ci bit for bit, with half the block-sized temporaries.
+    sv = sel * v
+    cols = (None, u, w)
     lhs = np.empty((m, n, 3, 3))
     rhs = np.empty((m, n, 3))
     for i, ci in enumerate(cols):
-        rhs[..., i] = (sel * v * ci).sum(-1)
-        for j, cj in enumerate(cols):
-            lhs[..., i, j] = (sel * (ci * cj)).sum(-1)
+        rhs[..., i] = (sv if ci is None else sv * ci).sum(-1)
+        for j in range(i, 3):
+            cj = cols[j]
+            prod = ci if cj is None else cj if ci is None else ci * cj
+            lhs[..., i, j] = lhs[..., j, i] = (sel if prod is None else sel * prod).sum(-1)
     lhs += np.eye(3) * 1e-9
     c0, gu, gw = np.moveaxis(np.linalg.solve(lhs, rhs[..., None])[..., 0], -1, 0)
     resid = v - (c0[..., None] + gu[..., None] * u + gw[..., None] * w)
     return c0 + np.percentile(resid, _BG_PERCENTILE, axis=-1)
+
+
+def _finite_float64(a):
+    """``a`` as float64, its non-finite values 0 (``where(isfinite(a), a, 0.0)``), one new array."""
+    out = np.array(a, dtype=np.float64)  # a copy even of float64: dask's chunk stays as it was
+    out[~np.isfinite(out)] = 0.0
+    return out
 
 
 def _extend_linear(grid, k):
@@ -152,8 +165,8 @@ def _stats_parts(image, radius_px: float):
     m, n = image.shape
     pm, pn = (-m) % step, (-n) % step
     x = image if _is_dask(image) else da.from_array(np.asarray(image), chunks=(32 * step, 32 * step))
-    x = x.astype(np.float64)
-    x = da.where(da.isfinite(x), x, 0.0)
+    # float64, non-finite values 0, in one copy per chunk (astype then where made two)
+    x = x.map_blocks(_finite_float64, dtype=np.float64)
     if pm or pn:
         x = da.pad(x, ((0, pm), (0, pn)), mode="edge")
     fine = da.coarsen(np.mean, x, {0: f, 1: f})
