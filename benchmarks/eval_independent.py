@@ -10,9 +10,10 @@ Printed per slide: true / measured HER2 score and category (and the oracle's: th
 contract rule on the noise-free blurred HER2 map with true labels), per-cell
 agreement and quadratic kappa (cells matched by the true cell under the measured
 centroid), also against the oracle's class, and the oracle's own kappa against the
-generator's class (the ceiling of a pipeline that follows the contract), the HER2-0 false-positive rate (true class-0 cells measured >= 1+, %),
-the mean HER2 membrane abundance bias over true-0 cells, and nuclei / cell F1 at
-IoU 0.5; then per cohort and per phenomenon. Writes ``{out}/eval_independent.csv``.
+generator's class (the ceiling of a pipeline that follows the contract), the
+HER2-0 false-positive rate (true class-0 cells measured >= 1+, %), the mean HER2
+membrane abundance bias over true-0 cells, and nuclei / cell F1 at IoU 0.5; then
+per cohort and per phenomenon. Writes ``{out}/eval_independent.csv``.
 
     python benchmarks/eval_independent.py [--size 1024] [--seed 0] [--cohort clean_offset ...]
                                           [--only ind_3plus ...] [--out results/eval_independent]
@@ -196,8 +197,8 @@ def main() -> None:
     table.to_csv(out / "eval_independent.csv", index=False)
     fmt = {"float_format": lambda v: f"{v:.3f}"}
     cols = [c for c in ["cohort", "sample", "her2_true", "her2_got", "her2_oracle", "cat_true", "cat_got",
-                        "agreement", "kappa", "kappa_oracle", "kappa_oracle_vs_truth", "fp0_pct", "fp0_oracle_pct", "bias0", "nuclei_f1", "cell_f1", "n_true", "n_got",
-                        "seconds", "error"] if c in table]
+                        "agreement", "kappa", "kappa_oracle", "kappa_oracle_vs_truth", "fp0_pct", "fp0_oracle_pct",
+                        "bias0", "nuclei_f1", "cell_f1", "n_true", "n_got", "seconds", "error"] if c in table]
     pd.set_option("display.width", 250)
     print("\nper slide\n" + table[cols].to_string(index=False, **fmt))
     if "agreement" in table:
@@ -205,7 +206,8 @@ def main() -> None:
             slides=("sample", "size"), score_ok=("score_ok", "sum"), category_ok=("category_ok", "sum"),
             agreement=("agreement", "mean"), kappa=("kappa", "mean"), min_kappa=("kappa", "min"),
             kappa_oracle=("kappa_oracle", "mean"), min_kappa_oracle=("kappa_oracle", "min"),
-            oracle_vs_truth=("kappa_oracle_vs_truth", "mean"), fp0_pct=("fp0_pct", "mean"), fp0_oracle_pct=("fp0_oracle_pct", "mean"),
+            oracle_vs_truth=("kappa_oracle_vs_truth", "mean"), fp0_pct=("fp0_pct", "mean"),
+            fp0_oracle_pct=("fp0_oracle_pct", "mean"),
             bias0=("bias0", "mean"), nuclei_f1=("nuclei_f1", "mean"), cell_f1=("cell_f1", "mean"))
         print("\nper cohort\n" + per.to_string(**fmt))
         ph = phenomenon_table(table)
