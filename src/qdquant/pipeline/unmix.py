@@ -101,10 +101,10 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         library = with_slide_autofluorescence(cfg, sample, library, cube, shading, dark.counts, qc_dir)
         library = refined_library(cfg, library, cube, shading, dark.counts, qc_dir)
         abundances, residual = _fit(cfg, sample_id, cube, library, dark.counts, shading, pixel_size)
-        signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size)
+        signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size, library)
         # the QC's statistics read a strided sample of pixels: of the cube as it is, since
         # the smoothed cube is only made by whole chunks (its means are the same)
-        raw_signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size, smoothed=False)
+        raw_signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size, library, smoothed=False)
         # The store (abundances, residual, labels/flagged) is built under a temporary name and
         # renamed when complete: a reader never sees a store without its flags.
         with io.atomic_path(out["zarr"]) as store:
@@ -126,15 +126,32 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
 SMOOTHING_BLOCK_PX = 512
 
 
-def _smoothed_cube(cfg: Config, cube: io.Cube, pixel_size: float) -> da.Array:
+def _smoothed_cube(cfg: Config, cube: io.Cube, pixel_size: float, library) -> da.Array:
     """The cube smoothed along its membranes (``unmixing.smoothing_um`` > 0), lazily, in blocks of
-    the file's tiles merged to about :data:`SMOOTHING_BLOCK_PX`, all bands together."""
+    the file's tiles merged to about :data:`SMOOTHING_BLOCK_PX`, all bands together.
+
+    The direction is that of the membranes' light (:func:`membrane_guide`) where the panel
+    has a membrane stain or membrane marker, else of the total light.
+    """
     source = cube.tiles if cube.tiles is not None else cube.data
     edge = min(SMOOTHING_BLOCK_PX, cfg.chunk_size)
     merged = [max(1, round(edge / max(source.chunksize[axis], 1))) * source.chunksize[axis] for axis in (1, 2)]
     return unmixing.smooth_along_structures_dask(
         source.rechunk({0: -1, 1: merged[0], 2: merged[1]}), cfg.unmixing.smoothing_um / pixel_size,
-        rho_px=SMOOTHING_RHO_UM / pixel_size, guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size)
+        rho_px=SMOOTHING_RHO_UM / pixel_size, guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size,
+        guide_weights=membrane_guide(cfg, library))
+
+
+def membrane_guide(cfg: Config, library) -> np.ndarray | None:
+    """Band weights that sum the membranes' light: the membrane stain's and the membrane markers'
+    spectra, each scaled to a sum of 1 (so each gives its light's share); None without any."""
+    names = list(library.names)
+    rows = [r for r in cfg.panel if r.endmember in names
+            and (r.role == "membrane_stain" or (r.role == "marker" and r.compartment == "membrane"))]
+    if not rows:
+        return None
+    columns = library.spectra[:, [names.index(r.endmember) for r in rows]]
+    return (columns / columns.sum(axis=0)).sum(axis=1)
 
 
 #: The scales of the direction of :func:`_smoothed_cube`'s smoothing (micrometres): the structure
@@ -151,7 +168,7 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
     the dark offset is subtracted and the shading divided out as the fit
     reads it, without a corrected copy of it.
     """
-    data = _smoothed_cube(cfg, cube, pixel_size) if cfg.unmixing.smoothing_um else cube.data
+    data = _smoothed_cube(cfg, cube, pixel_size, library) if cfg.unmixing.smoothing_um else cube.data
     gain = {}
     if shading is not None:
         from qdquant import illumination
@@ -172,7 +189,7 @@ def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray
 MIN_PASS_TILE = 256
 
 
-def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixel_size: float, *,
+def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixel_size: float, library, *,
                    smoothed: bool = True) -> da.Array:
     """The (C, Y, X) signal the fit explains: the cube smoothed as for the fit (unless
     ``smoothed`` is False), shading divided out, dark offset subtracted.
@@ -184,7 +201,7 @@ def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixe
     """
     data = cube.data
     if smoothed and cfg.unmixing.smoothing_um:
-        data = _smoothed_cube(cfg, cube, pixel_size)
+        data = _smoothed_cube(cfg, cube, pixel_size, library)
     elif cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
         data = cube.tiles.rechunk({0: -1})
     if shading is not None:

@@ -9,8 +9,10 @@ bias alone make HER2-null cells 1+. An isotropic blur pools pixels but also
 lowers a membrane's intensity across it (3+ cells read 2+). Smoothing along
 the membrane pools the pixels that share its intensity and leaves its profile
 across it alone; in flat regions it is a mild 1-D blur. The direction is the
-structure tensor's: perpendicular to the dominant gradient of the cube's
-total light around each pixel.
+structure tensor's: perpendicular to the dominant gradient, around each
+pixel, of a guide image, the cube's total light or a weighted sum of its
+bands (the membrane stains' light: in crowded nests the edges of the bright
+nuclei would otherwise set the direction at the membranes between them).
 """
 
 from __future__ import annotations
@@ -51,10 +53,24 @@ def _directions(total: np.ndarray, rho_px: float, guide_sigma_px: float) -> tupl
     return (-np.sin(theta)).astype(np.float32), np.cos(theta).astype(np.float32)
 
 
-def _smooth_padded(cube: np.ndarray, sigma_px: float, rho_px: float, guide_sigma_px: float) -> np.ndarray:
+def _guide(cube: np.ndarray, guide_weights) -> np.ndarray:
+    """The (Y, X) image whose structure gives the direction: the bands' sum, or weighted sum."""
+    if guide_weights is None:
+        return cube.sum(axis=0, dtype=np.float32)
+    # band by band, in order: every pixel's sum is the same whatever the block (a BLAS
+    # product's order depends on the block's shape, and a last-bit change can turn a direction)
+    guide = np.zeros(cube.shape[1:], np.float32)
+    for weight, band in zip(guide_weights.astype(np.float32), cube):
+        if weight:
+            guide += weight * band.astype(np.float32, copy=False)
+    return guide
+
+
+def _smooth_padded(cube: np.ndarray, sigma_px: float, rho_px: float, guide_sigma_px: float,
+                   guide_weights=None) -> np.ndarray:
     """The smoothing of a cube already padded by :func:`smoothing_depth` (its edge is not trimmed)."""
     cube = np.ascontiguousarray(cube)  # any real dtype: the kernel reads it into float32
-    dy, dx = _directions(cube.sum(axis=0, dtype=np.float32), rho_px, guide_sigma_px)
+    dy, dx = _directions(_guide(cube, guide_weights), rho_px, guide_sigma_px)
     half = math.ceil(TRUNCATE * sigma_px)
     steps = np.arange(-half, half + 1, dtype=np.float32)
     weights = np.exp(-0.5 * (steps / np.float32(sigma_px)) ** 2)
@@ -80,13 +96,21 @@ def _smooth_lines_numpy(cube, dy, dx, steps, weights, out):
         out += weight * cube[:, ty, tx]
 
 
-def _check(sigma_px, rho_px, guide_sigma_px):
+def _check(sigma_px, rho_px, guide_sigma_px, guide_weights, n_bands):
     for name, value in (("sigma_px", sigma_px), ("rho_px", rho_px), ("guide_sigma_px", guide_sigma_px)):
         if not (np.isfinite(value) and value > 0):
             raise InputError(f"{name} must be a finite number > 0, got {value}")
+    if guide_weights is None:
+        return None
+    w = np.asarray(guide_weights, dtype=np.float64)
+    if w.shape != (n_bands,) or not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise InputError(f"guide_weights must be {n_bands} finite weights >= 0 (one per band), not all 0; "
+                         f"got shape {w.shape}")
+    return w
 
 
-def smooth_along_structures(cube, sigma_px: float, *, rho_px: float = 2.0, guide_sigma_px: float = 1.0) -> np.ndarray:
+def smooth_along_structures(cube, sigma_px: float, *, rho_px: float = 2.0, guide_sigma_px: float = 1.0,
+                            guide_weights=None) -> np.ndarray:
     """Smooth every band of a cube along the local structure (membranes, edges).
 
     Parameters
@@ -99,8 +123,12 @@ def smooth_along_structures(cube, sigma_px: float, *, rho_px: float = 2.0, guide
         Gaussian sigma of the structure tensor's integration, pixels: the
         scale over which the direction is taken. Default 2.
     guide_sigma_px : float, optional
-        Gaussian sigma of the blur of the summed bands before their
-        gradient, pixels. Default 1.
+        Gaussian sigma of the blur of the guide image before its gradient,
+        pixels. Default 1.
+    guide_weights : (C,) array_like, optional
+        Weights of the bands in the guide image whose structure gives the
+        direction (e.g. the membrane stain's spectrum). Default: the sum
+        of the bands.
 
     Returns
     -------
@@ -119,27 +147,29 @@ def smooth_along_structures(cube, sigma_px: float, *, rho_px: float = 2.0, guide
     that, so :func:`smooth_along_structures_dask` gives the same values
     whatever the chunks.
     """
-    _check(sigma_px, rho_px, guide_sigma_px)
     cube = np.asarray(cube)
     if cube.ndim != 3:
         raise InputError(f"cube must be (C, Y, X), got shape {cube.shape}")
+    weights = _check(sigma_px, rho_px, guide_sigma_px, guide_weights, cube.shape[0])
     depth = smoothing_depth(sigma_px, rho_px, guide_sigma_px)
     padded = np.pad(cube, ((0, 0), (depth, depth), (depth, depth)), mode="edge")
-    return _smooth_padded(padded, sigma_px, rho_px, guide_sigma_px)[:, depth:-depth, depth:-depth]
+    return _smooth_padded(padded, sigma_px, rho_px, guide_sigma_px, weights)[:, depth:-depth, depth:-depth]
 
 
 def smooth_along_structures_dask(cube: da.Array, sigma_px: float, *, rho_px: float = 2.0,
-                                 guide_sigma_px: float = 1.0) -> da.Array:
+                                 guide_sigma_px: float = 1.0, guide_weights=None) -> da.Array:
     """:func:`smooth_along_structures` of a dask (C, Y, X) cube, chunk by chunk with the overlap it needs.
 
     Bands are gathered into one chunk (the direction uses all of them); the
     result equals the numpy function's on the whole cube, whatever the chunks.
     """
-    _check(sigma_px, rho_px, guide_sigma_px)
+    if cube.ndim != 3:
+        raise InputError(f"cube must be (C, Y, X), got shape {cube.shape}")
+    weights = _check(sigma_px, rho_px, guide_sigma_px, guide_weights, cube.shape[0])
     depth = smoothing_depth(sigma_px, rho_px, guide_sigma_px)
     cube = cube.rechunk({0: -1})
     return da.map_overlap(
         _smooth_padded, cube, depth={0: 0, 1: depth, 2: depth},
         boundary={0: "none", 1: "nearest", 2: "nearest"}, dtype=np.float32, trim=True,
-        sigma_px=sigma_px, rho_px=rho_px, guide_sigma_px=guide_sigma_px,
+        sigma_px=sigma_px, rho_px=rho_px, guide_sigma_px=guide_sigma_px, guide_weights=weights,
     )

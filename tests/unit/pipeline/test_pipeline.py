@@ -174,3 +174,19 @@ def test_two_samples_combine_in_scimap(tiny_project):
     assert np.isfinite(x.to_numpy(float)).all()
     assert sorted(set(obs["imageid"])) == ["s1", "s2"]
     assert {"ER_nucleus_mean", "her2_class", "X_um"} <= set(obs.columns)
+
+
+def test_the_smoothing_takes_its_direction_from_the_membranes_light():
+    from qdquant.pipeline.unmix import membrane_guide
+
+    config = Path(__file__).resolve().parents[3] / "config"
+    cfg = load_config(config / "config.yaml")
+    panel = pd.read_csv(config / "panel.tsv", sep="\t")
+    spectra = pd.read_csv(config / "spectra.csv")
+    membrane = panel.loc[(panel.role == "membrane_stain") | (panel.compartment == "membrane"), "endmember"]
+    assert sorted(membrane) == ["QD655", "QD705"]  # HER2 and the E-cadherin stain
+    expected = sum(spectra[e] / spectra[e].sum() for e in membrane).to_numpy()
+    np.testing.assert_allclose(membrane_guide(cfg, cfg.library), expected)
+    # a panel without a membrane stain or membrane marker: the total light
+    no_membrane = tuple(r for r in cfg.panel if r.compartment != "membrane" and r.role != "membrane_stain")
+    assert membrane_guide(type("Cfg", (), {"panel": no_membrane})(), cfg.library) is None

@@ -89,6 +89,45 @@ def test_the_numpy_path_equals_the_kernel():
     np.testing.assert_array_equal(a, b)
 
 
+def _membrane_across_a_bright_edge():
+    """Band 1: a faint horizontal membrane (peak 50 at row 48); band 0: a bright vertical edge
+    (a nucleus' side, 1000 counts left of column 48) that crosses it."""
+    line, dist = _line((96, 96), 0)
+    edge = np.where(np.arange(96) < 48, 1000.0, 0.0)[None, :].repeat(96, axis=0)
+    return np.stack([edge + 5, 50 * line + 5]).astype(np.float32), dist
+
+
+def test_the_guide_bands_set_the_direction():
+    cube, dist = _membrane_across_a_bright_edge()
+    yy, xx = np.mgrid[0:96, 0:96]
+    on = (np.abs(dist) < 0.5) & (np.abs(xx - 47.5) < 4)  # the membrane where it crosses the edge
+    peak = cube[1][on].mean()
+    # by the total light, the bright edge sets the direction there: the membrane is smoothed across
+    by_total = smooth_along_structures(cube, 2.0)
+    assert by_total[1][on].mean() < 0.7 * peak
+    # by the membrane band's light, it is smoothed along itself and keeps its peak
+    by_membrane = smooth_along_structures(cube, 2.0, guide_weights=[0.0, 1.0])
+    assert by_membrane[1][on].mean() >= 0.95 * peak
+    # the guide's weights need not sum to one: only the direction of their sum's structure counts
+    np.testing.assert_array_equal(smooth_along_structures(cube, 2.0, guide_weights=[0.0, 7.0]), by_membrane)
+
+
+def test_the_same_values_whatever_the_chunks_with_guide_weights():
+    cube, _ = _membrane_across_a_bright_edge()
+    whole = smooth_along_structures(cube, 1.5, guide_weights=[0.2, 1.0])
+    got = smooth_along_structures_dask(da.from_array(cube, chunks=(2, 30, 41)), 1.5,
+                                       guide_weights=[0.2, 1.0]).compute()
+    np.testing.assert_array_equal(got, whole)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [np.nan, 1.0]])
+def test_bad_guide_weights_raise_input_error(weights):
+    with pytest.raises(InputError, match="guide_weights"):
+        smooth_along_structures(np.zeros((2, 10, 10)), 1.0, guide_weights=weights)
+    with pytest.raises(InputError, match="guide_weights"):
+        smooth_along_structures_dask(da.zeros((2, 10, 10)), 1.0, guide_weights=weights)
+
+
 def test_flat_light_is_unchanged():
     cube = np.full((3, 40, 50), 7.0, np.float32)
     np.testing.assert_allclose(smooth_along_structures(cube, 2.0), cube, rtol=1e-6)
