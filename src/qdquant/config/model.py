@@ -91,6 +91,11 @@ class Her2:
     #: True when the config file gave any threshold (explicit thresholds beat calibration)
     thresholds_explicit: bool = False
 
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The three intensity thresholds by name (as :func:`qdquant.scoring.her2_cell_scores` takes them)."""
+        return {"t_faint": self.t_faint, "t_weak": self.t_weak, "t_strong": self.t_strong}
+
 
 @dataclass(frozen=True)
 class Unmixing:

@@ -39,7 +39,7 @@ def her2_thresholds(cfg: Config) -> tuple[dict, str]:
     slides when the sample sheet has any; else the contract's defaults.
     """
     her2 = cfg.her2
-    config_values = {"t_faint": her2.t_faint, "t_weak": her2.t_weak, "t_strong": her2.t_strong}
+    config_values = her2.thresholds
     if her2.thresholds_explicit or not cfg.controls:
         return config_values, "config" if her2.thresholds_explicit else "default"
     fitted = io.read_csv(calibration_path(cfg), "HER2 calibration").iloc[0]

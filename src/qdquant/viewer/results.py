@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qdquant.errors import InputError
 
-__all__ = ["SampleResults", "Her2Settings", "locate", "her2_settings", "read_scoring_table", "rescore"]
+if TYPE_CHECKING:
+    from qdquant.config.model import Her2
+
+__all__ = ["SampleResults", "locate", "her2_settings", "read_scoring_table", "rescore"]
 
 #: The name of the abundance store inside a sample's results folder (contract).
 STORE = "unmixed.ome.zarr"
@@ -88,24 +92,8 @@ def locate(path) -> SampleResults | None:
     return None
 
 
-@dataclass(frozen=True)
-class Her2Settings:
-    """The HER2 rule's parameters a sample was scored with (config ``her2`` section)."""
-
-    t_faint: float
-    t_weak: float
-    t_strong: float
-    complete_fraction: float
-    sectors: int
-    ultralow_min_pct: float
-
-    @property
-    def thresholds(self) -> dict:
-        return {"t_faint": self.t_faint, "t_weak": self.t_weak, "t_strong": self.t_strong}
-
-
-def her2_settings(results: SampleResults) -> Her2Settings:
-    """The HER2 settings in force for the sample.
+def her2_settings(results: SampleResults) -> Her2:
+    """The HER2 settings in force for the sample, as the config's ``her2`` section.
 
     The thresholds are those ``summary.csv`` records (calibrated or not);
     ``complete_fraction``, ``sectors`` and ``ultralow_min_pct`` come from the
@@ -116,9 +104,10 @@ def her2_settings(results: SampleResults) -> Her2Settings:
 
     from qdquant import io
     from qdquant.config import schema
+    from qdquant.config.model import Her2
 
     defaults = schema()["properties"]["her2"]["properties"]
-    values = {k: defaults[k]["default"] for k in ("t_faint", "t_weak", "t_strong", "complete_fraction",
+    values = {k: defaults[k]["default"] for k in ("marker", "t_faint", "t_weak", "t_strong", "complete_fraction",
                                                   "sectors", "ultralow_min_pct") if "default" in defaults[k]}
     if results.provenance is not None:
         record = yaml.safe_load(results.provenance.read_text(encoding="utf-8")) or {}
@@ -128,7 +117,7 @@ def her2_settings(results: SampleResults) -> Her2Settings:
         row = io.read_csv(summary_path, "summary").iloc[0]
         values.update({k: float(row[f"her2_{k}"]) for k in ("t_faint", "t_weak", "t_strong")
                        if f"her2_{k}" in row and pd.notna(row[f"her2_{k}"])})
-    return Her2Settings(**{k: float(v) if k != "sectors" else int(v) for k, v in values.items()})
+    return Her2(**{k: v if k == "marker" else int(v) if k == "sectors" else float(v) for k, v in values.items()})
 
 
 #: Rows of ``measurements.csv`` parsed at a time (the parser's buffers grow with it: 78 MB at 20 000).
@@ -184,7 +173,7 @@ def read_scoring_table(results: SampleResults, sectors: int) -> ScoringTable:
     return ScoringTable(cell_id=cell_id, sector_sum=sums, sector_npx=npx, population=population)
 
 
-def rescore(table: ScoringTable, settings: Her2Settings) -> tuple[np.ndarray, dict]:
+def rescore(table: ScoringTable, settings: Her2) -> tuple[np.ndarray, dict]:
     """Every cell's HER2 class code (0..3, index into ``HER2_CLASSES``) and the sample's HER2 summary.
 
     The pipeline's functions with the given settings: the classes equal the

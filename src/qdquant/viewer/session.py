@@ -16,7 +16,6 @@ from qdquant import io
 from qdquant.viewer.layers import class_levels, class_lut, label_levels
 from qdquant.viewer.results import (
     CsvRows,
-    Her2Settings,
     SampleResults,
     her2_settings,
     read_scoring_table,
@@ -87,7 +86,7 @@ class Her2Session:
         Raises :class:`qdquant.errors.InputError` (and keeps the previous
         settings) when the thresholds are not increasing.
         """
-        settings: Her2Settings = replace(self.settings, **changes)
+        settings = replace(self.settings, **changes)
         codes, summary = rescore(self.table, settings)
         self.settings, self.codes, self.summary = settings, codes, summary
         return summary
