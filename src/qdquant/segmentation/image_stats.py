@@ -59,19 +59,13 @@ def _low_percentile(a, axis=None):
     u, w = np.meshgrid(np.arange(b) - (b - 1) / 2, np.arange(b) - (b - 1) / 2, indexing="ij")
     u, w = u.ravel(), w.ravel()
     sel = (v <= np.median(v, axis=-1, keepdims=True)).astype(np.float64)
-    # The normal equations of the fit, each product once: products by the column of ones are
-    # exact, and lhs is symmetric (ci * cj == cj * ci), so the sums are those of all nine and
-    # of (sel * v) * ci bit for bit, with half the block-sized temporaries.
+    # the normal equations of the fit of c0 + gu * u + gw * w to the selected values: six
+    # distinct sums for the symmetric lhs, three for the rhs
+    s1, su, sw = sel.sum(-1), (sel * u).sum(-1), (sel * w).sum(-1)
+    suu, suw, sww = (sel * (u * u)).sum(-1), (sel * (u * w)).sum(-1), (sel * (w * w)).sum(-1)
     sv = sel * v
-    cols = (None, u, w)
-    lhs = np.empty((m, n, 3, 3))
-    rhs = np.empty((m, n, 3))
-    for i, ci in enumerate(cols):
-        rhs[..., i] = (sv if ci is None else sv * ci).sum(-1)
-        for j in range(i, 3):
-            cj = cols[j]
-            prod = ci if cj is None else cj if ci is None else ci * cj
-            lhs[..., i, j] = lhs[..., j, i] = (sel if prod is None else sel * prod).sum(-1)
+    rhs = np.stack([sv.sum(-1), (sv * u).sum(-1), (sv * w).sum(-1)], axis=-1)
+    lhs = np.stack([np.stack([s1, su, sw], -1), np.stack([su, suu, suw], -1), np.stack([sw, suw, sww], -1)], -2)
     lhs += np.eye(3) * 1e-9
     c0, gu, gw = np.moveaxis(np.linalg.solve(lhs, rhs[..., None])[..., 0], -1, 0)
     resid = v - (c0[..., None] + gu[..., None] * u + gw[..., None] * w)
