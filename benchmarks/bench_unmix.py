@@ -107,7 +107,7 @@ def corrections(size: int) -> int:
     import dask.array as da
 
     from qdquant import illumination, simulate
-    from qdquant.pipeline import REFINE_SAMPLING, pixel_sample
+    from qdquant.pipeline import LIBRARY_SAMPLING, REFINE_SAMPLING, pixel_sample
     from qdquant.unmixing import refine_library
 
     t = time.perf_counter()
@@ -123,7 +123,7 @@ def corrections(size: int) -> int:
     cube = da.from_array(slide.cube, chunks=(slide.cube.shape[0], 1024, 1024))
 
     def refine(data):
-        sample = pixel_sample(data, max_pixels=REFINE_SAMPLING["n_pixels"])[0]  # as the unmix step reads it
+        sample = pixel_sample(data, **LIBRARY_SAMPLING)[0]  # as the unmix step reads it
         return refine_library(sample, library, slide.wavelengths_nm, max_shift_nm=6, **REFINE_SAMPLING)
 
     def estimate(data):

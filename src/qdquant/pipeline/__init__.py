@@ -26,7 +26,7 @@ from qdquant.pipeline.sampling import cube_sample, pixel_sample
 from qdquant.pipeline.score import score_cell_rows, score_cells, score_sample, summarise_cells, tumour_threshold
 from qdquant.pipeline.segment import CELL_EXPANSION_PER_NUCLEUS, segment_sample
 from qdquant.pipeline.unmix import FLAG_MARGIN_UM, unmix_sample
-from qdquant.pipeline.unmix_library import REFINE_SAMPLING, SLIDE_AF_SAMPLING, channel_roles
+from qdquant.pipeline.unmix_library import LIBRARY_SAMPLING, REFINE_SAMPLING, channel_roles
 
 # the names these had when the steps were one module (tests and benchmarks use them)
 _pixel_sample, _cube_sample = pixel_sample, cube_sample
@@ -48,8 +48,8 @@ def run_sample(cfg, sample_id: str) -> None:
 
 
 __all__ = [
-    "CELL_EXPANSION_PER_NUCLEUS", "FLAG_MARGIN_UM", "REFINE_SAMPLING", "SECTOR_NPX", "SECTOR_SUM",
-    "SLIDE_AF_SAMPLING", "STEPS", "TABLE_ROWS", "calibrate", "calibration_path", "channel_roles", "cohort",
+    "CELL_EXPANSION_PER_NUCLEUS", "FLAG_MARGIN_UM", "LIBRARY_SAMPLING", "REFINE_SAMPLING", "SECTOR_NPX", "SECTOR_SUM",
+    "STEPS", "TABLE_ROWS", "calibrate", "calibration_path", "channel_roles", "cohort",
     "cube_sample", "her2_thresholds", "outputs", "pixel_sample", "provenance_path", "quantify_sample",
     "report_sample", "run_sample", "sample_dir", "score_cell_rows", "score_cells", "score_sample",
     "segment_sample", "summarise_cells", "tumour_threshold", "unmix_sample", "write_provenance",

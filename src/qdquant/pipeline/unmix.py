@@ -23,6 +23,7 @@ from qdquant.pipeline.paths import outputs
 from qdquant.pipeline.sampling import cube_sample, pixel_sample
 from qdquant.pipeline.unmix_library import (
     channel_roles,
+    library_pixels,
     refined_library,
     with_control_autofluorescence,
     with_flat_endmember,
@@ -98,8 +99,9 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         dark, dark_warning = _dark_offset(library, cube, qc_dir)
         library = with_flat_endmember(library)
         shading = _shading(cfg, library, cube, qc_dir)  # divided out before refinement and the fit
-        library = with_slide_autofluorescence(cfg, sample, library, cube, shading, dark.counts, qc_dir)
-        library = refined_library(cfg, library, cube, shading, dark.counts, qc_dir)
+        pixels = library_pixels(cube, shading)  # read once, for both
+        library = with_slide_autofluorescence(cfg, sample, library, pixels, dark.counts, qc_dir)
+        library = refined_library(cfg, library, pixels, dark.counts, qc_dir)
         abundances, residual = _fit(cfg, sample_id, cube, library, dark.counts, shading, pixel_size)
         signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size, library)
         # the QC's statistics read a strided sample of pixels: of the cube as it is, since

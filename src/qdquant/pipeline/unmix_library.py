@@ -55,20 +55,29 @@ def with_flat_endmember(library):
                    names=(*library.names, name))
 
 
-#: Pixels of the slide the autofluorescence spectra are taken from (up to 16 windows of 1024²,
-#: strided): enough of the tissue's variety, a small part of a whole slide.
-SLIDE_AF_SAMPLING = dict(n_blocks=16, window=1024, max_pixels=200_000)
+#: Pixels of the slide the library is fitted to, its autofluorescence and its refinement (up to
+#: 16 windows of 1024², strided): enough of the tissue's variety, a small part of a whole slide.
+#: A few small windows can miss a stain's tissue (on a slide whose centre is stroma, its HER2
+#: membranes), and the stain's refinement then fits noise.
+LIBRARY_SAMPLING = dict(n_blocks=16, window=1024, max_pixels=200_000)
 
 
-def with_slide_autofluorescence(cfg: Config, sample, library, cube: io.Cube, shading, offset: np.ndarray,
-                            qc_dir: Path):
+def library_pixels(cube: io.Cube, shading):
+    """A function that returns the (C, Y, X) :data:`LIBRARY_SAMPLING` windows of the cube, shading
+    divided out, read at its first call only (the steps that fit the library may all be off)."""
+    import functools
+
+    return functools.cache(functools.partial(cube_sample, cube, shading, **LIBRARY_SAMPLING))
+
+
+def with_slide_autofluorescence(cfg: Config, sample, library, pixels, offset: np.ndarray, qc_dir: Path):
     """The library with its autofluorescence replaced by the slide's own (``unmixing.autofluorescence: slide``).
 
     The panel's autofluorescence endmember takes the spectrum of the most
     common stain-free tissue; other kinds of tissue autofluorescence found
     (stroma against epithelium) are added as endmembers ``{AF}_2``, ...
     Skipped when an unstained control gave the spectrum, or when the slide
-    has too few stain-free pixels (logged).
+    has too few stain-free pixels (logged). ``pixels``: :func:`library_pixels`.
     """
     row = cfg.panel_row(role="autofluorescence")
     if cfg.unmixing.autofluorescence != "slide" or row is None or sample.unstained is not None:
@@ -76,7 +85,7 @@ def with_slide_autofluorescence(cfg: Config, sample, library, cube: io.Cube, sha
     from qdquant.slide_autofluorescence import autofluorescence_from_slide
 
     names = list(library.names)
-    pixels = cube_sample(cube, shading, **SLIDE_AF_SAMPLING)
+    pixels = pixels()
     pixels = pixels.reshape(pixels.shape[0], -1) - offset[:, None]
     # stain-free: no nuclear or membrane stain, and no marker spread over the cell or its cytoplasm
     stains = [names.index(r.endmember) for r in cfg.panel
@@ -98,26 +107,26 @@ def with_slide_autofluorescence(cfg: Config, sample, library, cube: io.Cube, sha
     return replace(library, spectra=np.column_stack([spectra, afs[:, 1:]]), names=(*names, *extra))
 
 
-#: How the unmix step samples the slide's pixels for library refinement: an endmember is
+#: How library refinement subsamples the :data:`LIBRARY_SAMPLING` pixels: an endmember is
 #: refined on the pixels where it gives at least 10 % of the signal (PR on QD605 shares
 #: nuclei with DAPI and dominates almost none, yet its drift leaks into HER2).
 REFINE_SAMPLING = dict(n_pixels=100_000, min_share=0.1)
 
 
-def refined_library(cfg: Config, library, cube: io.Cube, shading, offset: np.ndarray, qc_dir: Path):
+def refined_library(cfg: Config, library, pixels, offset: np.ndarray, qc_dir: Path):
     """The library the fit uses: refined on the slide (shading divided out) when the config says so.
 
     ``refine_library: auto`` keeps the refined spectra only when they lower
     the residual on the sampled pixels; ``true`` always, ``false`` never.
+    ``pixels``: :func:`library_pixels`.
     """
     from qdquant import report
 
     mode = cfg.unmixing.refine_library
     if mode is False:
         return library
-    sample = cube_sample(cube, shading, max_pixels=REFINE_SAMPLING["n_pixels"])
     refined, shifts = unmixing.refine_library(
-        sample, library.to_frame(), library.wavelengths_nm, max_shift_nm=cfg.unmixing.max_shift_nm, offset=offset,
+        pixels(), library.to_frame(), library.wavelengths_nm, max_shift_nm=cfg.unmixing.max_shift_nm, offset=offset,
         **REFINE_SAMPLING,
     )
     before, after = shifts.attrs["residual_before"], shifts.attrs["residual_after"]
