@@ -15,12 +15,13 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import pandas as pd
+import zarr
 
 from qdquant import io, unmixing
 from qdquant.config import Config, check_image
 from qdquant.pipeline.common import naming
 from qdquant.pipeline.paths import outputs
-from qdquant.pipeline.sampling import cube_sample, pixel_sample
+from qdquant.pipeline.sampling import sample_windows
 from qdquant.pipeline.unmix_library import (
     channel_roles,
     refined_library,
@@ -100,18 +101,25 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         shading = _shading(cfg, library, cube, qc_dir)  # divided out before refinement and the fit
         library = with_slide_autofluorescence(cfg, sample, library, cube, shading, dark.counts, qc_dir)
         library = refined_library(cfg, library, cube, shading, dark.counts, qc_dir)
-        abundances, residual = _fit(cfg, sample_id, cube, library, dark.counts, shading, pixel_size)
-        signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size)
+        # the noise model first, on windows fitted by themselves: the flags then come from the
+        # fit's own pass, each block of the cube read and smoothed once for all three outputs
+        noise = _noise_model(cfg, cube, library, dark.counts, shading, pixel_size)
+        data = _fit_input(cfg, cube, pixel_size)
+        abundances, residual = _fit(cfg, sample_id, data, library, dark.counts, shading)
+        unexplained = _flag_unexplained(cfg, _signal(data, shading, dark.counts), residual, library, noise)
         # the QC's statistics read a strided sample of pixels: of the cube as it is, since
-        # the smoothed cube is only made by whole chunks (its means are the same)
-        raw_signal = _fitted_signal(cfg, cube, shading, dark.counts, pixel_size, smoothed=False)
+        # the smoothed cube is only made by whole blocks (its means are the same)
+        raw_signal = _qc_signal(cube, shading, dark.counts)
         # The store (abundances, residual, labels/flagged) is built under a temporary name and
         # renamed when complete: a reader never sees a store without its flags.
-        with io.atomic_path(out["zarr"]) as store:
-            _write_unmixed(cfg, store, abundances, residual, library, pixel_size)
-            stored_residual = io.read_ome_zarr(store, cfg.chunk_size)[0][-1]  # read back, not recomputed
-            noise = _noise_model(cube, shading, dark.counts, stored_residual)
-            flagged = _flag_unexplained(cfg, signal, stored_residual, library, noise, pixel_size)
+        with io.atomic_path(out["zarr"]) as store, io.scratch_dir(store.parent, prefix="qdquant-flags-") as tmp:
+            staged = zarr.open_array(str(Path(tmp) / "flags"), mode="w", shape=residual.shape, dtype=bool,
+                                     chunks=(cfg.chunk_size,) * 2, fill_value=False)
+            _write_unmixed(cfg, store, abundances, residual, library, pixel_size,
+                           also=[(unexplained.rechunk(staged.chunks), staged)])
+            # grown in a pass of its own over the staged mask: a dilation needs the flags of the
+            # neighbouring blocks, which the fit's pass has not made yet
+            flagged = unmixing.grow_mask(da.from_zarr(staged), round(FLAG_MARGIN_UM / pixel_size))
             # the labels group's metadata is the segment step's (it lists flagged with nuclei and cells)
             io.write_labels(store, {"flagged": flagged.astype(np.uint8)}, chunk_size=cfg.chunk_size,
                             group_metadata=False)
@@ -119,74 +127,74 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         _unmixing_qc(cfg, sample_id, raw_signal, library, noise, dark.counts, [w for w in (dark_warning,) if w])
 
 
-#: Edge (pixels) of the blocks the smoothing and the fit after it work on: the file's tiles
+#: Edge (pixels) of the blocks the smoothing, the fit and the flags work on: the file's tiles
 #: merged up to about this. Each block reads only a thin strip of its neighbours, and
 #: blocks of ``chunk_size``² (whose neighbours dask would hold whole, 0.26 GB each for 31
 #: bands of 2048²) are never assembled; the writer gathers the fit's outputs instead.
 SMOOTHING_BLOCK_PX = 512
 
-
-def _smoothed_cube(cfg: Config, cube: io.Cube, pixel_size: float) -> da.Array:
-    """The cube smoothed along its membranes (``unmixing.smoothing_um`` > 0), lazily, in blocks of
-    the file's tiles merged to about :data:`SMOOTHING_BLOCK_PX`, all bands together."""
-    source = cube.tiles if cube.tiles is not None else cube.data
-    edge = min(SMOOTHING_BLOCK_PX, cfg.chunk_size)
-    merged = [max(1, round(edge / max(source.chunksize[axis], 1))) * source.chunksize[axis] for axis in (1, 2)]
-    return unmixing.smooth_along_structures_dask(
-        source.rechunk({0: -1, 1: merged[0], 2: merged[1]}), cfg.unmixing.smoothing_um / pixel_size,
-        rho_px=SMOOTHING_RHO_UM / pixel_size, guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size)
-
-
-#: The scales of the direction of :func:`_smoothed_cube`'s smoothing (micrometres): the structure
+#: The scales of the direction of the smoothing along membranes (micrometres): the structure
 #: tensor's integration, and the blur of the summed bands before their gradient. A membrane
 #: between cells is about a micrometre wide; its direction holds over a couple of micrometres.
 SMOOTHING_RHO_UM = 1.0
 SMOOTHING_GUIDE_UM = 0.5
 
 
-def _fit(cfg: Config, sample_id: str, cube: io.Cube, library, offset: np.ndarray, shading, pixel_size: float):
-    """The lazy (K, Y, X) abundances and (Y, X) residual of the fit of ``library`` to the cube.
+def _pass_blocks(cfg: Config, cube: io.Cube) -> da.Array:
+    """The cube as it is, lazily, in blocks of the file's tiles merged to about
+    :data:`SMOOTHING_BLOCK_PX`, all bands together."""
+    source = cube.tiles if cube.tiles is not None else cube.data
+    edge = min(SMOOTHING_BLOCK_PX, cfg.chunk_size)
+    merged = [max(1, round(edge / max(source.chunksize[axis], 1))) * source.chunksize[axis] for axis in (1, 2)]
+    return source.rechunk({0: -1, 1: merged[0], 2: merged[1]})
 
-    The cube is smoothed along its membranes first (``unmixing.smoothing_um``);
-    the dark offset is subtracted and the shading divided out as the fit
-    reads it, without a corrected copy of it.
+
+def _smoothing_scales(cfg: Config, pixel_size: float) -> dict:
+    """The keyword arguments (pixels) of :func:`qdquant.unmixing.smooth_along_structures`."""
+    return dict(sigma_px=cfg.unmixing.smoothing_um / pixel_size, rho_px=SMOOTHING_RHO_UM / pixel_size,
+                guide_sigma_px=SMOOTHING_GUIDE_UM / pixel_size)
+
+
+def _fit_input(cfg: Config, cube: io.Cube, pixel_size: float) -> da.Array:
+    """The (C, Y, X) cube the fit reads, lazily, in :func:`_pass_blocks`: smoothed along its
+    membranes when ``unmixing.smoothing_um`` > 0, else as it is."""
+    blocks = _pass_blocks(cfg, cube)
+    if not cfg.unmixing.smoothing_um:
+        return blocks
+    return unmixing.smooth_along_structures_dask(blocks, **_smoothing_scales(cfg, pixel_size))
+
+
+def _fit_options(cfg: Config, offset: np.ndarray) -> dict:
+    """The keyword arguments of :func:`qdquant.unmixing.unmix` that the whole cube and the noise
+    model's windows share."""
+    return dict(offset=offset, weights="poisson" if cfg.unmixing.poisson_weights else None)
+
+
+def _fit(cfg: Config, sample_id: str, data: da.Array, library, offset: np.ndarray, shading):
+    """The lazy (K, Y, X) abundances and (Y, X) residual of the fit of ``library`` to ``data``
+    (from :func:`_fit_input`).
+
+    The dark offset is subtracted and the shading divided out as the fit
+    reads the cube, without a corrected copy of it.
     """
-    data = _smoothed_cube(cfg, cube, pixel_size) if cfg.unmixing.smoothing_um else cube.data
     gain = {}
     if shading is not None:
         from qdquant import illumination
 
         gain = dict(gain=illumination.inverse_field(shading[0], data.chunks[1:]), gain_offset=shading[1])
-    log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, cube.data.shape[0],
-             "x".join(map(str, cube.data.shape[1:])), len(library.names))
-    return unmixing.unmix(
-        data,
-        library.spectra,
-        offset=offset,
-        weights="poisson" if cfg.unmixing.poisson_weights else None,
-        **gain,
-    )
+    log.info("unmixing %s: %s bands x %s px, %d endmembers", sample_id, data.shape[0],
+             "x".join(map(str, data.shape[1:])), len(library.names))
+    return unmixing.unmix(data, library.spectra, **_fit_options(cfg, offset), **gain)
 
 
-#: Smallest file tile (pixels, Y and X) the per-pixel passes after the fit work on directly.
-MIN_PASS_TILE = 256
+def _signal(data: da.Array, shading, offset: np.ndarray) -> da.Array:
+    """The (C, Y, X) signal the fit of ``data`` explains: shading divided out, dark offset
+    subtracted, chunked as ``data``.
 
-
-def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixel_size: float, *,
-                   smoothed: bool = True) -> da.Array:
-    """The (C, Y, X) signal the fit explains: the cube smoothed as for the fit (unless
-    ``smoothed`` is False), shading divided out, dark offset subtracted.
-
-    For the passes that follow the fit (residual flags, QC), which work
-    pixel by pixel: chunked as the file's tiles when they are not small, or
-    as the smoothing's blocks (all bands together), so no chunk of
-    ``chunk_size``² is assembled from tiles for them.
+    For the per-pixel passes beside the fit (residual flags, QC): on the
+    fit's own blocks, the flags share their reading (and smoothing) of the
+    cube.
     """
-    data = cube.data
-    if smoothed and cfg.unmixing.smoothing_um:
-        data = _smoothed_cube(cfg, cube, pixel_size)
-    elif cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
-        data = cube.tiles.rechunk({0: -1})
     if shading is not None:
         from qdquant import illumination
 
@@ -194,9 +202,25 @@ def _fitted_signal(cfg: Config, cube: io.Cube, shading, offset: np.ndarray, pixe
     return data - offset.astype(np.float32)[:, None, None]
 
 
-def _write_unmixed(cfg: Config, store: Path, abundances, residual, library, pixel_size: float) -> None:
+#: Smallest file tile (pixels, Y and X) the QC's pass works on directly.
+MIN_PASS_TILE = 256
+
+
+def _qc_signal(cube: io.Cube, shading, offset: np.ndarray) -> da.Array:
+    """The (C, Y, X) signal of the cube as it is (:func:`_signal`), for the QC: chunked as the
+    file's tiles when they are not small, so no chunk of ``chunk_size``² is assembled from
+    tiles for it."""
+    data = cube.data
+    if cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
+        data = cube.tiles.rechunk({0: -1})
+    return _signal(data, shading, offset)
+
+
+def _write_unmixed(cfg: Config, store: Path, abundances, residual, library, pixel_size: float, *,
+                   also=()) -> None:
     """Write the abundances and the residual into ``store`` as one multiscale, channels named,
-    coloured and given their panel roles."""
+    coloured and given their panel roles; ``also`` (``(array, target)`` pairs) stored in the
+    same computation (:func:`qdquant.io.write_ome_zarr`)."""
     from qdquant.colours import channel_colours
 
     io.write_ome_zarr(
@@ -208,29 +232,54 @@ def _write_unmixed(cfg: Config, store: Path, abundances, residual, library, pixe
         colours=[*channel_colours(library.spectra, library.wavelengths_nm), "FFFFFF"],
         roles=[*channel_roles(cfg, library), {"marker": "residual", "role": "residual"}],
         atomic=False,
+        also=also,
     )
 
 
-def _noise_model(cube: io.Cube, shading, offset: np.ndarray, residual: da.Array):
-    """The photon + read noise model, fitted on a few windows of the signal and the stored residual."""
-    return unmixing.noise_model(cube_sample(cube, shading) - offset[:, None, None],
-                                pixel_sample(residual)[0])
+def _noise_model(cfg: Config, cube: io.Cube, library, offset: np.ndarray, shading, pixel_size: float):
+    """The photon + read noise model, fitted on the windows of :func:`cube_sample`: their signal,
+    and the residual of the fit of the windows themselves.
+
+    Each window is read with the margin that the smoothing looks at around
+    a pixel (the slide's edge repeated beyond the slide, as for the whole
+    cube), smoothed and fitted as the whole cube is: its residual is the
+    whole fit's at those pixels, known before the fit.
+    """
+    source = cube.tiles if cube.tiles is not None else cube.data
+    scales = _smoothing_scales(cfg, pixel_size)
+    margin = unmixing.smoothing_depth(**scales) if cfg.unmixing.smoothing_um else 0
+    height, width = source.shape[1:]
+    windows, _ = sample_windows(source.shape)
+    boxes = [(max(y0 - margin, 0), min(y0 + h + margin, height), max(x0 - margin, 0), min(x0 + w + margin, width))
+             for y0, x0, h, w in windows]
+    reads = da.compute(*[source[:, ya:yb, xa:xb] for ya, yb, xa, xb in boxes])  # the windows read together
+    signal, residual = [], []
+    for (y0, x0, h, w), (ya, _, xa, _), read in zip(windows, boxes, reads):
+        inner = (slice(None), slice(y0 - ya, y0 - ya + h), slice(x0 - xa, x0 - xa + w))
+        raw, gain = np.ascontiguousarray(read[inner]), {}
+        fitted = np.ascontiguousarray(unmixing.smooth_along_structures(read, **scales)[inner]) if margin else raw
+        if shading is not None:
+            from qdquant import illumination
+
+            gain = dict(gain=(1.0 / illumination.shading_field(shading[0], y0, y0 + h, x0, x0 + w)).astype(np.float32),
+                        gain_offset=shading[1])
+            raw = unmixing.apply_gain(raw, gain["gain"], shading[1])
+        residual.append(unmixing.unmix(fitted, library.spectra, **_fit_options(cfg, offset), **gain)[1])
+        signal.append(raw - offset[:, None, None])
+    return unmixing.noise_model(np.concatenate(signal, axis=-1), np.concatenate(residual, axis=-1))
 
 
-def _flag_unexplained(cfg: Config, signal: da.Array, residual: da.Array, library, noise,
-                      pixel_size: float) -> da.Array:
+def _flag_unexplained(cfg: Config, signal: da.Array, residual: da.Array, library, noise) -> da.Array:
     """The (Y, X) pixels the library cannot explain: residual far above the noise, or broadband light.
 
-    Grown by :data:`FLAG_MARGIN_UM`; all False when ``unmixing.flag_poor_fit`` is off (the mask
-    is written either way).
+    Per pixel, chunked as ``signal`` (not yet grown by :data:`FLAG_MARGIN_UM`); all False when
+    ``unmixing.flag_poor_fit`` is off (the mask is written either way).
     """
     if not cfg.unmixing.flag_poor_fit:
         return da.zeros(residual.shape, dtype=bool, chunks=residual.chunks)
     probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
-    flagged = unmixing.flag_poor_fit(signal, residual, noise) | unmixing.flag_broadband(
+    return unmixing.flag_poor_fit(signal, residual, noise) | unmixing.flag_broadband(
         signal, probes, noise, n_endmembers=len(library.names))
-    # the optics spread an emitter's light a little beyond where it is detectable
-    return unmixing.grow_mask(flagged, round(FLAG_MARGIN_UM / pixel_size))
 
 
 def _unmixing_qc(cfg: Config, sample_id: str, signal: da.Array, library, noise, offset: np.ndarray,
