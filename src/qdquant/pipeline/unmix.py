@@ -3,8 +3,9 @@
 :func:`unmix_sample` reads as the step's recipe, one named part a line: the
 library checked, the camera's dark offset and the field's shading measured,
 the library adapted to the slide (:mod:`qdquant.pipeline.unmix_library`), the
-fit, the store written, the pixels the library cannot explain flagged, and the
-QC figure.
+noise model fitted on a few windows, the fit and the pixels the library
+cannot explain flagged (one pass over the cube, which reads and smooths each
+block once for both), the store written, and the QC figure.
 """
 
 from __future__ import annotations
@@ -237,13 +238,15 @@ def _write_unmixed(cfg: Config, store: Path, abundances, residual, library, pixe
 
 
 def _noise_model(cfg: Config, cube: io.Cube, library, offset: np.ndarray, shading, pixel_size: float):
-    """The photon + read noise model, fitted on the windows of :func:`cube_sample`: their signal,
-    and the residual of the fit of the windows themselves.
+    """The photon + read noise model, fitted on the windows of
+    :func:`~qdquant.pipeline.sampling.cube_sample`: their signal, and the residual of the fit
+    of the windows themselves.
 
     Each window is read with the margin that the smoothing looks at around
-    a pixel (the slide's edge repeated beyond the slide, as for the whole
-    cube), smoothed and fitted as the whole cube is: its residual is the
-    whole fit's at those pixels, known before the fit.
+    a pixel (fewer pixels at the slide's edge, which the smoothing repeats
+    beyond, as for the whole cube), smoothed and fitted as the whole cube
+    is: its residual is the whole fit's at those pixels, known before the
+    fit, so that the flags can be computed in the fit's own pass.
     """
     source = cube.tiles if cube.tiles is not None else cube.data
     scales = _smoothing_scales(cfg, pixel_size)
@@ -256,15 +259,18 @@ def _noise_model(cfg: Config, cube: io.Cube, library, offset: np.ndarray, shadin
     signal, residual = [], []
     for (y0, x0, h, w), (ya, _, xa, _), read in zip(windows, boxes, reads):
         inner = (slice(None), slice(y0 - ya, y0 - ya + h), slice(x0 - xa, x0 - xa + w))
-        raw, gain = np.ascontiguousarray(read[inner]), {}
-        fitted = np.ascontiguousarray(unmixing.smooth_along_structures(read, **scales)[inner]) if margin else raw
+        fitted = unmixing.smooth_along_structures(read, **scales)[inner] if margin else read[inner]
+        raw = np.ascontiguousarray(read[inner])
+        gain = {}
         if shading is not None:
             from qdquant import illumination
 
-            gain = dict(gain=(1.0 / illumination.shading_field(shading[0], y0, y0 + h, x0, x0 + w)).astype(np.float32),
-                        gain_offset=shading[1])
+            # the gain of the fit's inverse_field, at the window's own pixels
+            field = illumination.shading_field(shading[0], y0, y0 + h, x0, x0 + w)
+            gain = dict(gain=(1.0 / field).astype(np.float32), gain_offset=shading[1])
             raw = unmixing.apply_gain(raw, gain["gain"], shading[1])
-        residual.append(unmixing.unmix(fitted, library.spectra, **_fit_options(cfg, offset), **gain)[1])
+        fit = unmixing.unmix(np.ascontiguousarray(fitted), library.spectra, **_fit_options(cfg, offset), **gain)
+        residual.append(fit[1])
         signal.append(raw - offset[:, None, None])
     return unmixing.noise_model(np.concatenate(signal, axis=-1), np.concatenate(residual, axis=-1))
 
