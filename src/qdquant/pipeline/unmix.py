@@ -107,7 +107,7 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         noise = _noise_model(cfg, cube, library, dark.counts, shading, pixel_size)
         data = _fit_input(cfg, cube, pixel_size)
         abundances, residual = _fit(cfg, sample_id, data, library, dark.counts, shading)
-        unexplained = _flag_unexplained(cfg, _signal(data, shading, dark.counts), residual, library, noise)
+        unexplained = _flag_unexplained(cfg, data, residual, library, noise, dark.counts, shading)
         # the QC's statistics read a strided sample of pixels: of the cube as it is, since
         # the smoothed cube is only made by whole blocks (its means are the same)
         raw_signal = _qc_signal(cube, shading, dark.counts)
@@ -188,33 +188,22 @@ def _fit(cfg: Config, sample_id: str, data: da.Array, library, offset: np.ndarra
     return unmixing.unmix(data, library.spectra, **_fit_options(cfg, offset), **gain)
 
 
-def _signal(data: da.Array, shading, offset: np.ndarray) -> da.Array:
-    """The (C, Y, X) signal the fit of ``data`` explains: shading divided out, dark offset
-    subtracted, chunked as ``data``.
-
-    For the per-pixel passes beside the fit (residual flags, QC): on the
-    fit's own blocks, the flags share their reading (and smoothing) of the
-    cube.
-    """
-    if shading is not None:
-        from qdquant import illumination
-
-        data = illumination.correct_shading(data, *shading)
-    return data - offset.astype(np.float32)[:, None, None]
-
-
 #: Smallest file tile (pixels, Y and X) the QC's pass works on directly.
 MIN_PASS_TILE = 256
 
 
 def _qc_signal(cube: io.Cube, shading, offset: np.ndarray) -> da.Array:
-    """The (C, Y, X) signal of the cube as it is (:func:`_signal`), for the QC: chunked as the
-    file's tiles when they are not small, so no chunk of ``chunk_size``² is assembled from
-    tiles for it."""
+    """The (C, Y, X) signal of the cube as it is, shading divided out and dark offset
+    subtracted, for the QC: chunked as the file's tiles when they are not small, so no chunk
+    of ``chunk_size``² is assembled from tiles for it."""
     data = cube.data
     if cube.tiles is not None and min(cube.tiles.chunksize[1:]) >= MIN_PASS_TILE:
         data = cube.tiles.rechunk({0: -1})
-    return _signal(data, shading, offset)
+    if shading is not None:
+        from qdquant import illumination
+
+        data = illumination.correct_shading(data, *shading)
+    return data - offset.astype(np.float32)[:, None, None]
 
 
 def _write_unmixed(cfg: Config, store: Path, abundances, residual, library, pixel_size: float, *,
@@ -256,7 +245,7 @@ def _noise_model(cfg: Config, cube: io.Cube, library, offset: np.ndarray, shadin
     boxes = [(max(y0 - margin, 0), min(y0 + h + margin, height), max(x0 - margin, 0), min(x0 + w + margin, width))
              for y0, x0, h, w in windows]
     reads = da.compute(*[source[:, ya:yb, xa:xb] for ya, yb, xa, xb in boxes])  # the windows read together
-    signal, residual = [], []
+    raws, residual = [], []
     for (y0, x0, h, w), (ya, _, xa, _), read in zip(windows, boxes, reads):
         inner = (slice(None), slice(y0 - ya, y0 - ya + h), slice(x0 - xa, x0 - xa + w))
         fitted = unmixing.smooth_along_structures(read, **scales)[inner] if margin else read[inner]
@@ -271,21 +260,51 @@ def _noise_model(cfg: Config, cube: io.Cube, library, offset: np.ndarray, shadin
             raw = unmixing.apply_gain(raw, gain["gain"], shading[1])
         fit = unmixing.unmix(np.ascontiguousarray(fitted), library.spectra, **_fit_options(cfg, offset), **gain)
         residual.append(fit[1])
-        signal.append(raw - offset[:, None, None])
-    return unmixing.noise_model(np.concatenate(signal, axis=-1), np.concatenate(residual, axis=-1))
+        raws.append(raw)
+    # the offset subtracted once, from the windows side by side (one float64 copy of them)
+    signal = np.concatenate(raws, axis=-1) - offset[:, None, None]
+    return unmixing.noise_model(signal, np.concatenate(residual, axis=-1))
 
 
-def _flag_unexplained(cfg: Config, signal: da.Array, residual: da.Array, library, noise) -> da.Array:
+def _flag_unexplained(cfg: Config, data: da.Array, residual: da.Array, library, noise, offset: np.ndarray,
+                      shading) -> da.Array:
     """The (Y, X) pixels the library cannot explain: residual far above the noise, or broadband light.
 
-    Per pixel, chunked as ``signal`` (not yet grown by :data:`FLAG_MARGIN_UM`); all False when
+    Tested on the signal of ``data`` (from :func:`_fit_input`) that the fit explains, per pixel,
+    chunked as ``data``, not yet grown by :data:`FLAG_MARGIN_UM`; all False when
     ``unmixing.flag_poor_fit`` is off (the mask is written either way).
     """
     if not cfg.unmixing.flag_poor_fit:
         return da.zeros(residual.shape, dtype=bool, chunks=residual.chunks)
     probes = unmixing.broadband_probes(library.spectra, library.wavelengths_nm)
-    return unmixing.flag_poor_fit(signal, residual, noise) | unmixing.flag_broadband(
-        signal, probes, noise, n_endmembers=len(library.names))
+    gain = None
+    if shading is not None:
+        from qdquant import illumination
+
+        gain = illumination.inverse_field(shading[0], data.chunks[1:])
+    return da.map_blocks(_flags_of_block, data, residual, gain, offset, None if shading is None else shading[1],
+                         probes, noise, len(library.names), drop_axis=0, dtype=bool)
+
+
+#: Rows of a block whose signal :func:`_flags_of_block` makes at a time: the block's signal
+#: (a float32 copy of all its bands) is never whole in memory beside the block itself.
+FLAG_STRIP_ROWS = 64
+
+
+def _flags_of_block(data: np.ndarray, residual: np.ndarray, gain, offset: np.ndarray, gain_offset, probes,
+                    noise, n_endmembers: int) -> np.ndarray:
+    """:func:`_flag_unexplained` of one block: both tests on its signal (float32, shading
+    divided out and dark offset subtracted, as :func:`_qc_signal`'s), made a strip of rows
+    at a time."""
+    flagged = np.empty(residual.shape, bool)
+    offset = offset.astype(np.float32)[:, None, None]
+    for y in range(0, residual.shape[0], FLAG_STRIP_ROWS):
+        rows = slice(y, y + FLAG_STRIP_ROWS)
+        strip = data[:, rows] if gain is None else unmixing.apply_gain(data[:, rows], gain[rows], gain_offset)
+        signal = strip - offset
+        flagged[rows] = unmixing.flag_poor_fit(signal, residual[rows], noise) | unmixing.flag_broadband(
+            signal, probes, noise, n_endmembers=n_endmembers)
+    return flagged
 
 
 def _unmixing_qc(cfg: Config, sample_id: str, signal: da.Array, library, noise, offset: np.ndarray,
