@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import dask.array as da
@@ -82,6 +83,7 @@ def write_ome_zarr(
     colours: list[str] | None = None,
     roles: list[dict] | None = None,
     atomic: bool = True,
+    also: Sequence[tuple[da.Array, zarr.Array]] = (),
 ) -> None:
     """Write a (C, Y, X) float image as an OME-NGFF 0.4 multiscale, channels named.
 
@@ -95,6 +97,12 @@ def write_ome_zarr(
     ``ome-zarr`` (whose ``write_image`` drops it). ``roles``, one dict per
     channel (e.g. ``{"marker": "HER2", "role": "marker"}``), is stored as the
     store's ``qdquant`` attribute, which other OME-NGFF readers ignore.
+
+    ``also``: ``(array, target)`` pairs, lazy arrays stored into their
+    (zarr) targets in the same dask computation as the image's levels, so
+    that a graph they share with the image (a fit and the flags made from
+    its blocks) is computed once for both; each array chunked on whole
+    chunks of its target (no two tasks write one stored chunk).
     """
     from ome_zarr.format import FormatV04
     from ome_zarr.scale import Methods
@@ -111,7 +119,7 @@ def write_ome_zarr(
     factors = pyramid_factors(image.shape[1:])
     with atomic_path(path) if atomic else contextlib.nullcontext(Path(path).absolute()) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        write_image(
+        levels = write_image(
             image,
             root,
             axes="cyx",
@@ -124,7 +132,10 @@ def write_ome_zarr(
                              "compressor": store_codec()},
             scale={"c": 1.0, "y": pixel_size_um, "x": pixel_size_um},
             axes_units={"y": "micrometer", "x": "micrometer"},
+            compute=False,
         )
+        # one computation: the levels and ``also`` share their graph's tasks, each run once
+        da.compute(*levels, *(da.store(array, target, lock=False, compute=False) for array, target in also))
         # display windows from the coarsest stored level: cheap, and never
         # recomputes the (lazy) image
         datasets = root.attrs["multiscales"][0]["datasets"]

@@ -28,7 +28,7 @@ The package, one job a module:
 - :mod:`.offset`: :func:`estimate_offset` of the camera's dark offset;
 - :mod:`.refine`: :func:`refine_library`, the library fitted to the slide;
 - :mod:`.smoothing`: :func:`smooth_along_structures` of a cube along its
-  membranes, before the fit;
+  membranes, before the fit, and the margin it reads (:func:`smoothing_depth`);
 - :mod:`.residual_qc`: :func:`noise_model`, :func:`flag_poor_fit`,
   :func:`broadband_probes`, :func:`flag_broadband`, :func:`grow_mask`;
 - :mod:`.nnls`, :mod:`.numba_engine`, :mod:`.kernels`: the two engines;
@@ -40,7 +40,7 @@ from qdquant.unmixing.gain import apply_gain
 from qdquant.unmixing.offset import estimate_offset, evenly_spaced
 from qdquant.unmixing.refine import refine_library
 from qdquant.unmixing.residual_qc import broadband_probes, flag_broadband, flag_poor_fit, grow_mask, noise_model
-from qdquant.unmixing.smoothing import smooth_along_structures, smooth_along_structures_dask
+from qdquant.unmixing.smoothing import smooth_along_structures, smooth_along_structures_dask, smoothing_depth
 from qdquant.unmixing.spectra import CONDITION_LIMIT, LibraryCheck, check_library, flat_columns
 
 __all__ = [
@@ -60,5 +60,6 @@ __all__ = [
     "refine_library",
     "smooth_along_structures",
     "smooth_along_structures_dask",
+    "smoothing_depth",
     "unmix",
 ]
