@@ -29,6 +29,7 @@ from qdquant.pipeline.unmix_library import (
     refined_library,
     with_control_autofluorescence,
     with_flat_endmember,
+    with_regional_autofluorescence,
     with_slide_autofluorescence,
 )
 
@@ -104,6 +105,8 @@ def unmix_sample(cfg: Config, sample_id: str) -> None:
         pixels = library_pixels(cube, shading)  # read once, for both
         library = with_slide_autofluorescence(cfg, sample, library, pixels, dark.counts, qc_dir)
         library = refined_library(cfg, library, pixels, dark.counts, qc_dir)
+        library = with_regional_autofluorescence(cfg, sample, library, pixels, dark.counts, cube.data.shape,
+                                                 pixel_size)
         # the noise model first, on windows fitted by themselves: the flags then come from the
         # fit's own pass, each block of the cube read and smoothed once for all three outputs
         noise = _noise_model(cfg, cube, library, dark.counts, shading, pixel_size)

@@ -107,6 +107,57 @@ def with_slide_autofluorescence(cfg: Config, sample, library, pixels, offset: np
     return replace(library, spectra=np.column_stack([spectra, afs[:, 1:]]), names=(*names, *extra))
 
 
+#: Edge of the blocks (micrometres) the slide's windows are cut into and grouped by for the
+#: autofluorescence of each region: a few cells, so that a block is nest or stroma.
+REGION_BLOCK_UM = 8.0
+
+#: An autofluorescence kind the stain-free pixels gave (:func:`with_slide_autofluorescence`)
+#: is kept beside the regions' spectra when its cosine similarity to each is below this: another
+#: emitter (red blood cells), not the tissue's autofluorescence the regions describe.
+DISTINCT_COSINE = 0.98
+
+
+def with_regional_autofluorescence(cfg: Config, sample, library, pixels, offset: np.ndarray, shape,
+                                   pixel_size: float):
+    """The library with its tissue autofluorescence fitted per region of the slide (stroma and
+    epithelium apart; :mod:`qdquant.regional_autofluorescence`), after refinement.
+
+    The library's autofluorescence as written is shifted and widened to the
+    pixels of each region; the other endmembers stay as refined. Kinds the
+    stain-free pixels gave that are unlike every region's are kept. Under
+    the same conditions as :func:`with_slide_autofluorescence`.
+    ``pixels``: :func:`library_pixels`; ``shape``: the cube's.
+    """
+    row = cfg.panel_row(role="autofluorescence")
+    if cfg.unmixing.autofluorescence != "slide" or row is None or sample.unstained is not None:
+        return library
+    from qdquant.pipeline.sampling import sample_windows
+    from qdquant.regional_autofluorescence import autofluorescence_by_region
+
+    name, names = row.endmember, list(library.names)
+    family = [i for i, n in enumerate(names) if n == name or n.startswith(f"{name}_")]
+    base = [i for i in range(len(names)) if i not in family]
+    written = cfg.library.spectra[:, list(cfg.library.names).index(name)]
+    windows, stride = sample_windows(shape, **LIBRARY_SAMPLING)
+    sample = pixels() - offset[:, None, None]
+    widths = [len(range(0, width, stride)) for _, _, _, width in windows]
+    afs, fits = autofluorescence_by_region(
+        np.split(sample, np.cumsum(widths)[:-1], axis=2), np.column_stack([library.spectra[:, base], written]),
+        library.wavelengths_nm, autofluorescence=len(base), block_px=max(2, round(REGION_BLOCK_UM / (pixel_size * stride))))
+    log.info("autofluorescence by region: %s", "; ".join(
+        f"{f['n_pixels']} px, shift {f['shift_nm']:+.1f} nm, width x{f['widen']:.2f}{'' if f['kept'] else ' (not kept)'}"
+        for f in fits))
+    if afs.shape[1] == 0:
+        return library
+    cosine = lambda u, v: float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))  # noqa: E731
+    others = [i for i in family if names[i] != name
+              and max(cosine(library.spectra[:, i], af) for af in afs.T) < DISTINCT_COSINE]
+    spectra = np.column_stack([library.spectra[:, base], afs, library.spectra[:, others]])
+    n_af = afs.shape[1] + len(others)
+    return replace(library, spectra=spectra,
+                   names=(*[names[i] for i in base], name, *[f"{name}_{j + 1}" for j in range(1, n_af)]))
+
+
 #: How library refinement subsamples the :data:`LIBRARY_SAMPLING` pixels: an endmember is
 #: refined on the pixels where it gives at least 10 % of the signal (PR on QD605 shares
 #: nuclei with DAPI and dominates almost none, yet its drift leaks into HER2).
