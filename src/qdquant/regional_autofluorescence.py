@@ -28,9 +28,12 @@ __all__ = ["autofluorescence_by_region"]
 #: blue of a library spectrum taken between the two, the epithelium's to the red.
 START_SHIFTS_NM = (-15.0, 0.0, 15.0)
 
-#: A fitted shift beyond this (nm) is not the tissue's autofluorescence but other light the
-#: spectrum was moved to explain; that region keeps the library's spectrum.
+#: A fitted shift beyond this (nm), or a width changed by more than this factor either way, is
+#: not the tissue's autofluorescence but other light the spectrum was bent to explain (on a
+#: slide whose autofluorescence is the library's, a QD's drift left over halved its width);
+#: that region keeps the library's spectrum.
 MAX_SHIFT_NM = 40.0
+MAX_WIDEN = 1.33
 
 
 def _block_light(abundances, spectra, block_px: int) -> np.ndarray:
@@ -131,9 +134,10 @@ def autofluorescence_by_region(
     -------
     afs : (C, J) float64 ndarray
         One spectrum per distinct region, largest region first, each with
-        the library column's maximum; J = 0 when the library's spectrum is
-        right for the slide, when no region has enough pixels or when every
-        fit ran past :data:`MAX_SHIFT_NM`.
+        the library column's maximum (the library's own for a region whose
+        fit ran past :data:`MAX_SHIFT_NM` or :data:`MAX_WIDEN`); J = 0 when
+        the library's spectrum is right for the slide or no region's fit is
+        kept.
     fits : list of dict
         Per region: ``n_pixels``, ``shift_nm``, ``widen`` and ``kept``.
     """
@@ -175,13 +179,12 @@ def autofluorescence_by_region(
                    key=lambda result: result.fun)
         shift, widen = float(best.x[0]), float(np.exp(best.x[1]))
         gain = 1.0 - best.fun / cost(np.zeros(2))  # of the region's residual, over the library's spectrum
-        kept = abs(shift) <= MAX_SHIFT_NM
+        kept = abs(shift) <= MAX_SHIFT_NM and 1 / MAX_WIDEN <= widen <= MAX_WIDEN
         fits.append(dict(n_pixels=int(index.size), shift_nm=shift, widen=widen, gain=gain, kept=kept))
-        if kept:
-            afs.append(_moved(library_af, wl, spline, shift, widen))
+        afs.append(_moved(library_af, wl, spline, shift, widen) if kept else library_af)
     if len(afs) > 1 and _cosine(afs[0], afs[1]) >= same_cosine:
         afs = afs[:1]
-    if len(afs) == 1 and _cosine(afs[0], library_af) >= same_cosine:
+    if len(afs) == 1 and _cosine(afs[0], library_af) >= same_cosine or not any(f["kept"] for f in fits):
         afs = []  # one tissue autofluorescence, the library's: it is right for this slide
     return (np.column_stack(afs) if afs else np.zeros((a.shape[0], 0))), fits
 

@@ -114,3 +114,15 @@ def test_a_slide_whose_autofluorescence_is_the_librarys_keeps_it():
     windows = slide(seed=3, epithelium_af=LIBRARY_AF, stroma_af=LIBRARY_AF)
     afs, fits = autofluorescence_by_region(windows, library(), WL, autofluorescence=3, block_px=12)
     assert afs.shape[1] == 0 and len(fits) == 2
+
+
+def test_a_region_whose_fit_bends_the_spectrum_past_a_tissues_keeps_the_librarys():
+    """Light the library lacks (here a narrow emitter in the nests) bends the fit far past any
+    tissue autofluorescence (width x0.5): that region keeps the library's spectrum."""
+    narrow = bump(545.0, 20.0)
+    afs, fits = autofluorescence_by_region(slide(seed=5, epithelium_af=narrow), library(), WL, autofluorescence=3,
+                                           block_px=12)
+    bent = [f for f in fits if not f["kept"]]
+    assert len(bent) == 1 and bent[0]["widen"] < 0.75
+    assert afs.shape[1] == 2 and max(cosine(afs[:, j], LIBRARY_AF) for j in range(2)) > 0.9999
+    assert max(cosine(afs[:, j], STROMA_AF) for j in range(2)) > 0.998
