@@ -139,7 +139,9 @@ def autofluorescence_by_region(
         the library's spectrum is right for the slide or no region's fit is
         kept.
     fits : list of dict
-        Per region: ``n_pixels``, ``shift_nm``, ``widen`` and ``kept``.
+        Per region, largest first: ``n_pixels``, ``shift_nm``, ``widen``,
+        ``gain`` (the share of the region's trimmed squared residual the
+        fit removes, over the library's spectrum) and ``kept``.
     """
     from qdquant.unmixing import unmix
 
