@@ -21,6 +21,7 @@ from scipy.interpolate import CubicSpline
 from scipy.optimize import minimize
 
 from qdquant.errors import InputError
+from qdquant.unmixing.spectra import cosine_similarity as _cosine
 
 __all__ = ["autofluorescence_by_region"]
 
@@ -189,7 +190,3 @@ def autofluorescence_by_region(
     if len(afs) == 1 and _cosine(afs[0], library_af) >= same_cosine or not any(f["kept"] for f in fits):
         afs = []  # one tissue autofluorescence, the library's: it is right for this slide
     return (np.column_stack(afs) if afs else np.zeros((a.shape[0], 0))), fits
-
-
-def _cosine(u, v) -> float:
-    return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-300))

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.cluster.vq import kmeans2
 
 from qdquant.errors import InputError
+from qdquant.unmixing.spectra import cosine_similarity as _cosine
 
 __all__ = ["autofluorescence_from_slide"]
 
@@ -144,10 +145,6 @@ def autofluorescence_from_slide(
     if _rms_residual(x, np.column_stack([a[:, others], afs])) > _rms_residual(x, a):
         return afs[:, :0], int(free.sum())
     return afs, int(free.sum())
-
-
-def _cosine(u, v) -> float:
-    return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-300))
 
 
 def _rms_residual(x, a) -> float:

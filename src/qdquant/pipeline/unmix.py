@@ -262,6 +262,7 @@ def _noise_model(cfg: Config, cube: io.Cube, library, offset: np.ndarray, shadin
     source = cube.tiles if cube.tiles is not None else cube.data
     scales = _smoothing_scales(cfg, pixel_size)
     margin = unmixing.smoothing_depth(**scales) if cfg.unmixing.smoothing_um else 0
+    guide = membrane_guide(cfg, library)  # the whole fit's, for each window
     height, width = source.shape[1:]
     windows, _ = sample_windows(source.shape)
     boxes = [(max(y0 - margin, 0), min(y0 + h + margin, height), max(x0 - margin, 0), min(x0 + w + margin, width))
@@ -270,8 +271,7 @@ def _noise_model(cfg: Config, cube: io.Cube, library, offset: np.ndarray, shadin
     raws, residual = [], []
     for (y0, x0, h, w), (ya, _, xa, _), read in zip(windows, boxes, reads):
         inner = (slice(None), slice(y0 - ya, y0 - ya + h), slice(x0 - xa, x0 - xa + w))
-        fitted = (unmixing.smooth_along_structures(read, **scales, guide_weights=membrane_guide(cfg, library))[inner]
-                  if margin else read[inner])
+        fitted = unmixing.smooth_along_structures(read, **scales, guide_weights=guide)[inner] if margin else read[inner]
         raw = np.ascontiguousarray(read[inner])
         gain = {}
         if shading is not None:

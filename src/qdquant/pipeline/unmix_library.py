@@ -70,6 +70,14 @@ def library_pixels(cube: io.Cube, shading):
     return functools.cache(functools.partial(cube_sample, cube, shading, **LIBRARY_SAMPLING))
 
 
+def _slide_autofluorescence_row(cfg: Config, sample):
+    """The panel's autofluorescence row when the slide's own autofluorescence is to be taken
+    (``unmixing.autofluorescence: slide`` and no unstained control for the sample), else None."""
+    if cfg.unmixing.autofluorescence != "slide" or sample.unstained is not None:
+        return None
+    return cfg.panel_row(role="autofluorescence")
+
+
 def with_slide_autofluorescence(cfg: Config, sample, library, pixels, offset: np.ndarray, qc_dir: Path):
     """The library with its autofluorescence replaced by the slide's own (``unmixing.autofluorescence: slide``).
 
@@ -79,8 +87,8 @@ def with_slide_autofluorescence(cfg: Config, sample, library, pixels, offset: np
     Skipped when an unstained control gave the spectrum, or when the slide
     has too few stain-free pixels (logged). ``pixels``: :func:`library_pixels`.
     """
-    row = cfg.panel_row(role="autofluorescence")
-    if cfg.unmixing.autofluorescence != "slide" or row is None or sample.unstained is not None:
+    row = _slide_autofluorescence_row(cfg, sample)
+    if row is None:
         return library
     from qdquant.slide_autofluorescence import autofluorescence_from_slide
 
@@ -128,8 +136,8 @@ def with_regional_autofluorescence(cfg: Config, sample, library, pixels, offset:
     the same conditions as :func:`with_slide_autofluorescence`.
     ``pixels``: :func:`library_pixels`; ``shape``: the cube's.
     """
-    row = cfg.panel_row(role="autofluorescence")
-    if cfg.unmixing.autofluorescence != "slide" or row is None or sample.unstained is not None:
+    row = _slide_autofluorescence_row(cfg, sample)
+    if row is None:
         return library
     from qdquant.pipeline.sampling import sample_windows
     from qdquant.regional_autofluorescence import autofluorescence_by_region
@@ -141,17 +149,19 @@ def with_regional_autofluorescence(cfg: Config, sample, library, pixels, offset:
     windows, stride = sample_windows(shape, **LIBRARY_SAMPLING)
     sample = pixels() - offset[:, None, None]
     widths = [len(range(0, width, stride)) for _, _, _, width in windows]
+    block_px = max(2, round(REGION_BLOCK_UM / (pixel_size * stride)))
     afs, fits = autofluorescence_by_region(
         np.split(sample, np.cumsum(widths)[:-1], axis=2), np.column_stack([library.spectra[:, base], written]),
-        library.wavelengths_nm, autofluorescence=len(base), block_px=max(2, round(REGION_BLOCK_UM / (pixel_size * stride))))
+        library.wavelengths_nm, autofluorescence=len(base), block_px=block_px)
     log.info("autofluorescence by region: %s", "; ".join(
-        f"{f['n_pixels']} px, shift {f['shift_nm']:+.1f} nm, width x{f['widen']:.2f}{'' if f['kept'] else ' (not kept)'}"
-        for f in fits))
+        f"{f['n_pixels']} px, shift {f['shift_nm']:+.1f} nm, width x{f['widen']:.2f}, residual "
+        f"-{100 * f['gain']:.1f} %{'' if f['kept'] else ' (not kept)'}" for f in fits))
     if afs.shape[1] == 0:
         return library
-    cosine = lambda u, v: float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))  # noqa: E731
+    from qdquant.unmixing.spectra import cosine_similarity
+
     others = [i for i in family if names[i] != name
-              and max(cosine(library.spectra[:, i], af) for af in afs.T) < DISTINCT_COSINE]
+              and max(cosine_similarity(library.spectra[:, i], af) for af in afs.T) < DISTINCT_COSINE]
     spectra = np.column_stack([library.spectra[:, base], afs, library.spectra[:, others]])
     n_af = afs.shape[1] + len(others)
     return replace(library, spectra=spectra,

@@ -96,3 +96,8 @@ def check_library(spectra, names):
 # --------------------------------------------------------------------------
 # library refinement on the slide
 # --------------------------------------------------------------------------
+
+
+def cosine_similarity(u, v) -> float:
+    """Cosine similarity of two spectra (1: the same shape whatever their scale)."""
+    return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-300))
