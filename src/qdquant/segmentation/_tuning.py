@@ -23,6 +23,12 @@ _PCT_Z = 1.2816  # standard-normal quantile of _BG_PERCENTILE (bias correction)
 _SAMPLE_MAX = 4_000_000  # most block means used for the global statistics
 _MEMBRANE_SMOOTH_UM = 0.75  # membrane pre-smoothing sigma, micrometres
 _MEMBRANE_WEIGHT = 4.0  # weight of the membrane term against the distance term
+# Borders between touching cells are moved onto the membrane's crest (pixels within
+# _CREST_ZONE_PX of a border, where the saturated membrane score is at least _CREST_LEVEL,
+# i.e. a quarter of the Otsu level), over the membrane smoothed by _CREST_SMOOTH_UM (noise only).
+_CREST_ZONE_PX = 2
+_CREST_LEVEL = 0.2
+_CREST_SMOOTH_UM = 0.4
 # A cell whose cytoplasm carries essentially no membrane stain (mean
 # saturated score m / (1 + m) below this, i.e. m ~ 1/20 of the Otsu level)
 # keeps only a rim of cytoplasm this wide, micrometres. Higher levels also

@@ -322,7 +322,7 @@ def test_membrane_stain_moves_cell_borders_onto_the_membrane():
 
 def test_cells_without_membrane_stain_keep_a_thin_rim():
     """Stromal and immune cells (no membrane stain) do not grow to the expansion limit."""
-    _, truth, mem, _ = synthetic_tissue((128, 256), seed=4, membrane=True)
+    _, truth, mem, true_cells = synthetic_tissue((128, 256), seed=4, membrane=True)
     stained = np.zeros(truth.shape, bool)
     stained[:, :128] = True
     ids = np.unique(truth[truth > 0])
@@ -334,11 +334,22 @@ def test_cells_without_membrane_stain_keep_a_thin_rim():
     rim = expand_labels_of(truth, 1.0 / 0.5)
     grown = np.bincount(cells.ravel(), minlength=truth.max() + 1)[ids]
     rim_area = np.bincount(rim.ravel(), minlength=truth.max() + 1)[ids]
-    # bare cells: nucleus plus at most the 1 um rim; stained cells grow past it
+    # bare cells: nucleus plus at most the 1 um rim; stained cells grow to their membranes
+    # (mean IoU with the true cells 0.92; the rim's 0.80: many crowded cells are little more)
     assert right.sum() > 10 and left.sum() > 10
     assert (grown[right] <= rim_area[right]).all()
-    assert np.mean(grown[left] > rim_area[left]) > 0.7
+    assert cell_iou(cells, true_cells, ids)[left].mean() > 0.88
+    assert cell_iou(rim, true_cells, ids)[left].mean() < 0.82
     assert np.array_equal(cells[truth > 0], truth[truth > 0])
+
+
+def cell_iou(labels, truth, ids):
+    """IoU of each id's region in ``labels`` with the same id's in ``truth``."""
+    n = int(max(labels.max(), truth.max())) + 1
+    same = (labels == truth) & (labels > 0)
+    inter = np.bincount(labels[same], minlength=n)
+    union = np.bincount(labels.ravel(), minlength=n) + np.bincount(truth.ravel(), minlength=n) - inter
+    return (inter / np.maximum(union, 1))[ids]
 
 
 def expand_labels_of(labels, distance):
