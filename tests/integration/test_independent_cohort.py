@@ -63,6 +63,20 @@ def test_her2_null_cells_on_the_null_slide_stay_0(cohort):
     assert (cells["her2_class"] != "0").mean() <= 0.01
 
 
+def test_the_regions_autofluorescence_keeps_the_librarys_column_order(cohort):
+    """The messy slides' autofluorescence is fitted per region (two spectra, `AF` and `AF_2`);
+    they take the library's `AF` place, before the flat column the fit adds."""
+    _, cfg, _ = cohort
+    library = list(cfg.library.names)
+    for name in SLIDES:
+        used = list(pd.read_csv(pipeline.outputs(cfg, name)["spectra_used"]).columns[1:])
+        assert "AF_2" in used, (name, used)
+        family = [n for n in used if n == "AF" or n.startswith("AF_")]
+        assert used[: library.index("AF")] == library[: library.index("AF")]
+        assert used[library.index("AF") : library.index("AF") + len(family)] == family, used
+        assert used[-1] == "Offset", used
+
+
 
 def test_refinement_finds_each_stains_drift_where_the_slides_centre_is_stroma(tmp_path):
     """Library refinement moves each QD to the generator's drift (2-4 nm) within 1 nm, HER2's
