@@ -43,3 +43,18 @@ def test_cells_meet_between_their_membranes(gaps, levels):
     # along each row the left cell ends and the right one starts at the true border
     assert (rows[:, BORDER - 1] == 1).all() and (rows[:, BORDER] == 2).all()
     assert np.array_equal(cells[nuclei > 0], nuclei[nuclei > 0])
+
+
+def test_a_piece_cut_off_from_its_nucleus_goes_to_the_background():
+    from qdquant.segmentation.cells import _without_stray_pieces
+
+    nuclei = np.zeros((8, 12), np.int32)
+    nuclei[2:4, 1:3] = 1
+    nuclei[2:4, 8:10] = 2
+    cells = np.zeros_like(nuclei)
+    cells[1:5, 0:4] = 1
+    cells[1:5, 7:11] = 2
+    cells[6, 0:3] = 1  # a piece of cell 1 that no longer touches it
+    kept = _without_stray_pieces(cells.copy(), nuclei)
+    assert not kept[6].any()
+    assert np.array_equal(kept[:6], cells[:6])
