@@ -145,20 +145,14 @@ def with_regional_autofluorescence(cfg: Config, sample, library, pixels, offset:
     name, names = row.endmember, list(library.names)
     family = [i for i, n in enumerate(names) if n == name or n.startswith(f"{name}_")]
     base = [i for i in range(len(names)) if i not in family]
-    # The regions' fits leave the flat column out: the dark offset is already subtracted, and a
-    # flat column takes up the broad part of the difference between the library's spectrum and
-    # the tissue's (on the independent generator's seed-2 ultralow slide, 2 of the epithelium's
-    # 15 nm).
-    flat = unmixing.flat_columns(library.spectra)
-    fitted = [i for i in base if not flat[i]]
     written = cfg.library.spectra[:, list(cfg.library.names).index(name)]
     windows, stride = sample_windows(shape, **LIBRARY_SAMPLING)
     sample = pixels() - offset[:, None, None]
     widths = [len(range(0, width, stride)) for _, _, _, width in windows]
     block_px = max(2, round(REGION_BLOCK_UM / (pixel_size * stride)))
     afs, fits = autofluorescence_by_region(
-        np.split(sample, np.cumsum(widths)[:-1], axis=2), np.column_stack([library.spectra[:, fitted], written]),
-        library.wavelengths_nm, autofluorescence=len(fitted), block_px=block_px)
+        np.split(sample, np.cumsum(widths)[:-1], axis=2), np.column_stack([library.spectra[:, base], written]),
+        library.wavelengths_nm, autofluorescence=len(base), block_px=block_px)
     log.info("autofluorescence by region: %s", "; ".join(
         f"{f['n_pixels']} px, shift {f['shift_nm']:+.1f} nm, width x{f['widen']:.2f}, residual "
         f"-{100 * f['gain']:.1f} %{'' if f['kept'] else ' (not kept)'}" for f in fits))
