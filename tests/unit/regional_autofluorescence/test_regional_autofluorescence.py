@@ -34,20 +34,23 @@ def slide(seed=0, size=96, epithelium_af=EPITHELIUM_AF, stroma_af=STROMA_AF):
     """Two (C, size, size) windows: the left half of each stroma, the right half a nest of cells
     (nuclei and membranes on a grid), autofluorescence everywhere; no HER2 anywhere."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    windows = []
-    for _ in range(2):
-        nest = xx >= size // 2
-        cy, cx = (yy % 12) - 6, (xx % 12) - 6
-        nuclei = nest & (cy**2 + cx**2 < 12)
-        membranes = nest & ((yy % 12 == 0) | (xx % 12 == 0))
-        af = 40.0 * (1 + 0.3 * rng.random((size, size)))
-        light = (np.where(nest, 0, 1)[None] * stroma_af[:, None, None] * af[None]
-                 + np.where(nest, 1, 0)[None] * epithelium_af[:, None, None] * af[None]
-                 + NUCLEAR[:, None, None] * (150.0 * nuclei)[None]
-                 + MEMBRANE[:, None, None] * (200.0 * membranes)[None])
-        windows.append(rng.poisson(light).astype(np.float64))
-    return windows
+    _, xx = np.mgrid[0:size, 0:size]
+    return [window(rng, xx >= size // 2, epithelium_af, stroma_af) for _ in range(2)]
+
+
+def window(rng, nest, epithelium_af=EPITHELIUM_AF, stroma_af=STROMA_AF):
+    """One (C, Y, X) window: in ``nest``, cells (nuclei and membranes on a 12-px grid) and the
+    epithelium's autofluorescence; elsewhere the stroma's; Poisson noise."""
+    yy, xx = np.mgrid[0 : nest.shape[0], 0 : nest.shape[1]]
+    cy, cx = (yy % 12) - 6, (xx % 12) - 6
+    nuclei = nest & (cy**2 + cx**2 < 12)
+    membranes = nest & ((yy % 12 == 0) | (xx % 12 == 0))
+    af = 40.0 * (1 + 0.3 * rng.random(nest.shape))
+    light = (np.where(nest, 0, 1)[None] * stroma_af[:, None, None] * af[None]
+             + np.where(nest, 1, 0)[None] * epithelium_af[:, None, None] * af[None]
+             + NUCLEAR[:, None, None] * (150.0 * nuclei)[None]
+             + MEMBRANE[:, None, None] * (200.0 * membranes)[None])
+    return rng.poisson(light).astype(np.float64)
 
 
 def cosine(u, v):
@@ -137,16 +140,7 @@ def islands(seed, size=96):
     windows = []
     for _ in range(2):
         cy0, cx0 = rng.uniform(0, size, 2)
-        nest = np.hypot((yy - cy0) % 40 - 20, (xx - cx0) % 40 - 20) < 14
-        cy, cx = (yy % 12) - 6, (xx % 12) - 6
-        nuclei = nest & (cy**2 + cx**2 < 12)
-        membranes = nest & ((yy % 12 == 0) | (xx % 12 == 0))
-        af = 40.0 * (1 + 0.3 * rng.random((size, size)))
-        light = (np.where(nest, 0, 1)[None] * STROMA_AF[:, None, None] * af[None]
-                 + np.where(nest, 1, 0)[None] * EPITHELIUM_AF[:, None, None] * af[None]
-                 + NUCLEAR[:, None, None] * (150.0 * nuclei)[None]
-                 + MEMBRANE[:, None, None] * (200.0 * membranes)[None])
-        windows.append(rng.poisson(light).astype(np.float64))
+        windows.append(window(rng, np.hypot((yy - cy0) % 40 - 20, (xx - cx0) % 40 - 20) < 14))
     return windows
 
 
